@@ -1,0 +1,37 @@
+"""Pieces shared by the log-prob kernels: the logit transform and its derivative.
+
+A kernel sees raw logits x and works on the logits the softmax is taken over,
+
+    z = softcap(x) / T,        softcap(x) = c * tanh(x / c)     (Gemma-style; identity if off)
+
+so that temperature and soft-capping cost no extra pass and no extra memory.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(y):
+    # libdevice's tanh is not available under TRITON_INTERPRET, so it is written from exp.
+    # exp(-2|y|) is in (0, 1], so this never overflows.
+    e = tl.exp(-2.0 * tl.abs(y))
+    magnitude = (1.0 - e) / (1.0 + e)
+    return tl.where(y >= 0, magnitude, -magnitude)
+
+
+@triton.jit
+def transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(x) / T, in float32."""
+    if HAS_SOFTCAP:
+        x = softcap * tanh(x / softcap)
+    return x * inv_temperature
+
+
+@triton.jit
+def transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dz/dx = (1 - tanh(x / c)^2) / T."""
+    if HAS_SOFTCAP:
+        t = tanh(x / softcap)
+        return (1.0 - t * t) * inv_temperature
+    return tl.zeros_like(x) + inv_temperature

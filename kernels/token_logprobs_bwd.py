@@ -1,0 +1,150 @@
+"""Backward: the gradient of the per-token outputs with respect to the raw logits, written once.
+
+With p = softmax(z), saved lse (so p_j = exp(z_j - lse)) and the upstream gradients g of each
+output, the gradient with respect to the transformed logits z is
+
+    d log p_y / dz_j          = 1[j = y] - p_j
+    d entropy / dz_j          = -p_j (log p_j + entropy)
+    d mean logit / dz_j       = 1 / V
+    d log sum p^2 / dz_j      = 2 p_j^2 / sum p^2 - 2 p_j
+
+and dx_j = dz_j * dz/dx (see ``_common.transform_logits_derivative``). Each program writes one
+block of one row, in the logits' dtype, either into a fresh gradient buffer or over the logits
+themselves (in-place backward). Rows whose label is ``ignore_index`` are not read and get exact
+zeros.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import transform_logits, transform_logits_derivative
+
+_MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _token_stats_bwd_kernel(
+    logits_ptr,
+    grad_ptr,
+    labels_ptr,
+    lse_ptr,
+    entropy_ptr,
+    log_sum_sq_ptr,
+    grad_logps_ptr,
+    grad_entropy_ptr,
+    grad_mean_ptr,
+    grad_log_sum_sq_ptr,
+    inner_size,
+    stride_outer,
+    stride_inner,
+    grad_stride_outer,
+    grad_stride_inner,
+    vocab_size,
+    ignore_index,
+    inv_temperature,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+    GRAD_MEAN: tl.constexpr,
+    GRAD_SUM_SQ: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    outer = row // inner_size
+    inner = row % inner_size
+    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = cols < vocab_size
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    scored = label != ignore_index
+
+    # An ignored row reads nothing: its load bound is 0.
+    read_limit = tl.where(scored, vocab_size, 0)
+    x = tl.load(
+        logits_ptr + outer * stride_outer + inner * stride_inner + cols,
+        mask=cols < read_limit,
+        other=0.0,
+    ).to(tl.float32)
+    z = transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP)
+    lse = tl.load(lse_ptr + row)
+    p = tl.exp(z - lse)
+
+    g = tl.load(grad_logps_ptr + row)
+    dz = g * (tl.where(cols == label, 1.0, 0.0) - p)
+    if GRAD_ENTROPY:
+        entropy = tl.load(entropy_ptr + row)
+        g_entropy = tl.load(grad_entropy_ptr + row)
+        # p_j = 0 for a -inf logit, whose (log p_j + entropy) is -inf: its term is 0.
+        dz -= g_entropy * p * tl.where(p > 0.0, z - lse + entropy, 0.0)
+    if GRAD_MEAN:
+        dz += tl.load(grad_mean_ptr + row) / vocab_size
+    if GRAD_SUM_SQ:
+        sum_sq = tl.exp(tl.load(log_sum_sq_ptr + row))
+        dz += tl.load(grad_log_sum_sq_ptr + row) * (2.0 * p * p / sum_sq - 2.0 * p)
+    dx = dz * transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP)
+    dx = tl.where(scored, dx, 0.0)
+    tl.store(
+        grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner + cols,
+        dx.to(grad_ptr.dtype.element_ty),
+        mask=in_vocab,
+    )
+
+
+def token_stats_backward(
+    logits: torch.Tensor,
+    grad_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    log_sum_sq_probs: torch.Tensor | None,
+    grad_logps: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_mean_logits: torch.Tensor | None,
+    grad_log_sum_sq_probs: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    """Write the logits gradient for one block of rows.
+
+    logits, grad_logits: [outer, inner, V] views with a contiguous last dimension; they may be
+    the same tensor (in-place backward: each element is read before it is overwritten, by the
+    same program). labels: [outer * inner] int32/int64; lse, entropy, log_sum_sq_probs and the
+    upstream gradients: [outer * inner] float32, contiguous. A gradient passed as None
+    contributes nothing (entropy must be given with grad_entropy, log_sum_sq_probs with
+    grad_log_sum_sq_probs).
+    """
+    outer, inner, vocab_size = logits.shape
+    rows = outer * inner
+    if rows == 0:
+        return
+    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    _token_stats_bwd_kernel[(rows, triton.cdiv(vocab_size, block_v))](
+        logits,
+        grad_logits,
+        labels,
+        lse,
+        lse if entropy is None else entropy,
+        lse if log_sum_sq_probs is None else log_sum_sq_probs,
+        grad_logps,
+        lse if grad_entropy is None else grad_entropy,
+        lse if grad_mean_logits is None else grad_mean_logits,
+        lse if grad_log_sum_sq_probs is None else grad_log_sum_sq_probs,
+        inner,
+        logits.stride(0),
+        logits.stride(1),
+        grad_logits.stride(0),
+        grad_logits.stride(1),
+        vocab_size,
+        ignore_index,
+        1.0 / temperature,
+        1.0 if softcap is None else softcap,
+        HAS_SOFTCAP=softcap is not None,
+        GRAD_ENTROPY=grad_entropy is not None,
+        GRAD_MEAN=grad_mean_logits is not None,
+        GRAD_SUM_SQ=grad_log_sum_sq_probs is not None,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 4096 else 4,
+    )

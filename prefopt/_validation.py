@@ -1,0 +1,108 @@
+"""Input checks, run before any kernel.
+
+Shape, dtype, device and scalar checks are free on the host and raise at once. Checks of values
+that live on an accelerator (the label range, cu_seqlens) must not synchronize: there they are
+asynchronous device assertions, queued ahead of the kernels. On CPU they are plain checks that
+raise ValueError.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+_INTEGER_DTYPES = (torch.int32, torch.int64)
+
+
+def _must_check_asynchronously(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (bfloat16, float16, float32 or float64), "
+            f"got {logits.dtype}"
+        )
+    if logits.dim() == 0:
+        raise ValueError(f"{name}: expected shape [..., V], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name}: the vocabulary dimension is empty (shape {tuple(logits.shape)})")
+    if logits.stride(-1) != 1 and logits.shape[-1] != 1:
+        raise ValueError(
+            f"{name}: the last (vocabulary) dimension must be contiguous (stride 1), got strides "
+            f"{tuple(logits.stride())}; other strides may be anything, e.g. logits[:, :-1]"
+        )
+
+
+def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str = "labels") -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{name}: expected an int64 or int32 tensor, got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{name}: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"{name}: expected a tensor on {logits.device} like logits, got {labels.device}")
+
+
+def check_transform(temperature: float, softcap: float | None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap: expected a float or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap: expected None or a finite value > 0, got {softcap}")
+
+
+def check_ignore_index(ignore_index: int | None) -> None:
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index: expected an int or None, got {type(ignore_index).__name__}")
+
+
+def check_stats(stats: Sequence[str], valid: Sequence[str]) -> frozenset[str]:
+    if isinstance(stats, str):
+        raise TypeError(f"stats: expected a sequence of names, got the string {stats!r}; write ({stats!r},)")
+    unknown = [name for name in stats if name not in valid]
+    if unknown:
+        raise ValueError(f"stats: unknown statistic(s) {unknown}; valid: {list(valid)}")
+    return frozenset(stats)
+
+
+def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> None:
+    """Every label is in [0, vocab_size) or equals ignore_index."""
+    in_range = (labels >= 0) & (labels < vocab_size)
+    if ignore_index is not None:
+        in_range |= labels == ignore_index
+    message = f"labels: every label must be in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+    if _must_check_asynchronously(labels):
+        torch._assert_async(in_range.all(), message)
+    elif not bool(in_range.all()):
+        bad = labels[~in_range]
+        raise ValueError(f"{message}; found {bad[0].item()} ({bad.numel()} such)")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> None:
+    """cu_seqlens is [S + 1] int32/int64 offsets, 0 = c_0 <= c_1 <= ... <= c_S = total."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"cu_seqlens: expected an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(f"cu_seqlens: expected shape [S + 1] with S >= 0, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens: expected a tensor on {device} like logits, got {cu_seqlens.device}")
+    valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens.diff() >= 0).all()
+    message = f"cu_seqlens: expected non-decreasing offsets from 0 to the packed length {total}"
+    if _must_check_asynchronously(cu_seqlens):
+        torch._assert_async(valid, message)
+    elif not bool(valid):
+        raise ValueError(f"{message}, got {cu_seqlens.tolist()}")

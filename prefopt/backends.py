@@ -1,0 +1,87 @@
+"""Which backend runs a call, and why another one cannot.
+
+Backends: ``"triton"`` (the fused kernels in ``prefopt.kernels``), ``"cuda"`` (the CUDA C++
+extension), ``"torch"`` (the chunked PyTorch fallback, any device), ``"reference"`` (plain
+PyTorch, the float64-capable oracle). ``"auto"`` takes the fastest that can run on the tensor's
+device; the ``PREFOPT_BACKEND`` environment variable, when set, replaces ``"auto"``.
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch", "reference")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+ENV_VARIABLE = "PREFOPT_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run here; the message says why."""
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("prefopt.kernels")
+    except ImportError as error:
+        return f"Triton cannot be imported ({error}); install it with `pip install triton`"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """Whether the Triton kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1
+    when they were first imported)."""
+    if _triton_import_error() is not None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels.token_logprobs_fwd import _token_stats_fwd_kernel
+
+    return isinstance(_token_stats_fwd_kernel, InterpretedFunction)
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+    if backend in ("torch", "reference"):
+        return None
+    if backend == "cuda":
+        return (
+            "this build of prefopt has no CUDA C++ extension yet (csrc/ is not built); "
+            "use backend='triton' on NVIDIA GPUs"
+        )
+    if backend == "triton":
+        import_error = _triton_import_error()
+        if import_error is not None:
+            return import_error
+        if triton_interpreting():
+            return None
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            reason = "the Triton kernels need a CUDA tensor and got a CPU one"
+            if not torch.cuda.is_available():
+                reason += " (no CUDA GPU is visible to PyTorch)"
+            return reason + "; set TRITON_INTERPRET=1 before importing prefopt to run them on CPU"
+        return f"the Triton kernels run on CUDA devices, not on {device.type}"
+    raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call on ``device``: checks a named one, chooses for "auto"."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        override = os.environ.get(ENV_VARIABLE, "auto")
+        if override not in BACKEND_CHOICES:
+            raise ValueError(f"{ENV_VARIABLE}: expected one of {BACKEND_CHOICES}, got {override!r}")
+        backend = override
+    if backend == "auto":
+        if device.type == "cuda" and unavailable_reason("triton", device) is None:
+            return "triton"
+        return "torch"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend!r} cannot run on {device.type}: {reason}")
+    return backend

@@ -1,0 +1,110 @@
+"""The memory-efficient PyTorch fallback: the same outputs and gradients as the Triton kernels,
+computed over chunks of rows so that no [tokens, V] float32 tensor ever exists.
+
+Each chunk holds at most ``CHUNK_BYTES`` of float32 per temporary (a handful are alive at once),
+whatever the number of tokens. It runs on any device PyTorch supports; it is the ``"torch"``
+backend and the one ``"auto"`` picks where Triton cannot run.
+"""
+
+import torch
+
+from .reference import transformed_logits
+
+CHUNK_BYTES = 8 << 20
+
+
+def rows_per_chunk(vocab_size: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def token_stats_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    logps: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    mean_logits: torch.Tensor | None,
+    log_sum_sq_probs: torch.Tensor | None,
+    is_top1: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    """Fill the per-row outputs for ``logits`` [rows, V] (same contract as the Triton launcher)."""
+    rows, vocab_size = logits.shape
+    step = rows_per_chunk(vocab_size)
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        label = labels[chunk].long()
+        scored = label != ignore_index
+        z = transformed_logits(logits[chunk], temperature, softcap)
+        if mean_logits is not None:
+            mean_logits[chunk] = torch.where(scored, z.mean(-1), 0.0)
+        if is_top1 is not None:
+            is_top1[chunk] = scored & (z.argmax(-1) == label)
+        label_z = z.gather(-1, torch.where(scored, label, 0).unsqueeze(-1)).squeeze(-1)
+        m = z.amax(-1)
+        # A row of -inf logits has no finite maximum; shifting by 0 keeps its sums NaN-free.
+        m = torch.where(m > float("-inf"), m, 0.0)
+        shifted = z.sub_(m.unsqueeze(-1))
+        e = shifted.exp()
+        # s >= 1 (the maximum contributes exp(0)), so every log-prob is <= 0 by construction.
+        s = e.sum(-1)
+        log_s = s.log()
+        logps[chunk] = torch.where(scored, label_z - m - log_s, 0.0)
+        lse[chunk] = torch.where(scored, m + log_s, 0.0)
+        if entropy is not None:
+            # e * (z - m) -> 0 for a -inf logit, not 0 * -inf.
+            t = torch.where(e > 0, e * shifted, 0.0).sum(-1)
+            entropy[chunk] = torch.where(scored, log_s - t / s, 0.0)
+        if log_sum_sq_probs is not None:
+            log_s2 = e.square_().sum(-1).log()
+            log_sum_sq_probs[chunk] = torch.where(scored, log_s2 - 2.0 * log_s, 0.0)
+
+
+def token_stats_backward(
+    logits: torch.Tensor,
+    grad_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    log_sum_sq_probs: torch.Tensor | None,
+    grad_logps: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_mean_logits: torch.Tensor | None,
+    grad_log_sum_sq_probs: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    """Write the gradient for ``logits`` [rows, V] into ``grad_logits`` [rows, V], which may be
+    ``logits`` itself (same contract and formulas as the Triton launcher)."""
+    rows, vocab_size = logits.shape
+    step = rows_per_chunk(vocab_size)
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        label = labels[chunk].long()
+        scored = label != ignore_index
+        x = logits[chunk]
+        z = transformed_logits(x, temperature, softcap)
+        log_p = z.sub_(lse[chunk].unsqueeze(-1))
+        p = log_p.exp()
+        g = torch.where(scored, grad_logps[chunk], 0.0).unsqueeze(-1)
+        dz = p * -g
+        dz.scatter_add_(-1, torch.where(scored, label, 0).unsqueeze(-1), g.to(dz.dtype))
+        if grad_entropy is not None:
+            weight = log_p.add_(entropy[chunk].unsqueeze(-1)).mul_(p)
+            dz -= torch.where(p > 0, weight, 0.0) * grad_entropy[chunk].unsqueeze(-1)
+        if grad_mean_logits is not None:
+            dz += (grad_mean_logits[chunk] / vocab_size).unsqueeze(-1)
+        if grad_log_sum_sq_probs is not None:
+            inv_sum_sq = log_sum_sq_probs[chunk].neg().exp().unsqueeze(-1)
+            g_sq = grad_log_sum_sq_probs[chunk].unsqueeze(-1)
+            dz += (p * inv_sum_sq - 1.0).mul_(p).mul_(2.0 * g_sq)
+        if softcap is not None:
+            tanh = torch.tanh(x.to(dz.dtype) / softcap)
+            dz *= 1.0 - tanh.square_()
+        dz /= temperature
+        grad_logits[chunk] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)

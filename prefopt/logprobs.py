@@ -1,0 +1,204 @@
+"""Per-token and per-sequence log-probabilities of labels under softmax(logits), without the
+[tokens, V] float32 tensors that ``log_softmax(logits.float()).gather(...)`` allocates.
+
+Conventions shared by every function here:
+
+- ``logits`` [..., V]: bfloat16, float16, float32 or float64, any strides as long as the last
+  dimension is contiguous (``logits[:, :-1]`` is read in place, never copied).
+- ``labels`` [...] = logits.shape[:-1], int64 or int32, already shifted by the caller (position
+  t holds the token that logits[t] predicts). A label equal to ``ignore_index`` marks a position
+  that is not scored: it is never read, gives exactly 0 and receives exactly 0 gradient.
+- The softmax is taken over z = softcap(logits) / temperature, softcap(x) = c * tanh(x / c)
+  (Gemma-style, off when ``softcap`` is None).
+- Outputs are float32 (float64 from the reference backend given float64 logits).
+- ``inplace_backward=True`` writes the logits gradient into the logits buffer: no [tokens, V]
+  gradient is allocated, and the caller promises not to read the logits after backward.
+- ``backend``: "auto", "triton", "cuda", "torch" or "reference" (see ``prefopt.backends``).
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _validation, ops
+from ._types import STAT_NAMES, TokenStats
+from .backends import resolve_backend
+from .reference import reference_token_stats
+
+
+def token_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    stats: Sequence[str] = ("entropy",),
+    ignore_index: int | None = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> TokenStats:
+    """Log-probs of ``labels`` and the per-token statistics named in ``stats``, in one pass.
+
+    Args:
+        logits: [..., V] float logits (see the module docstring for layout).
+        labels: [...] int64/int32 labels, ``logits.shape[:-1]``.
+        stats: any of "entropy", "mean_logits", "log_sum_sq_probs", "is_top1".
+        ignore_index: label value of unscored positions; None scores every position.
+        temperature: > 0; the softmax is over softcap(logits) / temperature.
+        softcap: None, or c > 0 for z = c * tanh(logits / c).
+        inplace_backward: write the logits gradient over the logits.
+        backend: "auto", "triton", "cuda", "torch" or "reference".
+
+    Returns:
+        ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the
+        labels' shape (float32; is_top1 bool); fields not in ``stats`` are None. logps,
+        entropy, mean_logits and log_sum_sq_probs are differentiable with respect to logits.
+    """
+    _validation.check_logits(logits)
+    _validation.check_labels(labels, logits)
+    _validation.check_transform(temperature, softcap)
+    _validation.check_ignore_index(ignore_index)
+    asked = _validation.check_stats(stats, STAT_NAMES)
+    backend = resolve_backend(backend, logits.device)
+    _validation.check_label_values(labels, logits.shape[-1], ignore_index)
+    kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
+
+    if backend == "reference":
+        return reference_token_stats(
+            logits, labels, ignore_index=kernel_ignore_index, temperature=float(temperature),
+            softcap=softcap, stats=asked,
+        )
+    outputs = torch.ops.prefopt.token_stats(
+        logits,
+        labels.reshape(-1),
+        kernel_ignore_index,
+        float(temperature),
+        None if softcap is None else float(softcap),
+        "entropy" in asked,
+        "mean_logits" in asked,
+        "log_sum_sq_probs" in asked,
+        "is_top1" in asked,
+        bool(inplace_backward),
+        backend,
+    )
+    logps, _, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
+
+    def shaped(flat: torch.Tensor, name: str) -> torch.Tensor | None:
+        return flat.view(labels.shape) if name in asked else None
+
+    return TokenStats(
+        logps.view(labels.shape),
+        shaped(entropy, "entropy"),
+        shaped(mean_logits, "mean_logits"),
+        shaped(log_sum_sq_probs, "log_sum_sq_probs"),
+        shaped(is_top1, "is_top1"),
+    )
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int | None = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(softcap(logits) / temperature)[label] for every position.
+
+    Args:
+        logits: [..., V] float logits; labels: [...] int64/int32 (see ``token_stats``).
+
+    Returns:
+        logps [...] float32 (<= 0; exactly 0 where the label is ``ignore_index``), and with
+        ``return_entropy=True`` also the entropy of each position's distribution, [...] float32.
+    """
+    result = token_stats(
+        logits, labels, stats=("entropy",) if return_entropy else (), ignore_index=ignore_index,
+        temperature=temperature, softcap=softcap, inplace_backward=inplace_backward,
+        backend=backend,
+    )
+    return (result.logps, result.entropy) if return_entropy else result.logps
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int | None = -100,
+    average: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence sum (``average=True``: mean over scored tokens) of the label log-probs.
+
+    Args:
+        logits: [..., T, V] float logits; labels: [..., T] int64/int32.
+        cu_seqlens: optional [S + 1] int32/int64 offsets of S sequences packed into one row:
+            logits [1, total, V] or [total, V], labels [1, total] or [total].
+
+    Returns:
+        float32 [...] (the last dimension reduced), or [S] with ``cu_seqlens``. A sequence with
+        no scored token gives 0, never NaN.
+    """
+    if cu_seqlens is not None:
+        _validation.check_logits(logits)
+        if not (logits.dim() == 2 or (logits.dim() == 3 and logits.shape[0] == 1)):
+            raise ValueError(
+                "logits: with cu_seqlens, expected one packed row [1, total, V] or [total, V], "
+                f"got shape {tuple(logits.shape)}"
+            )
+        _validation.check_cu_seqlens(cu_seqlens, logits.shape[-2], logits.device)
+    elif isinstance(logits, torch.Tensor) and logits.dim() < 2:
+        raise ValueError(f"logits: expected shape [..., T, V], got {tuple(logits.shape)}")
+    logps = token_logprobs(
+        logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        inplace_backward=inplace_backward, backend=backend,
+    )
+    scored = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    if cu_seqlens is None:
+        sums = logps.sum(-1)
+        counts = scored.sum(-1)
+    else:
+        # unsafe=True skips segment_reduce's own offset checks, which synchronize the host;
+        # check_cu_seqlens has already checked them without doing so.
+        sums = torch.segment_reduce(logps.reshape(-1), "sum", offsets=cu_seqlens, unsafe=True)
+        counts = torch.segment_reduce(scored.reshape(-1).to(logps.dtype), "sum", offsets=cu_seqlens, unsafe=True)
+    if not average:
+        return sums
+    return sums / counts.clamp_min(1).to(sums.dtype)
+
+
+def selective_log_softmax(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float = 1.0,
+    row_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Drop-in for TRL's ``selective_log_softmax``: log_softmax(logits / temperature) gathered at
+    ``index``, with no ignore_index (every index must be in [0, V)).
+
+    Args:
+        logits: [..., V] float logits; index: [...] int64/int32 in [0, V).
+        temperature: > 0.
+        row_mask: optional [...] bool; positions where it is False are not computed (their
+            index is not checked, they give 0 and receive 0 gradient).
+
+    Returns:
+        [...] float32 log-probs.
+    """
+    if row_mask is None:
+        return token_logprobs(logits, index, ignore_index=None, temperature=temperature)
+    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+        raise TypeError(f"row_mask: expected a bool tensor, got {getattr(row_mask, 'dtype', type(row_mask).__name__)}")
+    if row_mask.shape != index.shape:
+        raise ValueError(f"row_mask: expected shape {tuple(index.shape)} (index.shape), got {tuple(row_mask.shape)}")
+    # Masked-out positions take a value no index in range can have, and are ignored as such.
+    masked = torch.iinfo(torch.int64).min
+    masked_index = torch.where(row_mask, index.long(), masked)
+    return token_logprobs(logits, masked_index, ignore_index=masked, temperature=temperature)

@@ -1,0 +1,54 @@
+"""The plain-PyTorch oracle: per-token statistics with ordinary autograd.
+
+It materializes the whole [tokens, V] log-softmax, so it is the memory wall prefopt removes; it
+exists to define the results the other backends are checked against. With float64 logits it
+computes (and returns) float64; every other dtype is computed in float32.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._types import TokenStats
+
+
+def transformed_logits(logits: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    """z = softcap(x) / T with softcap(x) = c * tanh(x / c), in float32 (float64 for float64)."""
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(compute_dtype)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
+
+
+def reference_token_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    stats: frozenset[str],
+) -> TokenStats:
+    """TokenStats of ``logits`` [..., V] at ``labels`` [...], differentiable by autograd."""
+    z = transformed_logits(logits, temperature, softcap)
+    log_p = F.log_softmax(z, dim=-1)
+    scored = labels != ignore_index
+    safe_labels = torch.where(scored, labels, 0).long().unsqueeze(-1)
+
+    def masked(value: torch.Tensor) -> torch.Tensor:
+        return torch.where(scored, value, torch.zeros_like(value))
+
+    logps = masked(log_p.gather(-1, safe_labels).squeeze(-1))
+    entropy = mean_logits = log_sum_sq_probs = is_top1 = None
+    if "entropy" in stats:
+        p = log_p.exp()
+        # p log p -> 0 as p -> 0; a -inf logit would otherwise give 0 * -inf = NaN.
+        entropy = masked(-torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1))
+    if "mean_logits" in stats:
+        mean_logits = masked(z.mean(-1))
+    if "log_sum_sq_probs" in stats:
+        log_sum_sq_probs = masked(torch.logsumexp(2.0 * log_p, dim=-1))
+    if "is_top1" in stats:
+        # torch.argmax returns the first maximal index: ties go to the earlier token.
+        is_top1 = scored & (z.argmax(-1) == labels)
+    return TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)
