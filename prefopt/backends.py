@@ -42,6 +42,9 @@ def triton_interpreting() -> bool:
     return isinstance(_token_stats_fwd_kernel, InterpretedFunction)
 
 
+# A fact about this process, not about the traced values: torch.compile evaluates it once while
+# tracing instead of tracing into the import machinery.
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on tensors of ``device``, else the reason it cannot."""
     if backend in ("torch", "reference"):

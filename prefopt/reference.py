@@ -42,8 +42,9 @@ def reference_token_stats(
     entropy = mean_logits = log_sum_sq_probs = is_top1 = None
     if "entropy" in stats:
         p = log_p.exp()
-        # p log p -> 0 as p -> 0; a -inf logit would otherwise give 0 * -inf = NaN.
-        entropy = masked(-torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1))
+        # p log p -> 0 as p -> 0. log p is replaced before the product, not after, so that a -inf
+        # logit gives neither 0 * -inf = NaN nor a NaN gradient.
+        entropy = masked(-(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1))
     if "mean_logits" in stats:
         mean_logits = masked(z.mean(-1))
     if "log_sum_sq_probs" in stats:

@@ -1,0 +1,130 @@
+"""Command line: ``python -m prefopt info`` and ``python -m prefopt check``."""
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def info() -> int:
+    """Print the software, the devices, and which backends can run on each (or why not)."""
+    from . import __version__
+    from .backends import BACKENDS, ENV_VARIABLE, resolve_backend, unavailable_reason
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"prefopt {__version__}, torch {torch.__version__}, triton {triton_version}, "
+          f"python {platform.python_version()}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+        print(f"GPU: {torch.cuda.get_device_name()} (compute capability "
+              f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        print("GPU: none visible to PyTorch")
+    print(f"{ENV_VARIABLE}={os.environ.get(ENV_VARIABLE, '(unset)')}, "
+          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')}")
+    for device in devices:
+        print(f"\nbackends for {device.type} tensors (auto -> {resolve_backend('auto', device)}):")
+        for backend in BACKENDS:
+            reason = unavailable_reason(backend, device)
+            print(f"  {backend:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+_CHECK_PROBLEMS = (
+    # (leading shape, vocabulary, dtype, temperature, softcap)
+    ((3, 17), 7, torch.float32, 1.0, None),
+    ((2, 9), 50257, torch.float32, 0.7, None),
+    ((2, 9), 50257, torch.bfloat16, 1.0, None),
+    ((4, 5), 1003, torch.float16, 1.3, 30.0),
+)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    scale = ref.norm()
+    return float((out - ref).norm() / scale) if scale > 0 else float((out - ref).norm())
+
+
+def check(seed: int) -> int:
+    """Every backend that can run here against the float64 reference, forward and backward."""
+    device = _default_device()
+    if device.type == "cpu":
+        # Chosen before prefopt.kernels is first imported, so the Triton kernels run on the CPU.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .backends import BACKENDS, unavailable_reason
+    from .logprobs import token_logprobs
+
+    generator = torch.Generator().manual_seed(seed)
+    header = f"{'backend':<8} {'dtype':<9} {'shape':<16} {'logps':>9} {'entropy':>9} {'grad':>9} {'limit':>7}  verdict"
+    print(f"device: {device}" + (" (Triton through its interpreter)" if device.type == "cpu" else ""))
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for backend in BACKENDS:
+        if backend == "reference":
+            continue
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            print(f"{backend:<8} skipped: {reason}")
+            continue
+        for leading, vocab_size, dtype, temperature, softcap in _CHECK_PROBLEMS:
+            shape = (*leading, vocab_size)
+            logits = (torch.randn(shape, generator=generator) * 4).to(dtype)
+            labels = torch.randint(0, vocab_size, leading, generator=generator)
+            labels[torch.rand(leading, generator=generator) < 0.3] = -100
+            upstream = torch.randn((2, *leading), generator=generator, dtype=torch.float64)
+            kwargs = {"return_entropy": True, "temperature": temperature, "softcap": softcap}
+
+            exact_input = logits.double().requires_grad_(True)
+            exact_logps, exact_entropy = token_logprobs(exact_input, labels, backend="reference", **kwargs)
+            (exact_grad,) = torch.autograd.grad(
+                (exact_logps * upstream[0] + exact_entropy * upstream[1]).sum(), exact_input)
+
+            fused_input = logits.to(device).requires_grad_(True)
+            logps, entropy = token_logprobs(fused_input, labels.to(device), backend=backend, **kwargs)
+            (grad,) = torch.autograd.grad(
+                (logps * upstream[0].to(device) + entropy * upstream[1].to(device)).sum(), fused_input)
+
+            errors = [_relative_error(logps, exact_logps), _relative_error(entropy, exact_entropy),
+                      _relative_error(grad, exact_grad)]
+            limit = 1e-5 if dtype == torch.float32 else 1e-2
+            passed = all(error <= limit for error in errors) and bool((logps <= 0).all())
+            failures += not passed
+            dtype_name = str(dtype).removeprefix("torch.")
+            shape_text = "x".join(map(str, shape))
+            print(f"{backend:<8} {dtype_name:<9} {shape_text:<16} "
+                  + " ".join(f"{error:>9.1e}" for error in errors)
+                  + f" {limit:>7.0e}  {'pass' if passed else 'FAIL'}")
+    print("-" * len(header))
+    print("relative errors ||out - ref|| / ||ref|| against float64 PyTorch; "
+          + ("all checks passed" if failures == 0 else f"{failures} check(s) FAILED"))
+    return 0 if failures == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefopt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="which backends can run here and, for each that cannot, why")
+    check_parser = commands.add_parser(
+        "check", help="every available backend against the float64 reference, forward and backward")
+    check_parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args(argv)
+    if arguments.command == "info":
+        return info()
+    return check(arguments.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

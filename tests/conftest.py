@@ -1,0 +1,65 @@
+"""Shared set-up: where the fused backends run, and the float64 oracle to compare them with.
+
+Without a CUDA GPU the Triton kernels run through Triton's interpreter, which must be chosen
+before they are first imported; hence the environment is set here, before prefopt is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import prefopt  # noqa: E402
+from prefopt.backends import unavailable_reason  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FUSED_BACKENDS = ("triton", "torch")
+ALL_STATS = ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request) -> str:
+    reason = unavailable_reason(request.param, DEVICE)
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r}: {reason}")
+    return request.param
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64; exact zeros are required where ref is all zero."""
+    out, ref = out.detach().double(), ref.detach().double()
+    scale = ref.norm()
+    if scale == 0:
+        return float((out - ref).norm())
+    return float((out - ref).norm() / scale)
+
+
+def random_logits(shape, dtype, scale: float = 4.0, generator=None) -> torch.Tensor:
+    """Fresh random logits with a spread typical of language models (never zeros)."""
+    return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
+
+
+def random_labels(shape, vocab_size: int, ignored_fraction: float = 0.3, ignore_index: int = -100,
+                  generator=None) -> torch.Tensor:
+    labels = torch.randint(0, vocab_size, shape, generator=generator)
+    ignored = torch.rand(shape, generator=generator) < ignored_fraction
+    return torch.where(ignored, ignore_index, labels).to(DEVICE)
+
+
+def reference_stats(logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> prefopt.TokenStats:
+    """The float64 oracle on the same values, differentiable when ``logits`` is."""
+    return prefopt.token_stats(logits.double().cpu(), labels.cpu(), backend="reference", **kwargs)

@@ -1,0 +1,71 @@
+"""Dispatch, PREFOPT_BACKEND, clear errors for backends that cannot run, and the CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prefopt
+from prefopt.backends import BackendUnavailableError, resolve_backend
+
+
+def test_auto_on_cpu_is_the_chunked_fallback(monkeypatch):
+    monkeypatch.delenv("PREFOPT_BACKEND", raising=False)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("PREFOPT_BACKEND", "reference")
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    # The reference keeps float64: the override really chose it.
+    logps = prefopt.token_logprobs(torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    assert logps.dtype == torch.float64
+    # A backend named in the call is not overridden.
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+
+
+def test_bad_environment_value(monkeypatch):
+    monkeypatch.setenv("PREFOPT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="PREFOPT_BACKEND: expected one of"):
+        prefopt.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+
+
+def test_cuda_backend_says_why_it_cannot_run():
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run on cpu: .*no CUDA C\\+\\+ extension"):
+        prefopt.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]), backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so Triton can run")
+def test_triton_on_cpu_without_the_interpreter_says_why():
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = (
+        "import torch, prefopt\n"
+        "try:\n"
+        "    prefopt.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]), backend='triton')\n"
+        "except prefopt.BackendUnavailableError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert "need a CUDA tensor" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefopt", *arguments], capture_output=True, text=True)
+
+
+def test_cli_info_lists_every_backend():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    for backend in ("triton", "cuda", "torch", "reference"):
+        assert f"  {backend} " in result.stdout
+    assert "backends for cpu tensors (auto -> " in result.stdout
+
+
+def test_cli_check_passes():
+    result = run_cli("check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout
+    assert "triton " in result.stdout and "torch " in result.stdout
+    assert "FAIL" not in result.stdout

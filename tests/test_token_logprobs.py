@@ -1,0 +1,277 @@
+"""Every fused backend against the float64 reference: values and gradients of every statistic."""
+
+import pytest
+import torch
+from conftest import ALL_STATS, DEVICE, TOLERANCE, random_labels, random_logits, reference_stats, relative_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prefopt
+
+DIFFERENTIABLE = ("logps", "entropy", "mean_logits", "log_sum_sq_probs")
+
+
+def check_against_reference(logits, labels, backend, *, stats=ALL_STATS, inplace_backward=False, **kwargs):
+    """Forward and backward of ``backend`` on ``logits`` (a leaf or a view of one) against the
+    float64 oracle, with random upstream gradients on every differentiable output."""
+    ignore_index = kwargs.get("ignore_index", -100)
+    tolerance = TOLERANCE[logits.dtype]
+    reference_input = logits.detach().double().cpu().requires_grad_(True)
+    reference = reference_stats(reference_input, labels, stats=stats, **kwargs)
+    upstream = {name: torch.randn(labels.shape, dtype=torch.float64) for name in DIFFERENTIABLE}
+    asked = [name for name in DIFFERENTIABLE if getattr(reference, name) is not None]
+    reference_loss = sum((getattr(reference, name) * upstream[name]).sum() for name in asked)
+    (reference_grad,) = torch.autograd.grad(reference_loss, reference_input)
+
+    leaf = logits.detach().clone().requires_grad_(True)
+    # A non-leaf input, as logits from an LM head are; the in-place gradient lands in its buffer.
+    model_logits = leaf * 1 if inplace_backward else leaf
+    result = prefopt.token_stats(model_logits, labels, stats=stats, backend=backend,
+                                 inplace_backward=inplace_backward, **kwargs)
+    for name in asked:
+        out = getattr(result, name)
+        assert out.dtype == torch.float32 and out.shape == labels.shape, name
+        error = relative_error(out.cpu(), getattr(reference, name))
+        assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance:.0e}"
+    if result.is_top1 is not None:
+        assert torch.equal(result.is_top1.cpu(), reference.is_top1)
+    scored = (labels != ignore_index) if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    assert (result.logps <= 0).all()
+    assert (result.logps[~scored] == 0).all()
+
+    loss = sum((getattr(result, name) * upstream[name].to(DEVICE, torch.float32)).sum() for name in asked)
+    (grad,) = torch.autograd.grad(loss, model_logits if inplace_backward else leaf)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    error = relative_error(grad.cpu(), reference_grad)
+    assert error <= tolerance, f"gradient: relative error {error:.2e} > {tolerance:.0e}"
+    assert (grad[~scored] == 0).all(), "ignored positions must receive exactly zero gradient"
+    return result, grad
+
+
+@pytest.mark.parametrize("vocab_size", [1, 7, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference(backend, vocab_size, dtype):
+    logits = random_logits((2, 3, vocab_size), dtype)
+    labels = random_labels((2, 3), vocab_size)
+    check_against_reference(logits, labels, backend)
+
+
+@pytest.mark.parametrize("vocab_size", [128257, 262144])
+def test_large_vocabulary(backend, vocab_size):
+    logits = random_logits((3, vocab_size), torch.bfloat16)
+    labels = random_labels((3,), vocab_size, ignored_fraction=0.0)
+    check_against_reference(logits, labels, backend, stats=("entropy",))
+
+
+def test_strided_view_is_read_in_place(backend):
+    """logits[:, :-1] and a transposed view: the kernel reads the view, and agrees."""
+    full = random_logits((3, 6, 37), torch.float32)
+    labels = random_labels((3, 5), 37)
+    check_against_reference(full[:, :-1], labels, backend)
+    check_against_reference(full[:, 1:].transpose(0, 1), labels.T.contiguous(), backend)
+
+
+def test_non_mergeable_leading_dimensions(backend):
+    """Three leading dimensions that no two strides can merge: the rows come in several blocks."""
+    full = random_logits((2, 4, 5, 11), torch.float32)
+    view = full[:, :-1, :-1]
+    assert view.stride()[:3] == (220, 55, 11)
+    check_against_reference(view, random_labels(view.shape[:-1], 11), backend)
+
+
+def test_every_row_ignored(backend):
+    logits = random_logits((4, 33), torch.float32)
+    labels = torch.full((4,), -100, device=DEVICE)
+    result, grad = check_against_reference(logits, labels, backend)
+    assert (result.entropy == 0).all() and (grad == 0).all()
+
+
+def test_custom_ignore_index(backend):
+    logits = random_logits((5, 19), torch.float32)
+    labels = random_labels((5,), 19, ignore_index=3)
+    check_against_reference(logits, labels, backend, ignore_index=3)
+
+
+def test_no_ignore_index_scores_every_position(backend):
+    logits = random_logits((4, 13), torch.float32)
+    labels = random_labels((4,), 13, ignored_fraction=0.0)
+    result, _ = check_against_reference(logits, labels, backend, ignore_index=None)
+    assert (result.logps < 0).all()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.7])
+@pytest.mark.parametrize("softcap", [None, 2.5, 30.0])
+def test_temperature_and_softcap(backend, temperature, softcap):
+    logits = random_logits((3, 4, 29), torch.float32)
+    labels = random_labels((3, 4), 29)
+    check_against_reference(logits, labels, backend, temperature=temperature, softcap=softcap)
+
+
+def test_extremely_peaked_rows_as_exact_as_float32_pytorch(backend):
+    """When every row has p_max ~ 1, entropy and log sum p^2 are tiny and float32 cannot hold
+    them to 1e-5 relative: there the bar is PyTorch's own float32 log_softmax."""
+    generator = torch.Generator().manual_seed(0)
+    kwargs = {"stats": ("entropy", "log_sum_sq_probs"), "temperature": 0.3, "softcap": 30.0}
+    worst_pytorch, worst_fused = {}, {}
+    for _ in range(20):
+        logits = random_logits((12, 29), torch.float32, scale=8.0, generator=generator)
+        labels = random_labels((12,), 29, generator=generator)
+        exact = reference_stats(logits, labels, **kwargs)
+        float32 = prefopt.token_stats(logits.cpu(), labels.cpu(), backend="reference", **kwargs)
+        fused = prefopt.token_stats(logits, labels, backend=backend, **kwargs)
+        for name in ("logps", "entropy", "log_sum_sq_probs"):
+            pytorch_error = relative_error(getattr(float32, name), getattr(exact, name))
+            fused_error = relative_error(getattr(fused, name).cpu(), getattr(exact, name))
+            worst_pytorch[name] = max(worst_pytorch.get(name, 0.0), pytorch_error)
+            worst_fused[name] = max(worst_fused.get(name, 0.0), fused_error)
+    for name, error in worst_fused.items():
+        assert error <= max(2 * worst_pytorch[name], 1e-6), (name, error, worst_pytorch[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient(backend, dtype):
+    logits = random_logits((3, 5, 41), dtype)
+    labels = random_labels((3, 5), 41)
+    check_against_reference(logits, labels, backend, inplace_backward=True)
+    upstream = torch.randn(2, 3, 5, device=DEVICE)
+    gradients = []
+    for inplace_backward in (False, True):
+        model_logits = logits.clone().requires_grad_(True) * 1
+        logps, entropy = prefopt.token_logprobs(model_logits, labels, return_entropy=True,
+                                                backend=backend, inplace_backward=inplace_backward)
+        (grad,) = torch.autograd.grad((logps * upstream[0] + entropy * upstream[1]).sum(), model_logits)
+        gradients.append(grad)
+    assert torch.equal(*gradients)
+
+
+def test_inplace_backward_writes_into_the_logits_buffer(backend):
+    leaf = random_logits((2, 3, 17), torch.float32).requires_grad_(True)
+    logits = leaf * 1
+    labels = random_labels((2, 3), 17)
+    logps = prefopt.token_logprobs(logits, labels, backend=backend, inplace_backward=True)
+    (grad,) = torch.autograd.grad(logps.sum(), logits)
+    assert grad.data_ptr() == logits.data_ptr()
+
+
+def test_inplace_backward_on_a_strided_view(backend):
+    full = random_logits((2, 5, 23), torch.float32)
+    labels = random_labels((2, 4), 23)
+    check_against_reference(full[:, :-1], labels, backend, inplace_backward=True)
+
+
+def test_only_some_statistics(backend):
+    logits = random_logits((6, 21), torch.float32)
+    labels = random_labels((6,), 21)
+    for stats in [(), ("entropy",), ("is_top1",), ("mean_logits", "log_sum_sq_probs")]:
+        result, _ = check_against_reference(logits, labels, backend, stats=stats)
+        for name in ALL_STATS:
+            assert (getattr(result, name) is None) == (name not in stats)
+
+
+def test_gradient_of_entropy_alone(backend):
+    """An unused log-prob output gets no upstream gradient; entropy's must still flow."""
+    leaf = random_logits((4, 15), torch.float32).requires_grad_(True)
+    labels = random_labels((4,), 15)
+    _, entropy = prefopt.token_logprobs(leaf, labels, return_entropy=True, backend=backend)
+    (grad,) = torch.autograd.grad(entropy.sum(), leaf)
+    reference_input = leaf.detach().double().requires_grad_(True)
+    _, reference = prefopt.token_logprobs(reference_input, labels, return_entropy=True, backend="reference")
+    (expected,) = torch.autograd.grad(reference.sum(), reference_input)
+    assert relative_error(grad, expected) <= 1e-5
+
+
+def test_is_top1_ties_go_to_the_earlier_token(backend):
+    logits = torch.zeros(3, 9, device=DEVICE)
+    logits[:, 2] = 5.0
+    logits[:, 6] = 5.0
+    labels = torch.tensor([2, 6, 0], device=DEVICE)
+    result = prefopt.token_stats(logits, labels, stats=("is_top1",), backend=backend)
+    assert result.is_top1.tolist() == [True, False, False]
+
+
+def test_minus_infinity_logits_are_masked_vocabulary(backend):
+    """-inf logits (a masked vocabulary) have probability 0 and leave the softmax statistics and
+    the gradient finite (the mean logit is -inf, as it should be)."""
+    logits = random_logits((3, 20000), torch.float32)
+    logits[:, 1:9000] = float("-inf")
+    labels = torch.tensor([0, 9000, 19999], device=DEVICE)
+    result, grad = check_against_reference(logits, labels, backend, stats=("entropy", "log_sum_sq_probs", "is_top1"))
+    assert torch.isfinite(result.entropy).all() and torch.isfinite(grad).all()
+
+
+def test_log_probs_never_positive_on_peaked_rows(backend):
+    logits = random_logits((8, 64), torch.bfloat16)
+    labels = torch.randint(0, 64, (8,), device=DEVICE)
+    logits[torch.arange(8), labels] = 1e4
+    logps = prefopt.token_logprobs(logits, labels, backend=backend, softcap=None)
+    assert (logps <= 0).all()
+
+
+def test_deterministic(backend):
+    logits = random_logits((4, 6, 300), torch.bfloat16)
+    labels = random_labels((4, 6), 300)
+    runs = []
+    for _ in range(2):
+        leaf = logits.clone().requires_grad_(True)
+        result = prefopt.token_stats(leaf, labels, stats=ALL_STATS, backend=backend)
+        (grad,) = torch.autograd.grad(result.logps.sum() + result.entropy.sum(), leaf)
+        runs.append((*[t for t in result if t is not None], grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_empty_batch(backend):
+    logits = random_logits((0, 5, 11), torch.float32).requires_grad_(True)
+    labels = torch.zeros((0, 5), dtype=torch.long, device=DEVICE)
+    logps = prefopt.token_logprobs(logits, labels, backend=backend)
+    assert logps.shape == (0, 5)
+    (grad,) = torch.autograd.grad(logps.sum(), logits)
+    assert grad.shape == logits.shape
+
+
+def test_int32_labels(backend):
+    logits = random_logits((3, 7, 10), torch.float32)
+    labels = random_labels((3, 7), 10).int()
+    check_against_reference(logits, labels, backend)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    leading=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    vocab_size=st.integers(1, 3000),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    ignored_fraction=st.sampled_from([0.0, 0.5, 1.0]),
+    drop_last_position=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_shapes(leading, vocab_size, dtype, ignored_fraction, drop_last_position, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (*leading, vocab_size)
+    if drop_last_position and leading:
+        shape = (*leading[:-1], leading[-1] + 1, vocab_size)
+    logits = random_logits(shape, dtype, generator=generator)
+    if drop_last_position and leading:
+        logits = logits[..., :-1, :]
+    labels = random_labels(logits.shape[:-1], vocab_size, ignored_fraction, generator=generator)
+    for backend in ("triton", "torch"):
+        check_against_reference(logits, labels, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 4096, 128256), (2, 4096, 262144)])
+def test_gpu_full_size_and_64_bit_offsets(shape):
+    """Rows x V past 2^31 elements: every offset must be 64-bit. Compared on sampled rows."""
+    torch.manual_seed(0)
+    logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 4
+    labels = torch.randint(0, shape[-1], shape[:-1], device="cuda")
+    assert logits.numel() > 2**31
+    logits.requires_grad_(True)
+    logps, entropy = prefopt.token_logprobs(logits, labels, return_entropy=True, backend="triton")
+    (grad,) = torch.autograd.grad(logps.sum(), logits)
+    rows = [(0, 0), (shape[0] - 1, shape[1] - 1), (shape[0] // 2, 17)]
+    for b, t in rows:
+        x = logits[b, t].detach().double().requires_grad_(True)
+        expected = torch.log_softmax(x, -1)[labels[b, t]]
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        assert abs(logps[b, t].item() - expected.item()) <= 1e-4 * abs(expected.item()) + 1e-5
+        assert relative_error(grad[b, t], expected_grad) <= 1e-2
