@@ -21,6 +21,15 @@ def tanh(y):
 
 
 @triton.jit
+def log1p(x):
+    """log(1 + x), accurate for small x: the rounding of u = 1 + x is undone by x / (u - 1)
+    (Goldberg's method; there is no log1p in triton.language or under the interpreter)."""
+    u = 1.0 + x
+    rounded = u - 1.0
+    return tl.where(rounded == 0.0, x, tl.log(u) * (x / tl.where(rounded == 0.0, 1.0, rounded)))
+
+
+@triton.jit
 def transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
     """z = softcap(x) / T, in float32."""
     if HAS_SOFTCAP:

@@ -3,15 +3,18 @@
 For a row of transformed logits z (see ``_common.transform_logits``) and its label y, streamed
 over the vocabulary in blocks with an online maximum m and rescaled sums:
 
-    s  = sum_j exp(z_j - m)                      lse     = m + log s
-    t  = sum_j exp(z_j - m) (z_j - m)            entropy = log s - t / s       (= -sum_j p_j log p_j)
-    s2 = sum_j exp(z_j - m)^2                    log sum_j p_j^2 = log s2 - 2 log s
-    log p_y = (z_y - m) - log s                  mean logit = sum_j z_j / V
+    s  = sum_j exp(z_j - m) = 1 + r                 lse     = m + log1p(r)
+    t  = sum_j exp(z_j - m) (z_j - m)               entropy = log1p(r) - t / s
+    s2 = sum_j exp(z_j - m)^2 = 1 + r2              log sum_j p_j^2 = log1p(r2) - 2 log1p(r)
+    log p_y = (z_y - m) - log1p(r)                  mean logit = sum_j z_j / V
     is_top1 = (first argmax_j z_j) == y
 
-When a block raises the maximum from m to m', earlier sums are rescaled by a = exp(m - m'):
-s <- a s, s2 <- a^2 s2, and t <- a (t + s (m - m')) because every earlier z_j - m shifts by
-m - m'. A row whose label is ``ignore_index`` runs zero iterations: it is never read, and all its
+The maximum's own term exp(0) = 1 is kept out of the running sums r and r2: on a peaked row
+(p_max ~ 1) r is tiny, and 1 + r in float32 would lose it, and with it the relative precision of
+log p, the entropy and log sum p^2. When a block raises the maximum from m to m', earlier sums
+are rescaled by a = exp(m - m'): s <- a s (so r <- a (1 + r) - 1, the new maximum bringing the
+new 1), s2 <- a^2 s2, and t <- a (t + s (m - m')) because every earlier z_j - m shifts by m - m'.
+A row whose label is ``ignore_index`` runs zero iterations: it is never read, and all its
 outputs are 0. Only lse (float32, one per row) is kept for the backward pass.
 """
 
@@ -19,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import transform_logits
+from ._common import log1p, transform_logits
 
 _MAX_BLOCK_V = 8192
 
@@ -63,9 +66,9 @@ def _token_stats_fwd_kernel(
 
     neg_inf = float("-inf")
     m = tl.full((), neg_inf, tl.float32)
-    s = tl.zeros((), tl.float32)
+    r = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
-    s2 = tl.zeros((), tl.float32)
+    r2 = tl.zeros((), tl.float32)
     z_sum = tl.zeros((), tl.float32)
     best_index = tl.zeros((), tl.int64) - 1
     for block in range(0, num_blocks):
@@ -74,38 +77,44 @@ def _token_stats_fwd_kernel(
         x = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
         z = tl.where(in_vocab, transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP), neg_inf)
         block_max = tl.max(z, 0)
+        new_max = block_max > m
         m_new = tl.maximum(m, block_max)
         # A block of -inf logits (masked vocabulary) must not turn the sums into NaN.
         m_safe = tl.where(m_new > neg_inf, m_new, 0.0)
         scale = tl.exp(m - m_safe)
         e = tl.exp(z - m_safe)
+        # The block's maximal elements are summed apart from the rest, exactly: each is
+        # exp(block_max - m'), and when the block raises the maximum one of them is the 1 of s.
+        at_block_max = z == block_max
+        e_below = tl.where(at_block_max, 0.0, e)
+        e_at_max = tl.exp(block_max - m_safe)
+        extra_maxima = (tl.sum(at_block_max.to(tl.int32), 0) - new_max.to(tl.int32)).to(tl.float32)
         if WITH_ENTROPY:
             shift = tl.where(m > neg_inf, m - m_safe, 0.0)
             # Select before multiplying: a -inf logit has e = 0 and z - m = -inf.
-            t = scale * (t + s * shift) + tl.sum(e * tl.where(e > 0.0, z - m_safe, 0.0), 0)
+            t = scale * (t + (1.0 + r) * shift) + tl.sum(e * tl.where(e > 0.0, z - m_safe, 0.0), 0)
         if WITH_SUM_SQ:
-            s2 = scale * scale * s2 + tl.sum(e * e, 0)
+            r2 = tl.where(new_max, scale * scale * (1.0 + r2), r2)
+            r2 += tl.sum(e_below * e_below, 0) + extra_maxima * e_at_max * e_at_max
         if WITH_MEAN:
             z_sum += tl.sum(tl.where(in_vocab, z, 0.0), 0)
         if WITH_TOP1:
             # Strictly greater: on ties the earlier block keeps the argmax, and tl.argmax keeps
             # the earliest column within a block.
-            best_index = tl.where(block_max > m, block * BLOCK_V + tl.argmax(z, 0), best_index)
-        s = scale * s + tl.sum(e, 0)
+            best_index = tl.where(new_max, block * BLOCK_V + tl.argmax(z, 0), best_index)
+        r = tl.where(new_max, scale * (1.0 + r), r) + tl.sum(e_below, 0) + extra_maxima * e_at_max
         m = m_new
 
-    # s >= 1 (the maximum contributes exp(0)), so log s >= 0; with z_y <= m this makes every
-    # log-prob <= 0 by construction. The min() guards z_y against a last-ulp difference between
-    # the scalar and the vector evaluation of the transform.
-    s = tl.where(scored, s, 1.0)
-    log_s = tl.log(s)
+    # log1p(r) >= 0 and z_y <= m make every log-prob <= 0 by construction. The min() guards z_y
+    # against a last-ulp difference between the scalar and the vector evaluation of the transform.
+    log_s = tl.where(scored, log1p(r), 0.0)
     logp = tl.minimum(label_z - m, 0.0) - log_s
     tl.store(logps_ptr + row, tl.where(scored, logp, 0.0))
     tl.store(lse_ptr + row, tl.where(scored, m + log_s, 0.0))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(scored, log_s - t / s, 0.0))
+        tl.store(entropy_ptr + row, tl.where(scored, log_s - t / (1.0 + r), 0.0))
     if WITH_SUM_SQ:
-        tl.store(log_sum_sq_ptr + row, tl.where(scored, tl.log(tl.where(scored, s2, 1.0)) - 2.0 * log_s, 0.0))
+        tl.store(log_sum_sq_ptr + row, tl.where(scored, log1p(r2) - 2.0 * log_s, 0.0))
     if WITH_MEAN:
         tl.store(mean_logits_ptr + row, tl.where(scored, z_sum / vocab_size, 0.0))
     if WITH_TOP1:

@@ -41,25 +41,27 @@ def token_stats_forward(
         z = transformed_logits(logits[chunk], temperature, softcap)
         if mean_logits is not None:
             mean_logits[chunk] = torch.where(scored, z.mean(-1), 0.0)
+        top = z.argmax(-1, keepdim=True)
         if is_top1 is not None:
-            is_top1[chunk] = scored & (z.argmax(-1) == label)
+            is_top1[chunk] = scored & (top.squeeze(-1) == label)
         label_z = z.gather(-1, torch.where(scored, label, 0).unsqueeze(-1)).squeeze(-1)
-        m = z.amax(-1)
+        m = z.gather(-1, top).squeeze(-1)
         # A row of -inf logits has no finite maximum; shifting by 0 keeps its sums NaN-free.
         m = torch.where(m > float("-inf"), m, 0.0)
         shifted = z.sub_(m.unsqueeze(-1))
-        e = shifted.exp()
-        # s >= 1 (the maximum contributes exp(0)), so every log-prob is <= 0 by construction.
-        s = e.sum(-1)
-        log_s = s.log()
+        # The maximum's own term exp(0) = 1 is kept out of the sums, s = 1 + r, so that a
+        # peaked row keeps the relative precision of log s = log1p(r) (see the Triton kernel).
+        e_rest = shifted.exp().scatter_(-1, top, 0.0)
+        r = e_rest.sum(-1)
+        log_s = r.log1p()
         logps[chunk] = torch.where(scored, label_z - m - log_s, 0.0)
         lse[chunk] = torch.where(scored, m + log_s, 0.0)
         if entropy is not None:
-            # e * (z - m) -> 0 for a -inf logit, not 0 * -inf.
-            t = torch.where(e > 0, e * shifted, 0.0).sum(-1)
-            entropy[chunk] = torch.where(scored, log_s - t / s, 0.0)
+            # e * (z - m) -> 0 for a -inf logit, not 0 * -inf; the maximum's term is 0 anyway.
+            t = torch.where(e_rest > 0, e_rest * shifted, 0.0).sum(-1)
+            entropy[chunk] = torch.where(scored, log_s - t / (1.0 + r), 0.0)
         if log_sum_sq_probs is not None:
-            log_s2 = e.square_().sum(-1).log()
+            log_s2 = e_rest.square_().sum(-1).log1p()
             log_sum_sq_probs[chunk] = torch.where(scored, log_s2 - 2.0 * log_s, 0.0)
 
 
