@@ -1,0 +1,819 @@
+"""Reference preference losses on per-sequence log-probabilities.
+
+Every loss of the package is written here once, in plain PyTorch, on per-sequence vectors of
+shape ``[B]`` (one entry per example or per chosen/rejected pair). The fused kernels are checked
+against these functions; they are never a second hand copy of the math.
+
+Conventions shared by every function:
+
+* Inputs are 1-D floating tensors of one dtype and device (float32 or float64 in practice); the
+  result is computed in that dtype and is differentiable with respect to every log-prob input.
+* Nothing here synchronizes with the host: there is no ``.item()`` and no Python branch on a
+  tensor value, so each function traces under ``torch.compile(fullgraph=True)`` and can be
+  captured in a CUDA graph. Validation looks only at shapes, dtypes, devices and Python scalars.
+* ``reduction`` is ``"mean"`` (default), ``"sum"`` or ``"none"`` and applies to the per-example
+  vector ``losses``; with ``"none"`` the returned ``loss`` is ``losses`` itself.
+* Rewards are detached, as TRL logs them.
+* "Log-ratio" means policy minus reference log-prob of one completion; Δ is the chosen log-ratio
+  minus the rejected log-ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = [
+    "CPO_LOSS_TYPES",
+    "DPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
+    "REDUCTIONS",
+    "PreferenceLossOutput",
+    "cpo_loss",
+    "dpo_loss",
+    "ipo_loss",
+    "kto_kl",
+    "kto_loss",
+    "orpo_loss",
+    "simpo_loss",
+]
+
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
+CPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+
+# Allowed label_smoothing ε per loss type: (low, low_inclusive, high, high_inclusive). Types that
+# do not use ε accept the generic [0, 1). cDPO-style smoothing past 0.5 would mean trusting the
+# flipped label more than the given one, rDPO divides by 1 - 2ε, and EXO takes log ε.
+_ANY_SMOOTHING = (0.0, True, 1.0, False)
+_SMOOTHING_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "sigmoid": (0.0, True, 0.5, True),
+    "robust": (0.0, True, 0.5, False),
+    "exo_pair": (0.0, False, 1.0, False),
+    "aot": (0.0, True, 0.5, True),
+    "aot_unpaired": (0.0, True, 0.5, True),
+    "simpo": (0.0, True, 0.5, True),
+}
+
+# DPO types with a βΔ term, where a per-pair margin has one meaning: βΔ - margin. The others score
+# each completion on its own or sort across the batch, where a per-pair margin has none.
+_MARGIN_LOSS_TYPES = frozenset(
+    {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"}
+)
+
+_LN2 = math.log(2.0)
+
+
+class PreferenceLossOutput(NamedTuple):
+    """What every loss returns.
+
+    Attributes:
+        loss: the reduced loss (0-d), or the ``[B]`` vector ``losses`` when ``reduction="none"``.
+        losses: per-example losses, shape ``[B]``, differentiable.
+        chosen_rewards: detached ``[B]`` rewards of the chosen completions (KTO: of the desirable
+            examples, 0 at undesirable positions).
+        rejected_rewards: detached ``[B]`` rewards of the rejected completions (KTO: of the
+            undesirable examples, 0 at desirable positions).
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: shapes, dtypes, devices and Python scalars only, so it never touches device values.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_vector(name: str, t: object, like: torch.Tensor | None = None, like_name: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B], got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D with shape [B], got shape {tuple(t.shape)}")
+    if like is None:
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one example, got shape {tuple(t.shape)}")
+        return
+    if t.shape != like.shape:
+        raise ValueError(
+            f"{name} must have shape {tuple(like.shape)} like {like_name}, got shape {tuple(t.shape)}"
+        )
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have dtype {like.dtype} like {like_name}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on device {like.device} like {like_name}, got {t.device}")
+
+
+def _check_lengths(name: str, t: object, like: torch.Tensor, like_name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token counts with shape [B], got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must hold integer or floating token counts, got dtype {t.dtype}")
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} like {like_name}, got shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on device {like.device} like {like_name}, got {t.device}")
+
+
+def _check_real(name: str, value: object, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_smoothing(label_smoothing: object, loss_types: Sequence[str]) -> float:
+    eps = _check_real("label_smoothing", label_smoothing)
+    for kind in loss_types:
+        low, low_in, high, high_in = _SMOOTHING_RANGES.get(kind, _ANY_SMOOTHING)
+        if (eps < low or (eps == low and not low_in)) or (eps > high or (eps == high and not high_in)):
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ValueError(f"label_smoothing must lie in {interval} for loss_type {kind!r}, got {eps}")
+    return eps
+
+
+def _check_reduction(reduction: object) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+
+
+def _check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
+    if not isinstance(loss_type, str) or loss_type not in valid:
+        raise ValueError(f"loss_type must be one of {list(valid)}, got {loss_type!r}")
+    return loss_type
+
+
+def _check_loss_types(loss_type: object, loss_weights: object) -> tuple[list[str], list[float]]:
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    if not isinstance(types, Sequence) or len(types) == 0:
+        raise ValueError(
+            f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a non-empty list of them, got {loss_type!r}"
+        )
+    for kind in types:
+        _check_loss_type(kind, DPO_LOSS_TYPES)
+    if loss_weights is None:
+        return list(types), [1.0] * len(types)
+    if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+        raise TypeError(f"loss_weights must be a list of floats, got {type(loss_weights).__name__}")
+    if len(loss_weights) != len(types):
+        raise ValueError(
+            f"loss_weights must have one weight per loss_type ({len(types)}), got {len(loss_weights)}"
+        )
+    return list(types), [_check_real("loss_weights", w) for w in loss_weights]
+
+
+def _check_constant(name: str, value: object, like: torch.Tensor) -> None:
+    """A constant of the loss: a real Python number, or a one-element floating tensor."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating 0-d tensor, got dtype {value.dtype}")
+        if value.dim() > 1 or value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
+        if value.device != like.device:
+            raise ValueError(f"{name} must be on device {like.device}, got {value.device}")
+    else:
+        _check_real(name, value)
+
+
+def _check_length_pair(
+    chosen_lengths: object, rejected_lengths: object, like: torch.Tensor, like_name: str, required_by: str | None
+) -> None:
+    if chosen_lengths is None and rejected_lengths is None:
+        if required_by is not None:
+            raise ValueError(f"chosen_lengths and rejected_lengths are required by {required_by}")
+        return
+    if chosen_lengths is None or rejected_lengths is None:
+        missing = "chosen_lengths" if chosen_lengths is None else "rejected_lengths"
+        raise ValueError(f"{missing} must be given together with the other completion lengths")
+    _check_lengths("chosen_lengths", chosen_lengths, like, like_name)
+    _check_lengths("rejected_lengths", rejected_lengths, like, like_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions of validated arguments; none of them reads a device value.
+# --------------------------------------------------------------------------------------------
+
+
+def _constant(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).to(like.dtype)
+    return float(value)
+
+
+def _token_counts(lengths: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Lengths in ``like``'s dtype, at least 1 token (TRL's clamp: an empty completion divides by 1)."""
+    return lengths.to(like.dtype).clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces of math.
+# --------------------------------------------------------------------------------------------
+
+
+def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """cDPO: -(1-ε)·logσ(z) - ε·logσ(-z); plain -logσ(z) at ε = 0."""
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate everywhere (Mächler's split at -ln 2).
+
+    Near 0, 1 - exp(x) cancels, so -expm1(x) is used; far below, exp(x) is tiny and log1p keeps
+    it. Each branch only sees inputs from its own side of -ln 2: torch.where still backpropagates
+    through the branch it drops, and an inf there would turn the gradient into NaN. x = 0
+    (probability 1) has infinite log-odds: x is clamped to -finfo.tiny, the negative normal
+    float nearest 0, which keeps value and gradient finite.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
+    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
+    return torch.where(x > -_LN2, near_zero, far)
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+# --------------------------------------------------------------------------------------------
+# DPO family.
+# --------------------------------------------------------------------------------------------
+
+
+def _dpo_pair_losses(
+    kind: str,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    eps: float,
+    margin: float | torch.Tensor,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None,
+    bco_delta: float | torch.Tensor,
+    discopop_tau: float,
+) -> torch.Tensor:
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    z = beta * (chosen_logratios - rejected_logratios) - margin
+
+    if kind == "sigmoid":
+        return _smoothed_logistic(z, eps)
+    if kind == "robust":
+        # Unbiased under labels flipped with probability ε (rDPO, Chowdhury et al. 2024, eq. 6).
+        return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    if kind == "hinge":
+        return F.relu(1.0 - z)
+    if kind == "ipo":
+        if lengths is None:
+            h = chosen_logratios - rejected_logratios
+        else:
+            h = chosen_logratios / lengths[0] - rejected_logratios / lengths[1]
+        # (βh - margin - 1/2)² / β², i.e. the paper's (h - 1/(2β))² with the margin inside βh.
+        return (h - (margin + 0.5) / beta) ** 2
+    if kind == "exo_pair":
+        # KL(p_θ || p_label) over {chosen, rejected}, p_θ = (σ(z), σ(-z)), p_label = (1-ε, ε).
+        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - math.log(eps)
+        )
+    if kind == "nca_pair":
+        chosen_reward = beta * chosen_logratios
+        rejected_reward = beta * rejected_logratios
+        return (
+            -F.logsigmoid(chosen_reward)
+            - 0.5 * F.logsigmoid(-chosen_reward)
+            - 0.5 * F.logsigmoid(-rejected_reward)
+        )
+    if kind == "bco_pair":
+        return -F.logsigmoid(beta * chosen_logratios - bco_delta) - F.logsigmoid(bco_delta - beta * rejected_logratios)
+    if kind == "sppo_hard":
+        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    if kind == "aot":
+        # Optimal transport between the batch distributions of policy and reference log-ratio
+        # margins: compare them quantile by quantile, i.e. sorted, not pair by pair.
+        d = torch.sort(policy_chosen_logps - policy_rejected_logps).values - torch.sort(
+            ref_chosen_logps - ref_rejected_logps
+        ).values
+        return _smoothed_logistic(beta * d, eps)
+    if kind == "aot_unpaired":
+        d = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values
+        return _smoothed_logistic(beta * d, eps)
+    if kind == "apo_zero":
+        # 1 - σ(x) written as σ(-x), which keeps its precision when σ(x) is close to 1.
+        return torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-z)
+    if kind == "discopop":
+        # (1 - σ(z/τ))·(-logσ(z)) + σ(z/τ)·exp(-z). The second product is formed in log space:
+        # exp(-z) overflows long before σ(z/τ) underflows, and inf·0 would be NaN.
+        return -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(
+            F.logsigmoid(z / discopop_tau) - z
+        )
+    if kind == "sigmoid_norm":
+        assert lengths is not None  # guaranteed by dpo_loss's validation
+        z_norm = beta * (chosen_logratios / lengths[0] - rejected_logratios / lengths[1]) - margin
+        return -F.logsigmoid(z_norm)
+    raise AssertionError(f"unhandled loss_type {kind!r}")  # DPO_LOSS_TYPES and this chain disagree
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    loss_weights: Sequence[float] | None = None,
+    reduction: str = "mean",
+    bco_delta: float | torch.Tensor = 0.0,
+    discopop_tau: float = 0.05,
+) -> PreferenceLossOutput:
+    r"""DPO and its pairwise relatives, as TRL's ``DPOTrainer`` defines them (standard reverse-KL scores).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
+            ``[B]`` floating tensors (one dtype and device): summed log-probs of each pair's chosen
+            and rejected completion under the policy and the reference model.
+        beta: β > 0. For ``ipo`` it is the IPO paper's τ.
+        loss_type: one name from :data:`DPO_LOSS_TYPES`, or a list of them to combine.
+        label_smoothing: ε. ``sigmoid``/``aot``/``aot_unpaired``: [0, 0.5]; ``robust``: [0, 0.5);
+            ``exo_pair``: (0, 1); ignored (but must be in [0, 1)) by the other types.
+        chosen_lengths, rejected_lengths: optional ``[B]`` completion token counts (integer or
+            floating; clamped at 1). ``ipo`` divides the log-ratios by them when given;
+            ``sigmoid_norm`` requires them; the other types ignore them.
+        margin: optional ``[B]`` per-pair margin m (margin-adaptive DPO), same dtype as the
+            log-probs. Every type that depends on the pair only through βΔ uses βΔ - m instead:
+            sigmoid, robust, hinge, ipo, exo_pair, apo_down, discopop, sigmoid_norm. The other
+            types raise ValueError when a margin is given.
+        loss_weights: one weight per entry of ``loss_type`` (default: all 1). ``losses`` is the
+            weighted sum of the per-type per-pair losses, so its mean is the weighted sum of the
+            per-type means (TRL's multi-loss combination).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        bco_delta: δ for ``bco_pair``, a float or 0-d tensor (detached). Older TRL kept it as
+            hidden state: the running mean of all chosen and rejected rewards β·(log-ratio) seen
+            so far, this batch included; current TRL uses 0. Pass it in to reproduce the former.
+        discopop_tau: τ > 0 of ``discopop`` (TRL's default 0.05).
+
+    Returns:
+        :class:`PreferenceLossOutput` with ``[B]`` ``losses`` in the inputs' dtype and detached
+        rewards ``chosen_rewards = β·(policy_chosen - ref_chosen)``, likewise for rejected.
+
+    With c = policy_chosen - ref_chosen, r = policy_rejected - ref_rejected, Δ = c - r and
+    z = βΔ - m (m = 0 without ``margin``), the per-pair losses are:
+
+    * ``sigmoid`` (DPO, cDPO when ε > 0): -(1-ε)·logσ(z) - ε·logσ(-z)
+    * ``robust`` (rDPO): [-(1-ε)·logσ(z) + ε·logσ(-z)] / (1-2ε)
+    * ``hinge`` (SLiC): max(0, 1 - z)
+    * ``ipo``: (h - (m + 1/2)/β)², h = Δ on sums (the paper), or
+      h = c/len_chosen - r/len_rejected when lengths are given (TRL's per-token convention)
+    * ``exo_pair`` (EXO): σ(z)·(logσ(z) - log(1-ε)) + σ(-z)·(logσ(-z) - log ε)
+    * ``nca_pair`` (NCA): -logσ(βc) - ½·logσ(-βc) - ½·logσ(-βr)
+    * ``bco_pair`` (BCO): -logσ(βc - δ) - logσ(δ - βr)
+    * ``sppo_hard`` (SPPO, hard labels): (c - 1/(2β))² + (r + 1/(2β))²
+    * ``aot`` (AOT paired): cDPO form of β·(sort(π_c - π_r) - sort(ref_c - ref_r)), sorted over
+      the batch, so pair i of ``losses`` is the i-th quantile, not the i-th input pair
+    * ``aot_unpaired``: cDPO form of β·(sort(c) - sort(r))
+    * ``apo_zero`` (APO): (1 - σ(βc)) + σ(βr)
+    * ``apo_down``: σ(βc) + (1 - σ(z))
+    * ``discopop`` (DiscoPOP): (1 - σ(z/τ))·(-logσ(z)) + σ(z/τ)·exp(-z)
+    * ``sigmoid_norm``: -logσ(β·(c/len_chosen - r/len_rejected) - m)
+    """
+    types, weights = _check_loss_types(loss_type, loss_weights)
+    _check_vector("policy_chosen_logps", policy_chosen_logps)
+    for name, t in (
+        ("policy_rejected_logps", policy_rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
+        _check_vector(name, t, policy_chosen_logps, "policy_chosen_logps")
+    beta = _check_real("beta", beta, positive=True)
+    eps = _check_smoothing(label_smoothing, types)
+    _check_length_pair(
+        chosen_lengths,
+        rejected_lengths,
+        policy_chosen_logps,
+        "policy_chosen_logps",
+        "loss_type 'sigmoid_norm'" if "sigmoid_norm" in types else None,
+    )
+    if margin is not None:
+        _check_vector("margin", margin, policy_chosen_logps, "policy_chosen_logps")
+        unsupported = [kind for kind in types if kind not in _MARGIN_LOSS_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"margin is only defined for loss_type in {sorted(_MARGIN_LOSS_TYPES)}, "
+                f"got loss_type {unsupported}"
+            )
+    _check_constant("bco_delta", bco_delta, policy_chosen_logps)
+    discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
+    _check_reduction(reduction)
+
+    lengths = None
+    if chosen_lengths is not None and rejected_lengths is not None:
+        lengths = (
+            _token_counts(chosen_lengths, policy_chosen_logps),
+            _token_counts(rejected_lengths, policy_chosen_logps),
+        )
+    delta = _constant(bco_delta, policy_chosen_logps)
+
+    terms = [
+        weight
+        * _dpo_pair_losses(
+            kind,
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=beta,
+            eps=eps,
+            margin=0.0 if margin is None else margin,
+            lengths=lengths,
+            bco_delta=delta,
+            discopop_tau=discopop_tau,
+        )
+        for kind, weight in zip(types, weights)
+    ]
+    losses = sum(terms[1:], terms[0])
+
+    chosen_rewards = (beta * (policy_chosen_logps - ref_chosen_logps)).detach()
+    rejected_rewards = (beta * (policy_rejected_logps - ref_rejected_logps)).detach()
+    return PreferenceLossOutput(_reduce(losses, reduction), losses, chosen_rewards, rejected_rewards)
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> PreferenceLossOutput:
+    """IPO: ``dpo_loss(..., loss_type="ipo")``; see :func:`dpo_loss` for shapes and dtypes.
+
+    Per pair (h - 1/(2β))² (with a margin m: (h - (m + 1/2)/β)²), where h is the difference of
+    the chosen and rejected log-ratios, each divided by its completion token count when
+    ``chosen_lengths``/``rejected_lengths`` are given (TRL's convention, which the IPO authors
+    confirmed matches their experiments), and on summed log-probs otherwise (the paper's
+    formula).
+    """
+    return dpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        loss_type="ipo",
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        margin=margin,
+        reduction=reduction,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# KTO.
+# --------------------------------------------------------------------------------------------
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    kl: float | torch.Tensor = 0.0,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    reduction: str = "mean",
+) -> PreferenceLossOutput:
+    r"""KTO on unpaired examples, as TRL's ``KTOTrainer`` computes it.
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` floating tensors (one dtype and device), summed
+            completion log-probs under the policy and the reference.
+        desirable: ``[B]`` ``torch.bool`` tensor, True where the example is desirable.
+        kl: the reference point z₀, a float or a 0-d tensor (e.g. from :func:`kto_kl`); it is
+            detached, a constant of the loss. Ignored by ``apo_zero_unpaired``.
+        beta: β > 0.
+        desirable_weight, undesirable_weight: λ_D, λ_U >= 0.
+        loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
+        reduction: ``"mean"`` (over all B examples, TRL's), ``"sum"`` or ``"none"``.
+
+    With r = policy_logps - ref_logps, per example:
+
+    * ``kto``: λ_D·(1 - σ(β(r - kl))) if desirable, λ_U·(1 - σ(β(kl - r))) otherwise
+    * ``apo_zero_unpaired``: λ_D·(1 - σ(βr)) if desirable, λ_U·σ(βr) otherwise
+
+    A batch with only desirable or only undesirable examples is valid.
+
+    Returns:
+        :class:`PreferenceLossOutput`. The rewards are full ``[B]`` vectors, so their shape does
+        not depend on the labels (no host sync, capturable): ``chosen_rewards`` is β·r at the
+        desirable positions and 0 elsewhere, ``rejected_rewards`` is β·r at the undesirable
+        positions and 0 elsewhere. TRL returns only the selected entries; its logged
+        ``rewards/chosen`` is ``chosen_rewards.sum() / desirable.sum()`` here (likewise
+        ``rewards/rejected`` with ``~desirable``), and ``chosen_rewards[desirable]`` recovers
+        TRL's vector when a host sync is acceptable.
+    """
+    _check_loss_type(loss_type, KTO_LOSS_TYPES)
+    _check_vector("policy_logps", policy_logps)
+    _check_vector("ref_logps", ref_logps, policy_logps, "policy_logps")
+    if not isinstance(desirable, torch.Tensor):
+        raise TypeError(f"desirable must be a torch.bool tensor of shape [B], got {type(desirable).__name__}")
+    if desirable.dtype != torch.bool:
+        raise TypeError(f"desirable must be a torch.bool tensor, got dtype {desirable.dtype}")
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(
+            f"desirable must have shape {tuple(policy_logps.shape)} like policy_logps, got {tuple(desirable.shape)}"
+        )
+    if desirable.device != policy_logps.device:
+        raise ValueError(f"desirable must be on device {policy_logps.device}, got {desirable.device}")
+    _check_constant("kl", kl, policy_logps)
+    beta = _check_real("beta", beta, positive=True)
+    desirable_weight = _check_real("desirable_weight", desirable_weight, nonnegative=True)
+    undesirable_weight = _check_real("undesirable_weight", undesirable_weight, nonnegative=True)
+    _check_reduction(reduction)
+
+    logratios = policy_logps - ref_logps
+    reference_point = _constant(kl, policy_logps) if loss_type == "kto" else 0.0
+    s = beta * (logratios - reference_point)
+    # A desirable example is penalized for a reward below the reference point, an undesirable one
+    # for a reward above it; σ(-s) is the 1 - σ(s) of the paper without its cancellation.
+    value = torch.sigmoid(torch.where(desirable, -s, s))
+    losses = torch.where(desirable, desirable_weight * value, undesirable_weight * value)
+
+    rewards = (beta * logratios).detach()
+    zeros = torch.zeros_like(rewards)
+    chosen_rewards = torch.where(desirable, rewards, zeros)
+    rejected_rewards = torch.where(desirable, zeros, rewards)
+    return PreferenceLossOutput(_reduce(losses, reduction), losses, chosen_rewards, rejected_rewards)
+
+
+def kto_kl(
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    process_group: ProcessGroup | None = None,
+) -> torch.Tensor:
+    """KTO's reference point: the batch KL estimate, a detached 0-d tensor.
+
+    Args:
+        policy_kl_logps, ref_kl_logps: ``[B]`` floating tensors (one dtype and device): summed
+            log-probs of mismatched completions (prompt i paired with another example's
+            completion) under the policy and the reference.
+        process_group: when given and ``torch.distributed`` is initialized, the per-rank means
+            are averaged across this group (an all-reduce, no host sync), as TRL's
+            ``gather_for_metrics(kl).mean()``. Pass ``torch.distributed.group.WORLD`` for all
+            ranks; with None the estimate stays local.
+
+    Returns:
+        max(0, mean(policy_kl_logps - ref_kl_logps)), averaged over the group, with no gradient.
+    """
+    _check_vector("policy_kl_logps", policy_kl_logps)
+    _check_vector("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
+    kl = (policy_kl_logps - ref_kl_logps).detach().mean()
+    if process_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # SUM then divide: ReduceOp.AVG exists only on some backends (not gloo).
+        torch.distributed.all_reduce(kl, op=torch.distributed.ReduceOp.SUM, group=process_group)
+        kl = kl / torch.distributed.get_world_size(process_group)
+    return kl.clamp(min=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference-free losses: CPO (and SimPO through it), ORPO.
+# --------------------------------------------------------------------------------------------
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> PreferenceLossOutput:
+    r"""CPO and its variants, as TRL's ``CPOTrainer`` computes them (defaults are ``CPOConfig``'s).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` floating tensors (one dtype and
+            device), **summed** completion log-probs under the policy. There is no reference.
+        beta: β > 0.
+        loss_type: ``"sigmoid"``, ``"hinge"``, ``"ipo"`` or ``"simpo"``.
+        label_smoothing: ε in [0, 0.5] for ``sigmoid`` and ``simpo``; ignored (but must be in
+            [0, 1)) by ``hinge`` and ``ipo``.
+        simpo_gamma: γ, the target reward margin of ``simpo`` in loss units (TRL's
+            ``simpo_gamma``: the loss is -logσ(βh - γ)). SimPO's reference code takes
+            ``gamma_beta_ratio`` = γ/β instead.
+        cpo_alpha: weight α of the behavior-cloning (NLL) term on the chosen completions.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (clamped at 1).
+            ``ipo`` and ``simpo`` need both, because TRL feeds them per-token average log-probs;
+            the NLL term needs ``chosen_lengths`` whenever ``cpo_alpha != 0``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    With c, r the chosen and rejected log-probs (divided by their lengths for ``ipo`` and
+    ``simpo``) and h = c - r, the preference term per pair is
+
+    * ``sigmoid``: -(1-ε)·logσ(βh) - ε·logσ(-βh)
+    * ``hinge``: max(0, 1 - βh)
+    * ``ipo``: (h - 1/(2β))²
+    * ``simpo``: -(1-ε)·logσ(βh - γ) - ε·logσ(γ - βh)
+
+    and ``losses[i]`` adds α·B·(-policy_chosen_logps[i]) / Σ chosen_lengths, pair i's share of
+    the token-mean NLL over all chosen completion tokens, so that ``losses.mean()`` is TRL's
+    ``mean(preference) + cpo_alpha · nll_loss``. TRL's AlphaPO reward transform (``alpha``) is
+    not included.
+
+    Returns:
+        :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's, on the same
+        sums or averages the preference term uses).
+    """
+    _check_loss_type(loss_type, CPO_LOSS_TYPES)
+    _check_vector("policy_chosen_logps", policy_chosen_logps)
+    _check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
+    beta = _check_real("beta", beta, positive=True)
+    eps = _check_smoothing(label_smoothing, [loss_type])
+    simpo_gamma = _check_real("simpo_gamma", simpo_gamma)
+    cpo_alpha = _check_real("cpo_alpha", cpo_alpha)
+    averaged = loss_type in ("ipo", "simpo")  # TRL feeds these two per-token average log-probs
+    if chosen_lengths is None and (averaged or cpo_alpha != 0.0):
+        needs = f"loss_type {loss_type!r}" if averaged else "the NLL term (cpo_alpha != 0)"
+        raise ValueError(f"chosen_lengths is required by {needs}")
+    if rejected_lengths is None and averaged:
+        raise ValueError(f"rejected_lengths is required by loss_type {loss_type!r}")
+    if chosen_lengths is not None:
+        _check_lengths("chosen_lengths", chosen_lengths, policy_chosen_logps, "policy_chosen_logps")
+    if rejected_lengths is not None:
+        _check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
+    _check_reduction(reduction)
+
+    chosen, rejected = policy_chosen_logps, policy_rejected_logps
+    if averaged:
+        assert chosen_lengths is not None and rejected_lengths is not None  # checked above
+        chosen = chosen / _token_counts(chosen_lengths, chosen)
+        rejected = rejected / _token_counts(rejected_lengths, rejected)
+    h = chosen - rejected
+
+    if loss_type == "sigmoid":
+        losses = _smoothed_logistic(beta * h, eps)
+    elif loss_type == "hinge":
+        losses = F.relu(1.0 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 0.5 / beta) ** 2
+    else:
+        losses = _smoothed_logistic(beta * h - simpo_gamma, eps)
+
+    if cpo_alpha != 0.0:
+        assert chosen_lengths is not None  # checked above
+        total_tokens = _token_counts(chosen_lengths, policy_chosen_logps).sum()
+        batch = policy_chosen_logps.shape[0]
+        losses = losses - cpo_alpha * batch * policy_chosen_logps / total_tokens
+
+    return PreferenceLossOutput(
+        _reduce(losses, reduction), losses, (beta * chosen).detach(), (beta * rejected).detach()
+    )
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLossOutput:
+    r"""SimPO: ``cpo_loss(loss_type="simpo", simpo_gamma=gamma, cpo_alpha=0)``.
+
+    Per pair -(1-ε)·logσ(β·(c/len_c - r/len_r) - γ) - ε·logσ(γ - β·(c/len_c - r/len_r)), with c, r
+    the ``[B]`` summed log-probs of the chosen and rejected completions and len_c, len_r their
+    ``[B]`` token counts (clamped at 1). γ is the margin in loss units, TRL's ``simpo_gamma``
+    (the SimPO paper's eq. 6); SimPO's reference code takes ``gamma_beta_ratio`` = γ/β instead.
+    Rewards are β·c/len_c and β·r/len_r, detached. ε in [0, 0.5].
+    """
+    _check_real("gamma", gamma)
+    return cpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        beta=beta,
+        loss_type="simpo",
+        label_smoothing=label_smoothing,
+        simpo_gamma=gamma,
+        cpo_alpha=0.0,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        reduction=reduction,
+    )
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    chosen_nll: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> PreferenceLossOutput:
+    r"""ORPO, as TRL's ``ORPOTrainer`` computes it.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` floating tensors (one dtype and
+            device), **per-token average** completion log-probs (TRL's ORPO convention,
+            ``sequence_logprobs(..., average=True)``), so ≤ 0.
+        beta: λ > 0, the weight of the odds-ratio term (TRL's ``beta``).
+        chosen_nll: the NLL term. None: the per-pair -policy_chosen_logps (mean token NLL of each
+            chosen completion). A 0-d tensor: one batch-level NLL added to every pair, e.g. TRL's
+            token-mean cross-entropy of the chosen sequences (which, for decoder-only models,
+            counts prompt tokens too). A ``[B]`` tensor: per-pair NLL. Same dtype and device as
+            the log-probs; gradients flow into it.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Per pair, with p_c = exp(c), p_r = exp(r):
+
+        losses = nll + λ·(-logσ(log(p_c/(1-p_c)) - log(p_r/(1-p_r))))
+
+    so ``loss`` with the default mean reduction and a 0-d ``chosen_nll`` is TRL's
+    ``nll - mean(λ·logσ(log_odds))``. The log-odds log p - log(1-p) is computed with a stable
+    log(1-exp(x)) that stays accurate as log p → 0; log p = 0 exactly (infinite odds) is clamped
+    to the largest negative float, and that entry gets no gradient through the odds term.
+
+    Returns:
+        :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's).
+    """
+    _check_vector("policy_chosen_logps", policy_chosen_logps)
+    _check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
+    beta = _check_real("beta", beta, positive=True)
+    if chosen_nll is not None:
+        if not isinstance(chosen_nll, torch.Tensor):
+            raise TypeError(f"chosen_nll must be a 0-d or [B] tensor, got {type(chosen_nll).__name__}")
+        if chosen_nll.dim() != 0:
+            _check_vector("chosen_nll", chosen_nll, policy_chosen_logps, "policy_chosen_logps")
+        elif not chosen_nll.is_floating_point() or chosen_nll.dtype != policy_chosen_logps.dtype:
+            raise TypeError(f"chosen_nll must have dtype {policy_chosen_logps.dtype}, got {chosen_nll.dtype}")
+        elif chosen_nll.device != policy_chosen_logps.device:
+            raise ValueError(f"chosen_nll must be on device {policy_chosen_logps.device}, got {chosen_nll.device}")
+    _check_reduction(reduction)
+
+    log_odds = (policy_chosen_logps - _log1mexp(policy_chosen_logps)) - (
+        policy_rejected_logps - _log1mexp(policy_rejected_logps)
+    )
+    nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
+    losses = nll - beta * F.logsigmoid(log_odds)
+    return PreferenceLossOutput(
+        _reduce(losses, reduction),
+        losses,
+        (beta * policy_chosen_logps).detach(),
+        (beta * policy_rejected_logps).detach(),
+    )
