@@ -2,19 +2,30 @@
 
 Per-token and per-sequence log-probabilities (and softmax statistics) of labels under
 softmax(logits), in one streaming pass with O(tokens) extra memory, and the preference losses
-(DPO family, IPO, KTO, SimPO, ORPO, CPO) on per-sequence log-probs.
+(DPO family, IPO, KTO, SimPO, ORPO, CPO) on per-sequence log-probs, with a fused loss-reduction
+kernel; end-to-end loss modules from logits (``prefopt.nn``) and a training monitor
+(``prefopt.diagnostics``).
 """
 
 from ._types import TokenStats
 from .backends import BackendUnavailableError
 from .logprobs import selective_log_softmax, sequence_logprobs, token_logprobs, token_stats
+from .diagnostics import PreferenceMonitor, PreferenceTrainingWarning
 from .losses import PreferenceLossOutput, cpo_loss, dpo_loss, ipo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
+from .nn import DPOLoss, IPOLoss, KTOLoss, ORPOLoss, SimPOLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DPOLoss",
+    "IPOLoss",
+    "KTOLoss",
+    "ORPOLoss",
     "PreferenceLossOutput",
+    "PreferenceMonitor",
+    "PreferenceTrainingWarning",
+    "SimPOLoss",
     "TokenStats",
     "cpo_loss",
     "dpo_loss",

@@ -14,6 +14,23 @@ Conventions shared by every function:
 * ``reduction`` is ``"mean"`` (default), ``"sum"`` or ``"none"`` and applies to the per-example
   vector ``losses``; with ``"none"`` the returned ``loss`` is ``losses`` itself.
 * Rewards are detached, as TRL logs them.
+* ``backend`` chooses who computes the loss: ``"reference"`` is the plain PyTorch below;
+  ``"triton"`` is one launch of the fused kernel of ``prefopt.fused_losses`` forward (losses,
+  reduced loss, rewards and metrics) and one backward; ``"auto"`` (default) takes the fused
+  kernel where the log-prob kernels would run Triton (CUDA tensors, or ``PREFOPT_BACKEND``) and
+  the reference elsewhere. Validation always runs first, on the host. The fused kernel covers
+  every type except ``aot`` and ``aot_unpaired``, which sort across the batch and stay on the
+  reference path (``"auto"`` routes them there; ``"triton"`` raises).
+* ``return_metrics=True`` also returns the batch metrics as TRL logs them, a dict of 0-d device
+  tensors (no host sync: the caller decides when to read them). Pairwise losses give
+  ``rewards/chosen``, ``rewards/rejected`` (batch means of the rewards), ``rewards/accuracies``
+  (fraction of pairs whose chosen reward is strictly higher), ``rewards/margins`` (mean of
+  chosen - rejected reward), ``logps/chosen`` and ``logps/rejected`` (means of the policy
+  log-prob inputs). KTO gives the means over the desirable (``chosen``) and undesirable
+  (``rejected``) examples, ``rewards/margins`` as their difference, and ``count/chosen``,
+  ``count/rejected``; the mean over a class absent from the batch is NaN. ORPO adds
+  ``log_odds_ratio`` (mean logσ of the log-odds ratio), ``log_odds_chosen`` (mean log-odds
+  ratio) and ``nll_loss`` (mean NLL term).
 * "Log-ratio" means policy minus reference log-prob of one completion; Δ is the chosen log-ratio
   minus the rejected log-ratio.
 """
@@ -28,6 +45,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import fused_losses
+from .backends import BackendUnavailableError, resolve_backend, unavailable_reason
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -35,6 +55,7 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "KTO_LOSS_TYPES",
+    "LOSS_BACKENDS",
     "REDUCTIONS",
     "PreferenceLossOutput",
     "cpo_loss",
@@ -65,6 +86,10 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
 KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+LOSS_BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+
+# Types whose losses pair quantiles of the whole batch (a sort), not examples: no fused kernel.
+_SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
 # Allowed label_smoothing ε per loss type: (low, low_inclusive, high, high_inclusive). Types that
 # do not use ε accept the generic [0, 1). cDPO-style smoothing past 0.5 would mean trusting the
@@ -223,6 +248,27 @@ def _check_length_pair(
     _check_lengths("rejected_lengths", rejected_lengths, like, like_name)
 
 
+def _resolve_backend(backend: object, like: torch.Tensor, unfused: str | None = None) -> str:
+    """"triton" or "reference" for a loss on ``like``'s device and dtype. ``unfused`` says why the
+    fused kernel cannot compute this call (None when it can)."""
+    if not isinstance(backend, str) or backend not in LOSS_BACKENDS:
+        raise ValueError(f"backend must be one of {list(LOSS_BACKENDS)} for the losses, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if unfused is None and like.dtype not in fused_losses.FUSED_DTYPES:
+        unfused = f"the fused kernel reads {[str(d) for d in fused_losses.FUSED_DTYPES]}, got {like.dtype}"
+    if backend == "auto":
+        # The log-prob dispatch decides (device, PREFOPT_BACKEND); a loss has only the Triton kernel
+        # and the reference, so its chunked "torch" answer means the reference here.
+        chosen = resolve_backend("auto", like.device)
+        fusable = unfused is None and unavailable_reason("triton", like.device) is None
+        return "triton" if chosen in ("triton", "cuda") and fusable else "reference"
+    reason = unfused if unfused is not None else unavailable_reason("triton", like.device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend='triton' cannot compute this loss on {like.device.type}: {reason}")
+    return backend
+
+
 # --------------------------------------------------------------------------------------------
 # Conversions of validated arguments; none of them reads a device value.
 # --------------------------------------------------------------------------------------------
@@ -270,6 +316,53 @@ def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return losses.sum()
     return losses
+
+
+# --------------------------------------------------------------------------------------------
+# Batch metrics, named as TRL logs them (see the module docstring); the fused kernels write the
+# same quantities and are tested against these.
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_metrics(
+    output: PreferenceLossOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    chosen, rejected = output.chosen_rewards, output.rejected_rewards
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+
+
+def _kto_metrics(
+    output: PreferenceLossOutput, policy_logps: torch.Tensor, desirable: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    logps = policy_logps.detach()
+    zeros = torch.zeros_like(logps)
+    # A class absent from the batch gives 0/0 = NaN: there is no mean of nothing.
+    count_chosen = desirable.to(logps.dtype).sum()
+    count_rejected = (~desirable).to(logps.dtype).sum()
+    chosen = output.chosen_rewards.sum() / count_chosen
+    rejected = output.rejected_rewards.sum() / count_rejected
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": torch.where(desirable, logps, zeros).sum() / count_chosen,
+        "logps/rejected": torch.where(desirable, zeros, logps).sum() / count_rejected,
+        "count/chosen": count_chosen,
+        "count/rejected": count_rejected,
+    }
+
+
+def _result(
+    output: PreferenceLossOutput, metrics: dict[str, torch.Tensor] | None, return_metrics: bool
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
+    return (output, metrics) if return_metrics else output
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +463,9 @@ def dpo_loss(
     reduction: str = "mean",
     bco_delta: float | torch.Tensor = 0.0,
     discopop_tau: float = 0.05,
-) -> PreferenceLossOutput:
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
     r"""DPO and its pairwise relatives, as TRL's ``DPOTrainer`` defines them (standard reverse-KL scores).
 
     Args:
@@ -396,10 +491,14 @@ def dpo_loss(
             hidden state: the running mean of all chosen and rejected rewards β·(log-ratio) seen
             so far, this batch included; current TRL uses 0. Pass it in to reproduce the former.
         discopop_tau: τ > 0 of ``discopop`` (TRL's default 0.05).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring);
+            ``aot`` and ``aot_unpaired`` run on the reference path only.
+        return_metrics: also return the batch metrics (see the module docstring).
 
     Returns:
         :class:`PreferenceLossOutput` with ``[B]`` ``losses`` in the inputs' dtype and detached
-        rewards ``chosen_rewards = β·(policy_chosen - ref_chosen)``, likewise for rejected.
+        rewards ``chosen_rewards = β·(policy_chosen - ref_chosen)``, likewise for rejected; with
+        ``return_metrics=True``, the pair ``(output, metrics)``.
 
     With c = policy_chosen - ref_chosen, r = policy_rejected - ref_rejected, Δ = c - r and
     z = βΔ - m (m = 0 without ``margin``), the per-pair losses are:
@@ -449,6 +548,35 @@ def dpo_loss(
     _check_constant("bco_delta", bco_delta, policy_chosen_logps)
     discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
     _check_reduction(reduction)
+    sorting = [kind for kind in types if kind in _SORTING_LOSS_TYPES]
+    backend = _resolve_backend(
+        backend,
+        policy_chosen_logps,
+        f"loss_type {sorting} sorts across the batch and has no fused kernel; use backend='reference' or 'auto'"
+        if sorting
+        else None,
+    )
+    delta = _constant(bco_delta, policy_chosen_logps)
+
+    if backend == "triton":
+        loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
+            "dpo",
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            margin=margin,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            offset=delta,
+            loss_types=types,
+            loss_weights=weights,
+            beta=beta,
+            label_smoothing=eps,
+            discopop_tau=discopop_tau,
+            reduction=reduction,
+        )
+        return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
     lengths = None
     if chosen_lengths is not None and rejected_lengths is not None:
@@ -456,7 +584,6 @@ def dpo_loss(
             _token_counts(chosen_lengths, policy_chosen_logps),
             _token_counts(rejected_lengths, policy_chosen_logps),
         )
-    delta = _constant(bco_delta, policy_chosen_logps)
 
     terms = [
         weight
@@ -479,7 +606,9 @@ def dpo_loss(
 
     chosen_rewards = (beta * (policy_chosen_logps - ref_chosen_logps)).detach()
     rejected_rewards = (beta * (policy_rejected_logps - ref_rejected_logps)).detach()
-    return PreferenceLossOutput(_reduce(losses, reduction), losses, chosen_rewards, rejected_rewards)
+    output = PreferenceLossOutput(_reduce(losses, reduction), losses, chosen_rewards, rejected_rewards)
+    metrics = _pair_metrics(output, policy_chosen_logps, policy_rejected_logps) if return_metrics else None
+    return _result(output, metrics, return_metrics)
 
 
 def ipo_loss(
@@ -493,8 +622,11 @@ def ipo_loss(
     rejected_lengths: torch.Tensor | None = None,
     margin: torch.Tensor | None = None,
     reduction: str = "mean",
-) -> PreferenceLossOutput:
-    """IPO: ``dpo_loss(..., loss_type="ipo")``; see :func:`dpo_loss` for shapes and dtypes.
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
+    """IPO: ``dpo_loss(..., loss_type="ipo")``; see :func:`dpo_loss` for shapes, dtypes,
+    ``backend`` and ``return_metrics``.
 
     Per pair (h - 1/(2β))² (with a margin m: (h - (m + 1/2)/β)²), where h is the difference of
     the chosen and rejected log-ratios, each divided by its completion token count when
@@ -513,6 +645,8 @@ def ipo_loss(
         rejected_lengths=rejected_lengths,
         margin=margin,
         reduction=reduction,
+        backend=backend,
+        return_metrics=return_metrics,
     )
 
 
@@ -532,7 +666,9 @@ def kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
     reduction: str = "mean",
-) -> PreferenceLossOutput:
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
     r"""KTO on unpaired examples, as TRL's ``KTOTrainer`` computes it.
 
     Args:
@@ -545,6 +681,8 @@ def kto_loss(
         desirable_weight, undesirable_weight: λ_D, λ_U >= 0.
         loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
         reduction: ``"mean"`` (over all B examples, TRL's), ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
+        return_metrics: also return the batch metrics (see the module docstring).
 
     With r = policy_logps - ref_logps, per example:
 
@@ -560,7 +698,8 @@ def kto_loss(
         positions and 0 elsewhere. TRL returns only the selected entries; its logged
         ``rewards/chosen`` is ``chosen_rewards.sum() / desirable.sum()`` here (likewise
         ``rewards/rejected`` with ``~desirable``), and ``chosen_rewards[desirable]`` recovers
-        TRL's vector when a host sync is acceptable.
+        TRL's vector when a host sync is acceptable. With ``return_metrics=True``, the pair
+        ``(output, metrics)``.
     """
     _check_loss_type(loss_type, KTO_LOSS_TYPES)
     _check_vector("policy_logps", policy_logps)
@@ -580,9 +719,26 @@ def kto_loss(
     desirable_weight = _check_real("desirable_weight", desirable_weight, nonnegative=True)
     undesirable_weight = _check_real("undesirable_weight", undesirable_weight, nonnegative=True)
     _check_reduction(reduction)
+    backend = _resolve_backend(backend, policy_logps)
+    reference_point = _constant(kl, policy_logps) if loss_type == "kto" else 0.0
+
+    if backend == "triton":
+        loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
+            "kto",
+            policy_logps,
+            None,
+            ref_logps,
+            desirable=desirable,
+            offset=reference_point,
+            loss_types=[loss_type],
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            reduction=reduction,
+        )
+        return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
     logratios = policy_logps - ref_logps
-    reference_point = _constant(kl, policy_logps) if loss_type == "kto" else 0.0
     s = beta * (logratios - reference_point)
     # A desirable example is penalized for a reward below the reference point, an undesirable one
     # for a reward above it; σ(-s) is the 1 - σ(s) of the paper without its cancellation.
@@ -593,7 +749,8 @@ def kto_loss(
     zeros = torch.zeros_like(rewards)
     chosen_rewards = torch.where(desirable, rewards, zeros)
     rejected_rewards = torch.where(desirable, zeros, rewards)
-    return PreferenceLossOutput(_reduce(losses, reduction), losses, chosen_rewards, rejected_rewards)
+    output = PreferenceLossOutput(_reduce(losses, reduction), losses, chosen_rewards, rejected_rewards)
+    return _result(output, _kto_metrics(output, policy_logps, desirable) if return_metrics else None, return_metrics)
 
 
 def kto_kl(
@@ -642,7 +799,9 @@ def cpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     reduction: str = "mean",
-) -> PreferenceLossOutput:
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
     r"""CPO and its variants, as TRL's ``CPOTrainer`` computes them (defaults are ``CPOConfig``'s).
 
     Args:
@@ -660,6 +819,9 @@ def cpo_loss(
             ``ipo`` and ``simpo`` need both, because TRL feeds them per-token average log-probs;
             the NLL term needs ``chosen_lengths`` whenever ``cpo_alpha != 0``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
+        return_metrics: also return the batch metrics (see the module docstring; the
+            ``logps/*`` means are of the summed log-prob inputs).
 
     With c, r the chosen and rejected log-probs (divided by their lengths for ``ipo`` and
     ``simpo``) and h = c - r, the preference term per pair is
@@ -676,7 +838,8 @@ def cpo_loss(
 
     Returns:
         :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's, on the same
-        sums or averages the preference term uses).
+        sums or averages the preference term uses); with ``return_metrics=True``, the pair
+        ``(output, metrics)``.
     """
     _check_loss_type(loss_type, CPO_LOSS_TYPES)
     _check_vector("policy_chosen_logps", policy_chosen_logps)
@@ -696,6 +859,23 @@ def cpo_loss(
     if rejected_lengths is not None:
         _check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
     _check_reduction(reduction)
+    backend = _resolve_backend(backend, policy_chosen_logps)
+
+    if backend == "triton":
+        loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
+            "cpo",
+            policy_chosen_logps,
+            policy_rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            loss_types=[loss_type],
+            beta=beta,
+            label_smoothing=eps,
+            simpo_gamma=simpo_gamma,
+            cpo_alpha=cpo_alpha,
+            reduction=reduction,
+        )
+        return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
     chosen, rejected = policy_chosen_logps, policy_rejected_logps
     if averaged:
@@ -719,9 +899,11 @@ def cpo_loss(
         batch = policy_chosen_logps.shape[0]
         losses = losses - cpo_alpha * batch * policy_chosen_logps / total_tokens
 
-    return PreferenceLossOutput(
+    output = PreferenceLossOutput(
         _reduce(losses, reduction), losses, (beta * chosen).detach(), (beta * rejected).detach()
     )
+    metrics = _pair_metrics(output, policy_chosen_logps, policy_rejected_logps) if return_metrics else None
+    return _result(output, metrics, return_metrics)
 
 
 def simpo_loss(
@@ -734,14 +916,17 @@ def simpo_loss(
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-) -> PreferenceLossOutput:
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
     r"""SimPO: ``cpo_loss(loss_type="simpo", simpo_gamma=gamma, cpo_alpha=0)``.
 
     Per pair -(1-ε)·logσ(β·(c/len_c - r/len_r) - γ) - ε·logσ(γ - β·(c/len_c - r/len_r)), with c, r
     the ``[B]`` summed log-probs of the chosen and rejected completions and len_c, len_r their
     ``[B]`` token counts (clamped at 1). γ is the margin in loss units, TRL's ``simpo_gamma``
     (the SimPO paper's eq. 6); SimPO's reference code takes ``gamma_beta_ratio`` = γ/β instead.
-    Rewards are β·c/len_c and β·r/len_r, detached. ε in [0, 0.5].
+    Rewards are β·c/len_c and β·r/len_r, detached. ε in [0, 0.5]. ``backend`` and
+    ``return_metrics`` as in :func:`cpo_loss`.
     """
     _check_real("gamma", gamma)
     return cpo_loss(
@@ -755,6 +940,8 @@ def simpo_loss(
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
         reduction=reduction,
+        backend=backend,
+        return_metrics=return_metrics,
     )
 
 
@@ -765,7 +952,9 @@ def orpo_loss(
     beta: float = 0.1,
     chosen_nll: torch.Tensor | None = None,
     reduction: str = "mean",
-) -> PreferenceLossOutput:
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
     r"""ORPO, as TRL's ``ORPOTrainer`` computes it.
 
     Args:
@@ -779,6 +968,8 @@ def orpo_loss(
             counts prompt tokens too). A ``[B]`` tensor: per-pair NLL. Same dtype and device as
             the log-probs; gradients flow into it.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
+        return_metrics: also return the batch metrics (see the module docstring).
 
     Per pair, with p_c = exp(c), p_r = exp(r):
 
@@ -790,7 +981,8 @@ def orpo_loss(
     to the largest negative float, and that entry gets no gradient through the odds term.
 
     Returns:
-        :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's).
+        :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's); with
+        ``return_metrics=True``, the pair ``(output, metrics)``.
     """
     _check_vector("policy_chosen_logps", policy_chosen_logps)
     _check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
@@ -805,15 +997,30 @@ def orpo_loss(
         elif chosen_nll.device != policy_chosen_logps.device:
             raise ValueError(f"chosen_nll must be on device {policy_chosen_logps.device}, got {chosen_nll.device}")
     _check_reduction(reduction)
+    backend = _resolve_backend(backend, policy_chosen_logps)
+
+    if backend == "triton":
+        loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
+            "orpo", policy_chosen_logps, policy_rejected_logps, nll=chosen_nll, beta=beta, reduction=reduction
+        )
+        return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
     log_odds = (policy_chosen_logps - _log1mexp(policy_chosen_logps)) - (
         policy_rejected_logps - _log1mexp(policy_rejected_logps)
     )
     nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
-    losses = nll - beta * F.logsigmoid(log_odds)
-    return PreferenceLossOutput(
+    ratio = F.logsigmoid(log_odds)
+    losses = nll - beta * ratio
+    output = PreferenceLossOutput(
         _reduce(losses, reduction),
         losses,
         (beta * policy_chosen_logps).detach(),
         (beta * policy_rejected_logps).detach(),
     )
+    metrics = None
+    if return_metrics:
+        metrics = _pair_metrics(output, policy_chosen_logps, policy_rejected_logps)
+        metrics["log_odds_ratio"] = ratio.detach().mean()
+        metrics["log_odds_chosen"] = log_odds.detach().mean()
+        metrics["nll_loss"] = nll.detach().mean()
+    return _result(output, metrics, return_metrics)

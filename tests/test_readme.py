@@ -13,3 +13,16 @@ def test_readme_example_runs():
     exec(compile(example.group(1), str(README), "exec"), namespace)
     assert namespace["policy_logps"].shape == (2,)
     assert namespace["lm_head"].weight.grad is not None
+
+
+def test_readme_preference_losses_example_runs():
+    section = README.read_text().partition("\n## Preference losses\n")[2]
+    example = re.search(r"```python\n(.*?)```", section, re.S)
+    assert example is not None, "README.md has no Python example under '## Preference losses'"
+    namespace: dict = {}
+    exec(compile(example.group(1), str(README), "exec"), namespace)
+    assert namespace["policy_logits"].grad is not None and namespace["kto_logits"].grad is not None
+    assert {"rewards/accuracies", "logits/chosen", "entropy"} <= set(namespace["metrics"])
+    assert namespace["kto_metrics"]["kl"].shape == ()
+    assert namespace["output"].losses.shape == (3,) and "rewards/margins" in namespace["ipo_metrics"]
+    assert namespace["found"] == []

@@ -1,0 +1,681 @@
+"""Fused preference-loss reductions on per-sequence log-probs: one launch per direction.
+
+Each family (DPO and its pairwise relatives, KTO, CPO/SimPO, ORPO) is one kernel, compiled in
+two modes. Forward: per-example losses, the reduced loss, the rewards and the batch metrics.
+Backward: the gradients of ``losses`` (and of the reduced loss) with respect to every
+log-prob input, recomputed from the inputs, so nothing but the inputs is saved. The formulas
+are those of ``prefopt.losses`` (the reference every path is tested against); the derivatives
+are their closed forms.
+
+A single program walks the batch in blocks of ``BLOCK`` examples in a fixed order, so every
+sum is deterministic and no atomics are needed; batches of preference pairs are small (tens to
+thousands), so one program is also the fastest launch. Math runs in float32, or in float64 for
+float64 inputs. Triton passes Python floats as float32, so the scalar arguments are annotated
+float64, and the per-type weights of a combined DPO loss (a tuple, which cannot be annotated)
+travel as float32 (hi, lo) pairs whose sum carries 48 bits.
+
+The metrics are written in the order ``prefopt.fused_losses.METRIC_NAMES`` gives for each family.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import log1p
+
+# Loss-type codes, shared with the launchers below.
+_SIGMOID = tl.constexpr(0)
+_ROBUST = tl.constexpr(1)
+_HINGE = tl.constexpr(2)
+_IPO = tl.constexpr(3)
+_EXO_PAIR = tl.constexpr(4)
+_NCA_PAIR = tl.constexpr(5)
+_BCO_PAIR = tl.constexpr(6)
+_SPPO_HARD = tl.constexpr(7)
+_APO_ZERO = tl.constexpr(8)
+_APO_DOWN = tl.constexpr(9)
+_DISCOPOP = tl.constexpr(10)
+_SIGMOID_NORM = tl.constexpr(11)
+_SIMPO = tl.constexpr(12)
+
+DPO_KINDS = {
+    "sigmoid": 0,
+    "robust": 1,
+    "hinge": 2,
+    "ipo": 3,
+    "exo_pair": 4,
+    "nca_pair": 5,
+    "bco_pair": 6,
+    "sppo_hard": 7,
+    "apo_zero": 8,
+    "apo_down": 9,
+    "discopop": 10,
+    "sigmoid_norm": 11,
+}
+CPO_KINDS = {"sigmoid": 0, "hinge": 2, "ipo": 3, "simpo": 12}
+
+_MAX_BLOCK = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalar functions, stable over the whole real line.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0 (Kahan: the rounding of u = e^x is undone by
+    x / log u); there is no expm1 in triton.language or under the interpreter."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    exact = (um1 == 0.0) | (um1 == -1.0)
+    return tl.where(um1 == 0.0, x, tl.where(exact, um1, um1 * x / tl.log(tl.where(exact, 2.0, u))))
+
+
+@triton.jit
+def _log1mexp(x):
+    """log(1 - e^x) for x < 0, split at -ln 2 as in prefopt.losses._log1mexp."""
+    near_zero = tl.log(-_expm1(tl.maximum(x, -0.6931471805599453)))
+    far = log1p(-tl.exp(tl.minimum(x, -0.6931471805599453)))
+    return tl.where(x > -0.6931471805599453, near_zero, far)
+
+
+@triton.jit
+def _scalar(x, DTYPE: tl.constexpr):
+    """A scalar argument in the compute dtype (a Python number under the interpreter)."""
+    return (tl.zeros((), DTYPE) + x).to(DTYPE)
+
+
+@triton.jit
+def _weight(weights_hi, weights_lo, i: tl.constexpr, DTYPE: tl.constexpr):
+    return _scalar(weights_hi[i], DTYPE) + _scalar(weights_lo[i], DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-family terms: the loss of each example of a block and its partial derivatives.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
+               KINDS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DTYPE: tl.constexpr):
+    """c, r: chosen and rejected log-ratios; m: margin. Returns (loss, dL/dc, dL/dr, dL/dm)."""
+    z = beta * (c - r) - m
+    loss = tl.zeros_like(z)
+    dc = tl.zeros_like(z)
+    dr = tl.zeros_like(z)
+    dm = tl.zeros_like(z)
+    for i in tl.static_range(len(KINDS)):
+        w = _weight(weights_hi, weights_lo, i, DTYPE)
+        if KINDS[i] == _IPO:
+            if HAS_LENGTHS:
+                h = c / len_c - r / len_r
+                t = h - (m + 0.5) / beta
+                loss += w * (t * t)
+                dc += w * 2.0 * t / len_c
+                dr -= w * 2.0 * t / len_r
+            else:
+                t = (c - r) - (m + 0.5) / beta
+                loss += w * (t * t)
+                dc += w * 2.0 * t
+                dr -= w * 2.0 * t
+            dm -= w * 2.0 * t / beta
+        elif KINDS[i] == _NCA_PAIR:
+            cw = beta * c
+            rw = beta * r
+            loss += w * (-_log_sigmoid(cw) - 0.5 * _log_sigmoid(-cw) - 0.5 * _log_sigmoid(-rw))
+            dc += w * beta * (0.5 * _sigmoid(cw) - _sigmoid(-cw))
+            dr += w * beta * 0.5 * _sigmoid(rw)
+        elif KINDS[i] == _BCO_PAIR:
+            a = beta * c - delta
+            b = delta - beta * r
+            loss += w * (-_log_sigmoid(a) - _log_sigmoid(b))
+            dc -= w * beta * _sigmoid(-a)
+            dr += w * beta * _sigmoid(-b)
+        elif KINDS[i] == _SPPO_HARD:
+            a = c - 0.5 / beta
+            b = r + 0.5 / beta
+            loss += w * (a * a + b * b)
+            dc += w * 2.0 * a
+            dr += w * 2.0 * b
+        elif KINDS[i] == _APO_ZERO:
+            cw = beta * c
+            rw = beta * r
+            loss += w * (_sigmoid(-cw) + _sigmoid(rw))
+            dc -= w * beta * _sigmoid(cw) * _sigmoid(-cw)
+            dr += w * beta * _sigmoid(rw) * _sigmoid(-rw)
+        elif KINDS[i] == _SIGMOID_NORM:
+            zn = beta * (c / len_c - r / len_r) - m
+            loss -= w * _log_sigmoid(zn)
+            dzn = -w * _sigmoid(-zn)
+            dc += beta * dzn / len_c
+            dr -= beta * dzn / len_r
+            dm -= dzn
+        else:
+            # The types that see the pair only through z = βΔ - m: their value and dL/dz.
+            if KINDS[i] == _SIGMOID:
+                value = -(1.0 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
+                dz = eps * _sigmoid(z) - (1.0 - eps) * _sigmoid(-z)
+            elif KINDS[i] == _ROBUST:
+                value = (eps * _log_sigmoid(-z) - (1.0 - eps) * _log_sigmoid(z)) / (1.0 - 2.0 * eps)
+                dz = -((1.0 - eps) * _sigmoid(-z) + eps * _sigmoid(z)) / (1.0 - 2.0 * eps)
+            elif KINDS[i] == _HINGE:
+                value = tl.maximum(1.0 - z, 0.0)
+                dz = tl.where(1.0 - z > 0.0, -1.0, 0.0).to(DTYPE)
+            elif KINDS[i] == _EXO_PAIR:
+                p = _sigmoid(z)
+                q = _sigmoid(-z)
+                log_ratio = log1p(-eps) - tl.log(eps)
+                value = p * (_log_sigmoid(z) - log1p(-eps)) + q * (_log_sigmoid(-z) - tl.log(eps))
+                # logσ(z) - logσ(-z) = z, so the derivative is σ(z)σ(-z)(z - log((1-ε)/ε)).
+                dz = p * q * (z - log_ratio)
+            elif KINDS[i] == _APO_DOWN:
+                cw = beta * c
+                value = _sigmoid(cw) + _sigmoid(-z)
+                dz = -_sigmoid(z) * _sigmoid(-z)
+                dc += w * beta * _sigmoid(cw) * _sigmoid(-cw)
+            else:
+                tl.static_assert(KINDS[i] == _DISCOPOP)
+                zt = z / tau
+                log_sig = _log_sigmoid(z)
+                # exp(-z)·σ(z/τ) formed in log space: exp(-z) alone overflows.
+                tail = tl.exp(_log_sigmoid(zt) - z)
+                value = -log_sig * _sigmoid(-zt) + tail
+                dz = (-_sigmoid(-z) * _sigmoid(-zt) + log_sig * _sigmoid(zt) * _sigmoid(-zt) / tau
+                      + tail * (_sigmoid(-zt) / tau - 1.0))
+            loss += w * value
+            dc += w * beta * dz
+            dr -= w * beta * dz
+            dm -= w * dz
+    return loss, dc, dr, dm
+
+
+@triton.jit
+def _cpo_terms(c, r, beta, eps, gamma, KIND: tl.constexpr, DTYPE: tl.constexpr):
+    """c, r: chosen and rejected log-probs (per-token averages for ipo and simpo).
+    Returns (preference loss, dL/dh) with h = c - r."""
+    h = c - r
+    if KIND == _IPO:
+        t = h - 0.5 / beta
+        return t * t, 2.0 * t
+    z = beta * h
+    if KIND == _SIMPO:
+        z = z - gamma
+    if KIND == _HINGE:
+        return tl.maximum(1.0 - z, 0.0), beta * tl.where(1.0 - z > 0.0, -1.0, 0.0).to(DTYPE)
+    value = -(1.0 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
+    return value, beta * (eps * _sigmoid(z) - (1.0 - eps) * _sigmoid(-z))
+
+
+@triton.jit
+def _log_odds(x, tiny):
+    """(log-odds of e^x, its derivative), with prefopt.losses.orpo_loss's clamp: x is held at
+    -tiny in log(1 - e^x), and where the clamp holds only the plain x term has a gradient."""
+    xc = tl.minimum(x, -tiny)
+    value = x - _log1mexp(xc)
+    derivative = tl.where(x <= -tiny, 1.0 - tl.exp(xc) / _expm1(xc), 1.0)
+    return value, derivative
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. BACKWARD selects the mode; pointers the mode does not use are never touched.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN: tl.constexpr, DTYPE: tl.constexpr):
+    """Gradient reaching each example's loss: through ``losses`` and through the reduced loss."""
+    g = tl.load(grad_losses_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+    grad_loss = tl.load(grad_loss_ptr).to(DTYPE)
+    if MEAN:
+        grad_loss = grad_loss / _scalar(n, DTYPE)
+    return g + grad_loss
+
+
+@triton.jit(do_not_specialize=["n"])
+def _dpo_kernel(
+    policy_chosen_ptr, policy_rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
+    margin_ptr, chosen_lengths_ptr, rejected_lengths_ptr, delta_ptr,
+    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
+    grad_loss_ptr, grad_losses_ptr,
+    grad_policy_chosen_ptr, grad_policy_rejected_ptr, grad_ref_chosen_ptr, grad_ref_rejected_ptr, grad_margin_ptr,
+    n, beta: tl.float64, eps: tl.float64, tau: tl.float64, delta_value: tl.float64, weights_hi, weights_lo,
+    KINDS: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_LENGTHS: tl.constexpr, DELTA_IN_TENSOR: tl.constexpr,
+    MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    beta = _scalar(beta, DTYPE)
+    eps = _scalar(eps, DTYPE)
+    tau = _scalar(tau, DTYPE)
+    if DELTA_IN_TENSOR:
+        delta = tl.load(delta_ptr).to(DTYPE)
+    else:
+        delta = _scalar(delta_value, DTYPE)
+    zero = tl.zeros((), DTYPE)
+    sum_loss = zero
+    sum_chosen = zero
+    sum_rejected = zero
+    sum_correct = zero
+    sum_margin = zero
+    sum_policy_chosen = zero
+    sum_policy_rejected = zero
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < n
+        pc = tl.load(policy_chosen_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        pr = tl.load(policy_rejected_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        c = pc - tl.load(ref_chosen_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        r = pr - tl.load(ref_rejected_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        m = tl.zeros_like(c)
+        if HAS_MARGIN:
+            m = tl.load(margin_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        len_c = tl.full((BLOCK,), 1.0, DTYPE)
+        len_r = tl.full((BLOCK,), 1.0, DTYPE)
+        if HAS_LENGTHS:
+            # TRL's clamp: an empty completion counts as one token.
+            len_c = tl.maximum(tl.load(chosen_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            len_r = tl.maximum(tl.load(rejected_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+        loss, dc, dr, dm = _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
+                                      KINDS, HAS_LENGTHS, DTYPE)
+        if BACKWARD:
+            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
+            tl.store(grad_policy_chosen_ptr + offs, g * dc, mask=valid)
+            tl.store(grad_ref_chosen_ptr + offs, -(g * dc), mask=valid)
+            tl.store(grad_policy_rejected_ptr + offs, g * dr, mask=valid)
+            tl.store(grad_ref_rejected_ptr + offs, -(g * dr), mask=valid)
+            if HAS_MARGIN:
+                tl.store(grad_margin_ptr + offs, g * dm, mask=valid)
+        else:
+            chosen_reward = beta * c
+            rejected_reward = beta * r
+            tl.store(losses_ptr + offs, loss, mask=valid)
+            tl.store(chosen_rewards_ptr + offs, chosen_reward, mask=valid)
+            tl.store(rejected_rewards_ptr + offs, rejected_reward, mask=valid)
+            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
+            sum_chosen += tl.sum(tl.where(valid, chosen_reward, 0.0), 0)
+            sum_rejected += tl.sum(tl.where(valid, rejected_reward, 0.0), 0)
+            sum_correct += tl.sum(tl.where(valid & (chosen_reward > rejected_reward), 1.0, 0.0), 0)
+            sum_margin += tl.sum(tl.where(valid, chosen_reward - rejected_reward, 0.0), 0)
+            sum_policy_chosen += tl.sum(tl.where(valid, pc, 0.0), 0)
+            sum_policy_rejected += tl.sum(tl.where(valid, pr, 0.0), 0)
+    if not BACKWARD:
+        count = _scalar(n, DTYPE)
+        tl.store(loss_ptr, sum_loss / count if MEAN else sum_loss)
+        tl.store(metrics_ptr + 0, sum_chosen / count)
+        tl.store(metrics_ptr + 1, sum_rejected / count)
+        tl.store(metrics_ptr + 2, sum_correct / count)
+        tl.store(metrics_ptr + 3, sum_margin / count)
+        tl.store(metrics_ptr + 4, sum_policy_chosen / count)
+        tl.store(metrics_ptr + 5, sum_policy_rejected / count)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _kto_kernel(
+    policy_ptr, ref_ptr, desirable_ptr, kl_ptr,
+    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
+    grad_loss_ptr, grad_losses_ptr, grad_policy_ptr, grad_ref_ptr,
+    n, beta: tl.float64, kl_value: tl.float64, desirable_weight: tl.float64, undesirable_weight: tl.float64,
+    USE_KL: tl.constexpr, KL_IN_TENSOR: tl.constexpr,
+    MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    beta = _scalar(beta, DTYPE)
+    desirable_weight = _scalar(desirable_weight, DTYPE)
+    undesirable_weight = _scalar(undesirable_weight, DTYPE)
+    kl = tl.zeros((), DTYPE)
+    if USE_KL:
+        if KL_IN_TENSOR:
+            kl = tl.load(kl_ptr).to(DTYPE)
+        else:
+            kl = _scalar(kl_value, DTYPE)
+    zero = tl.zeros((), DTYPE)
+    sum_loss = zero
+    sum_chosen = zero
+    sum_rejected = zero
+    sum_policy_chosen = zero
+    sum_policy_rejected = zero
+    count_chosen = zero
+    count_rejected = zero
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < n
+        p = tl.load(policy_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        r = p - tl.load(ref_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        d = tl.load(desirable_ptr + offs, mask=valid, other=0) != 0
+        s = beta * (r - kl)
+        # Desirable examples lose for a reward below the reference point, the others above it.
+        value = _sigmoid(tl.where(d, -s, s))
+        weight = tl.where(d, desirable_weight, undesirable_weight)
+        if BACKWARD:
+            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
+            slope = weight * beta * _sigmoid(s) * _sigmoid(-s)
+            dr = g * tl.where(d, -slope, slope)
+            tl.store(grad_policy_ptr + offs, dr, mask=valid)
+            tl.store(grad_ref_ptr + offs, -dr, mask=valid)
+        else:
+            loss = weight * value
+            reward = beta * r
+            chosen = valid & d
+            rejected = valid & (~d)
+            tl.store(losses_ptr + offs, loss, mask=valid)
+            tl.store(chosen_rewards_ptr + offs, tl.where(d, reward, 0.0), mask=valid)
+            tl.store(rejected_rewards_ptr + offs, tl.where(d, 0.0, reward), mask=valid)
+            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
+            sum_chosen += tl.sum(tl.where(chosen, reward, 0.0), 0)
+            sum_rejected += tl.sum(tl.where(rejected, reward, 0.0), 0)
+            sum_policy_chosen += tl.sum(tl.where(chosen, p, 0.0), 0)
+            sum_policy_rejected += tl.sum(tl.where(rejected, p, 0.0), 0)
+            count_chosen += tl.sum(tl.where(chosen, 1.0, 0.0), 0)
+            count_rejected += tl.sum(tl.where(rejected, 1.0, 0.0), 0)
+    if not BACKWARD:
+        tl.store(loss_ptr, sum_loss / _scalar(n, DTYPE) if MEAN else sum_loss)
+        # A class absent from the batch has no mean: 0/0 gives NaN, as a mean of nothing should.
+        chosen_mean = sum_chosen / count_chosen
+        rejected_mean = sum_rejected / count_rejected
+        tl.store(metrics_ptr + 0, chosen_mean)
+        tl.store(metrics_ptr + 1, rejected_mean)
+        tl.store(metrics_ptr + 2, chosen_mean - rejected_mean)
+        tl.store(metrics_ptr + 3, sum_policy_chosen / count_chosen)
+        tl.store(metrics_ptr + 4, sum_policy_rejected / count_rejected)
+        tl.store(metrics_ptr + 5, count_chosen)
+        tl.store(metrics_ptr + 6, count_rejected)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _cpo_kernel(
+    policy_chosen_ptr, policy_rejected_ptr, chosen_lengths_ptr, rejected_lengths_ptr,
+    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
+    grad_loss_ptr, grad_losses_ptr, grad_policy_chosen_ptr, grad_policy_rejected_ptr,
+    n, beta: tl.float64, eps: tl.float64, gamma: tl.float64, alpha: tl.float64,
+    KIND: tl.constexpr, AVERAGED: tl.constexpr, WITH_NLL: tl.constexpr,
+    MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    beta = _scalar(beta, DTYPE)
+    eps = _scalar(eps, DTYPE)
+    gamma = _scalar(gamma, DTYPE)
+    alpha = _scalar(alpha, DTYPE)
+    count = _scalar(n, DTYPE)
+    # The NLL term is a token mean over the whole batch: its denominator needs a first pass.
+    total_tokens = tl.zeros((), DTYPE)
+    if WITH_NLL:
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < n
+            lengths = tl.maximum(tl.load(chosen_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            total_tokens += tl.sum(tl.where(valid, lengths, 0.0), 0)
+    zero = tl.zeros((), DTYPE)
+    sum_loss = zero
+    sum_chosen = zero
+    sum_rejected = zero
+    sum_correct = zero
+    sum_margin = zero
+    sum_policy_chosen = zero
+    sum_policy_rejected = zero
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < n
+        pc = tl.load(policy_chosen_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        pr = tl.load(policy_rejected_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+        c = pc
+        r = pr
+        len_c = tl.full((BLOCK,), 1.0, DTYPE)
+        len_r = tl.full((BLOCK,), 1.0, DTYPE)
+        if AVERAGED:
+            len_c = tl.maximum(tl.load(chosen_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            len_r = tl.maximum(tl.load(rejected_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            c = pc / len_c
+            r = pr / len_r
+        loss, dh = _cpo_terms(c, r, beta, eps, gamma, KIND, DTYPE)
+        if BACKWARD:
+            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
+            grad_chosen = g * dh / len_c
+            if WITH_NLL:
+                grad_chosen -= g * (alpha * count / total_tokens)
+            tl.store(grad_policy_chosen_ptr + offs, grad_chosen, mask=valid)
+            tl.store(grad_policy_rejected_ptr + offs, -(g * dh) / len_r, mask=valid)
+        else:
+            if WITH_NLL:
+                loss = loss - alpha * count * pc / total_tokens
+            chosen_reward = beta * c
+            rejected_reward = beta * r
+            tl.store(losses_ptr + offs, loss, mask=valid)
+            tl.store(chosen_rewards_ptr + offs, chosen_reward, mask=valid)
+            tl.store(rejected_rewards_ptr + offs, rejected_reward, mask=valid)
+            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
+            sum_chosen += tl.sum(tl.where(valid, chosen_reward, 0.0), 0)
+            sum_rejected += tl.sum(tl.where(valid, rejected_reward, 0.0), 0)
+            sum_correct += tl.sum(tl.where(valid & (chosen_reward > rejected_reward), 1.0, 0.0), 0)
+            sum_margin += tl.sum(tl.where(valid, chosen_reward - rejected_reward, 0.0), 0)
+            sum_policy_chosen += tl.sum(tl.where(valid, pc, 0.0), 0)
+            sum_policy_rejected += tl.sum(tl.where(valid, pr, 0.0), 0)
+    if not BACKWARD:
+        tl.store(loss_ptr, sum_loss / count if MEAN else sum_loss)
+        tl.store(metrics_ptr + 0, sum_chosen / count)
+        tl.store(metrics_ptr + 1, sum_rejected / count)
+        tl.store(metrics_ptr + 2, sum_correct / count)
+        tl.store(metrics_ptr + 3, sum_margin / count)
+        tl.store(metrics_ptr + 4, sum_policy_chosen / count)
+        tl.store(metrics_ptr + 5, sum_policy_rejected / count)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _orpo_kernel(
+    policy_chosen_ptr, policy_rejected_ptr, nll_ptr,
+    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
+    grad_loss_ptr, grad_losses_ptr, grad_policy_chosen_ptr, grad_policy_rejected_ptr, grad_nll_ptr,
+    n, beta: tl.float64, tiny: tl.float64,
+    NLL_MODE: tl.constexpr, MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # NLL_MODE: 0, the per-pair -policy_chosen_logps; 1, one 0-d NLL for the batch; 2, a [B] NLL.
+    beta = _scalar(beta, DTYPE)
+    tiny = _scalar(tiny, DTYPE)
+    count = _scalar(n, DTYPE)
+    zero = tl.zeros((), DTYPE)
+    nll_scalar = zero
+    if NLL_MODE == 1:
+        nll_scalar = tl.load(nll_ptr).to(DTYPE)
+    sum_loss = zero
+    sum_chosen = zero
+    sum_rejected = zero
+    sum_correct = zero
+    sum_margin = zero
+    sum_policy_chosen = zero
+    sum_policy_rejected = zero
+    sum_ratio = zero
+    sum_log_odds = zero
+    sum_nll = zero
+    grad_nll_sum = zero
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < n
+        # Masked lanes read -1, a log-prob whose log-odds are finite.
+        c = tl.load(policy_chosen_ptr + offs, mask=valid, other=-1.0).to(DTYPE)
+        r = tl.load(policy_rejected_ptr + offs, mask=valid, other=-1.0).to(DTYPE)
+        odds_c, d_odds_c = _log_odds(c, tiny)
+        odds_r, d_odds_r = _log_odds(r, tiny)
+        log_odds = odds_c - odds_r
+        if BACKWARD:
+            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
+            d_log_odds = -beta * _sigmoid(-log_odds)
+            grad_chosen = g * d_log_odds * d_odds_c
+            if NLL_MODE == 0:
+                grad_chosen -= g
+            tl.store(grad_policy_chosen_ptr + offs, grad_chosen, mask=valid)
+            tl.store(grad_policy_rejected_ptr + offs, -(g * d_log_odds) * d_odds_r, mask=valid)
+            if NLL_MODE == 1:
+                grad_nll_sum += tl.sum(tl.where(valid, g, 0.0), 0)
+            if NLL_MODE == 2:
+                tl.store(grad_nll_ptr + offs, g, mask=valid)
+        else:
+            if NLL_MODE == 0:
+                nll = -c
+            elif NLL_MODE == 1:
+                nll = tl.zeros_like(c) + nll_scalar
+            else:
+                nll = tl.load(nll_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+            ratio = _log_sigmoid(log_odds)
+            loss = nll - beta * ratio
+            chosen_reward = beta * c
+            rejected_reward = beta * r
+            tl.store(losses_ptr + offs, loss, mask=valid)
+            tl.store(chosen_rewards_ptr + offs, chosen_reward, mask=valid)
+            tl.store(rejected_rewards_ptr + offs, rejected_reward, mask=valid)
+            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
+            sum_chosen += tl.sum(tl.where(valid, chosen_reward, 0.0), 0)
+            sum_rejected += tl.sum(tl.where(valid, rejected_reward, 0.0), 0)
+            sum_correct += tl.sum(tl.where(valid & (chosen_reward > rejected_reward), 1.0, 0.0), 0)
+            sum_margin += tl.sum(tl.where(valid, chosen_reward - rejected_reward, 0.0), 0)
+            sum_policy_chosen += tl.sum(tl.where(valid, c, 0.0), 0)
+            sum_policy_rejected += tl.sum(tl.where(valid, r, 0.0), 0)
+            sum_ratio += tl.sum(tl.where(valid, ratio, 0.0), 0)
+            sum_log_odds += tl.sum(tl.where(valid, log_odds, 0.0), 0)
+            sum_nll += tl.sum(tl.where(valid, nll, 0.0), 0)
+    if BACKWARD:
+        if NLL_MODE == 1:
+            tl.store(grad_nll_ptr, grad_nll_sum)
+    else:
+        tl.store(loss_ptr, sum_loss / count if MEAN else sum_loss)
+        tl.store(metrics_ptr + 0, sum_chosen / count)
+        tl.store(metrics_ptr + 1, sum_rejected / count)
+        tl.store(metrics_ptr + 2, sum_correct / count)
+        tl.store(metrics_ptr + 3, sum_margin / count)
+        tl.store(metrics_ptr + 4, sum_policy_chosen / count)
+        tl.store(metrics_ptr + 5, sum_policy_rejected / count)
+        tl.store(metrics_ptr + 6, sum_ratio / count)
+        tl.store(metrics_ptr + 7, sum_log_odds / count)
+        tl.store(metrics_ptr + 8, sum_nll / count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Inputs are validated, contiguous [B] tensors of one floating dtype and device.
+# ----------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _block(n: int) -> int:
+    return min(_MAX_BLOCK, triton.next_power_of_2(max(n, 1)))
+
+
+def _split_weights(weights: list[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each weight as a float32 pair (hi, lo) with hi + lo = weight to 48 bits."""
+    hi = [float(torch.tensor(w, dtype=torch.float32)) for w in weights]
+    return tuple(hi), tuple(float(torch.tensor(w - h, dtype=torch.float32)) for w, h in zip(weights, hi))
+
+
+def dpo_launch(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, delta,
+    outputs, grads, *, loss_types: list[str], loss_weights: list[float], beta: float, label_smoothing: float,
+    discopop_tau: float, delta_value: float, mean: bool,
+) -> None:
+    """Forward when ``outputs`` = (loss, losses, chosen_rewards, rejected_rewards, metrics) is
+    given, backward when ``grads`` = (grad_loss, grad_losses, grad_policy_chosen,
+    grad_policy_rejected, grad_ref_chosen, grad_ref_rejected, grad_margin) is; the other is None.
+    ``margin``, the lengths and ``delta`` (a 0-d tensor) may be None."""
+    n = policy_chosen.shape[0]
+    dummy = policy_chosen
+    weights_hi, weights_lo = _split_weights(loss_weights)
+    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
+    grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, g_margin = grads or (dummy,) * 7
+    _dpo_kernel[(1,)](
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        dummy if margin is None else margin,
+        dummy if chosen_lengths is None else chosen_lengths,
+        dummy if rejected_lengths is None else rejected_lengths,
+        dummy if delta is None else delta,
+        loss, losses, chosen_rewards, rejected_rewards, metrics,
+        grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, dummy if g_margin is None else g_margin,
+        n, beta, label_smoothing, discopop_tau, delta_value, weights_hi, weights_lo,
+        KINDS=tuple(DPO_KINDS[kind] for kind in loss_types),
+        HAS_MARGIN=margin is not None,
+        HAS_LENGTHS=chosen_lengths is not None,
+        DELTA_IN_TENSOR=delta is not None,
+        MEAN=mean,
+        BACKWARD=grads is not None,
+        DTYPE=_compute_dtype(policy_chosen),
+        BLOCK=_block(n),
+    )
+
+
+def kto_launch(
+    policy, ref, desirable, kl, outputs, grads, *, use_kl: bool, beta: float, kl_value: float,
+    desirable_weight: float, undesirable_weight: float, mean: bool,
+) -> None:
+    """As :func:`dpo_launch`; ``grads`` = (grad_loss, grad_losses, grad_policy, grad_ref)."""
+    n = policy.shape[0]
+    dummy = policy
+    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
+    grad_loss, grad_losses, g_policy, g_ref = grads or (dummy,) * 4
+    _kto_kernel[(1,)](
+        policy, ref, desirable, dummy if kl is None else kl,
+        loss, losses, chosen_rewards, rejected_rewards, metrics,
+        grad_loss, grad_losses, g_policy, g_ref,
+        n, beta, kl_value, desirable_weight, undesirable_weight,
+        USE_KL=use_kl,
+        KL_IN_TENSOR=kl is not None,
+        MEAN=mean,
+        BACKWARD=grads is not None,
+        DTYPE=_compute_dtype(policy),
+        BLOCK=_block(n),
+    )
+
+
+def cpo_launch(
+    policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, outputs, grads, *, loss_type: str,
+    beta: float, label_smoothing: float, simpo_gamma: float, cpo_alpha: float, mean: bool,
+) -> None:
+    """As :func:`dpo_launch`; ``grads`` = (grad_loss, grad_losses, grad_policy_chosen,
+    grad_policy_rejected). ipo and simpo need both lengths, a nonzero ``cpo_alpha`` the chosen ones."""
+    n = policy_chosen.shape[0]
+    dummy = policy_chosen
+    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
+    grad_loss, grad_losses, g_pc, g_pr = grads or (dummy,) * 4
+    _cpo_kernel[(1,)](
+        policy_chosen, policy_rejected,
+        dummy if chosen_lengths is None else chosen_lengths,
+        dummy if rejected_lengths is None else rejected_lengths,
+        loss, losses, chosen_rewards, rejected_rewards, metrics,
+        grad_loss, grad_losses, g_pc, g_pr,
+        n, beta, label_smoothing, simpo_gamma, cpo_alpha,
+        KIND=CPO_KINDS[loss_type],
+        AVERAGED=loss_type in ("ipo", "simpo"),
+        WITH_NLL=cpo_alpha != 0.0,
+        MEAN=mean,
+        BACKWARD=grads is not None,
+        DTYPE=_compute_dtype(policy_chosen),
+        BLOCK=_block(n),
+    )
+
+
+def orpo_launch(policy_chosen, policy_rejected, nll, outputs, grads, *, beta: float, mean: bool) -> None:
+    """As :func:`dpo_launch`; ``nll`` is None, 0-d or [B]; ``grads`` = (grad_loss, grad_losses,
+    grad_policy_chosen, grad_policy_rejected, grad_nll), grad_nll shaped like ``nll`` (None
+    without it)."""
+    n = policy_chosen.shape[0]
+    dummy = policy_chosen
+    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
+    grad_loss, grad_losses, g_pc, g_pr, g_nll = grads or (dummy,) * 5
+    nll_mode = 0 if nll is None else 1 if nll.dim() == 0 else 2
+    _orpo_kernel[(1,)](
+        policy_chosen, policy_rejected, dummy if nll is None else nll,
+        loss, losses, chosen_rewards, rejected_rewards, metrics,
+        grad_loss, grad_losses, g_pc, g_pr, dummy if g_nll is None else g_nll,
+        n, beta, torch.finfo(policy_chosen.dtype if policy_chosen.dtype == torch.float64 else torch.float32).tiny,
+        NLL_MODE=nll_mode,
+        MEAN=mean,
+        BACKWARD=grads is not None,
+        DTYPE=_compute_dtype(policy_chosen),
+        BLOCK=_block(n),
+    )
+

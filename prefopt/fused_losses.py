@@ -1,0 +1,317 @@
+"""The fused preference-loss operators, registered with ``torch.library``.
+
+- ``prefopt::preference_loss``: one launch of the Triton kernel of a loss family computes the
+  per-example losses, the reduced loss, the rewards and the batch metrics.
+- ``prefopt::preference_loss_backward``: one launch computes the gradients with respect to every
+  log-prob input (and the margin, and ORPO's NLL), recomputed from the inputs.
+
+Both are opaque single operators to autograd, ``torch.compile(fullgraph=True)`` and CUDA graphs:
+nothing here reads a device value on the host. Families and the arguments each one reads:
+
+=========  ==================================================================================
+``dpo``    chosen, rejected, ref_chosen, ref_rejected; margin, lengths and ``offset`` (δ of
+           bco_pair) optional; ``loss_types`` the elementwise types, comma-separated, with one
+           weight each in ``loss_weights``
+``kto``    chosen (policy), ref_chosen (reference), desirable; ``offset`` is the KL reference
+           point; ``loss_types`` = "kto" or "apo_zero_unpaired"
+``cpo``    chosen, rejected; lengths as ``prefopt.losses.cpo_loss`` needs them;
+           ``loss_types`` = one of sigmoid, hinge, ipo, simpo
+``orpo``   chosen, rejected (per-token averages); ``nll`` None, 0-d or [B]
+=========  ==================================================================================
+
+Callers (``prefopt.losses``) validate every argument first; the formulas are those of
+``prefopt.losses``, which is what the fused path is tested against.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+FAMILIES = ("dpo", "kto", "cpo", "orpo")
+
+# The batch metrics each family's kernel writes, in its order; named as TRL logs them.
+_PAIR_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "dpo": _PAIR_METRICS,
+    "cpo": _PAIR_METRICS,
+    "kto": (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "count/chosen",
+        "count/rejected",
+    ),
+    "orpo": _PAIR_METRICS + ("log_odds_ratio", "log_odds_chosen", "nll_loss"),
+}
+
+# The dtypes the kernels read and write; float16 and bfloat16 are computed in float32.
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _launch(
+    family: str,
+    tensors: tuple[Tensor | None, ...],
+    config: tuple,
+    outputs: tuple[Tensor, ...] | None,
+    grads: tuple[Tensor | None, ...] | None,
+) -> None:
+    from .kernels import preference_loss as kernels
+
+    (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths,
+     desirable, offset, nll) = tensors
+    (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
+     desirable_weight, undesirable_weight, offset_value, reduction) = config
+    mean = reduction == "mean"
+    loss_types = loss_types.split(",")
+    if family == "dpo":
+        kernels.dpo_launch(
+            chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, offset,
+            outputs, grads, loss_types=loss_types, loss_weights=loss_weights, beta=beta,
+            label_smoothing=label_smoothing, discopop_tau=discopop_tau, delta_value=offset_value, mean=mean,
+        )
+    elif family == "kto":
+        kernels.kto_launch(
+            chosen, ref_chosen, desirable, offset, outputs, grads, use_kl=loss_types[0] == "kto", beta=beta,
+            kl_value=offset_value, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+            mean=mean,
+        )
+    elif family == "cpo":
+        kernels.cpo_launch(
+            chosen, rejected, chosen_lengths, rejected_lengths, outputs, grads, loss_type=loss_types[0],
+            beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, mean=mean,
+        )
+    elif family == "orpo":
+        kernels.orpo_launch(chosen, rejected, nll, outputs, grads, beta=beta, mean=mean)
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+@torch.library.custom_op("prefopt::preference_loss", mutates_args=())
+def preference_loss_op(
+    chosen: Tensor,
+    rejected: Tensor | None,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    margin: Tensor | None,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+    desirable: Tensor | None,
+    offset: Tensor | None,
+    nll: Tensor | None,
+    family: str,
+    loss_types: str,
+    loss_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    simpo_gamma: float,
+    cpo_alpha: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    offset_value: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, losses, chosen_rewards, rejected_rewards, metrics): loss 0-d (the mean, or
+    the sum for reduction "sum" and "none"), the others [B], metrics [len(METRIC_NAMES[family])],
+    all in ``chosen``'s dtype. Every tensor input is contiguous."""
+    n = chosen.shape[0]
+    outputs = (
+        chosen.new_empty(()),
+        chosen.new_empty(n),
+        chosen.new_empty(n),
+        chosen.new_empty(n),
+        chosen.new_empty(len(METRIC_NAMES[family])),
+    )
+    tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
+               offset, nll)
+    config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
+              desirable_weight, undesirable_weight, offset_value, reduction)
+    _launch(family, tensors, config, outputs, None)
+    return outputs
+
+
+@preference_loss_op.register_fake
+def _(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset,
+      nll, family, *config):
+    n = chosen.shape[0]
+    return (chosen.new_empty(()), chosen.new_empty(n), chosen.new_empty(n), chosen.new_empty(n),
+            chosen.new_empty(len(METRIC_NAMES[family])))
+
+
+def _grad_like(t: Tensor | None, like: Tensor) -> Tensor:
+    # An absent input gets an empty gradient: a custom operator cannot return None.
+    return like.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("prefopt::preference_loss_backward", mutates_args=())
+def preference_loss_backward_op(
+    grad_loss: Tensor,
+    grad_losses: Tensor,
+    chosen: Tensor,
+    rejected: Tensor | None,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    margin: Tensor | None,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+    desirable: Tensor | None,
+    offset: Tensor | None,
+    nll: Tensor | None,
+    family: str,
+    loss_types: str,
+    loss_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    simpo_gamma: float,
+    cpo_alpha: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    offset_value: float,
+    reduction: str,
+) -> list[Tensor]:
+    """Gradients [chosen, rejected, ref_chosen, ref_rejected, margin, nll] from the upstream
+    gradients of the reduced loss (0-d) and of ``losses`` ([B], dense); an input that is absent,
+    or that the family does not differentiate, gets an empty tensor."""
+    grads = [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
+    g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = grads
+    if family == "dpo":
+        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, g_ref_chosen, g_ref_rejected,
+                        None if margin is None else g_margin)
+    elif family == "kto":
+        launch_grads = (grad_loss, grad_losses, g_chosen, g_ref_chosen)
+    elif family == "cpo":
+        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected)
+    else:
+        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, None if nll is None else g_nll)
+    tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
+               offset, nll)
+    config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
+              desirable_weight, undesirable_weight, offset_value, reduction)
+    _launch(family, tensors, config, None, launch_grads)
+    return grads
+
+
+@preference_loss_backward_op.register_fake
+def _(grad_loss, grad_losses, chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
+      rejected_lengths, desirable, offset, nll, *config):
+    return [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
+
+
+_TENSOR_INPUTS = 10
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS])
+    ctx.config = inputs[_TENSOR_INPUTS:]
+    _, _, chosen_rewards, rejected_rewards, metrics = output
+    ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, metrics)
+
+
+def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_metrics):
+    saved = ctx.saved_tensors
+    chosen = saved[0]
+    # An output that took no part in the loss has no gradient; the kernel reads zeros for it.
+    # grad_losses may be a broadcast view (e.g. from losses.sum()), which the kernel cannot index.
+    grad_loss = chosen.new_zeros(()) if grad_loss is None else grad_loss
+    grad_losses = chosen.new_zeros(chosen.shape) if grad_losses is None else grad_losses.contiguous()
+    g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = (
+        torch.ops.prefopt.preference_loss_backward(grad_loss, grad_losses, *saved, *ctx.config)
+    )
+    _, rejected, ref_chosen, ref_rejected, margin, _, _, _, _, nll = saved
+    family = ctx.config[0]
+
+    def present(grad: Tensor, t: Tensor | None, used: bool = True) -> Tensor | None:
+        return grad if t is not None and used else None
+
+    return (
+        g_chosen,
+        present(g_rejected, rejected, family != "kto"),
+        present(g_ref_chosen, ref_chosen),
+        present(g_ref_rejected, ref_rejected),
+        present(g_margin, margin),
+        None,
+        None,
+        None,
+        None,
+        present(g_nll, nll),
+        *([None] * len(ctx.config)),
+    )
+
+
+preference_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_preference_loss(
+    family: str,
+    chosen: Tensor,
+    rejected: Tensor | None = None,
+    ref_chosen: Tensor | None = None,
+    ref_rejected: Tensor | None = None,
+    *,
+    margin: Tensor | None = None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    desirable: Tensor | None = None,
+    offset: float | Tensor = 0.0,
+    nll: Tensor | None = None,
+    loss_types: Sequence[str] = (),
+    loss_weights: Sequence[float] = (),
+    beta: float,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 1.0,
+    simpo_gamma: float = 0.0,
+    cpo_alpha: float = 0.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One loss of ``family`` through the fused operators, on already validated arguments.
+
+    ``offset`` is bco_pair's δ (dpo) or the KL reference point (kto): a float, or a 0-d tensor
+    already in ``chosen``'s dtype and detached. Returns (loss, losses, chosen_rewards,
+    rejected_rewards, metrics): ``loss`` is ``losses`` itself for reduction "none"; metrics maps
+    :data:`METRIC_NAMES` ``[family]`` to 0-d device tensors.
+    """
+
+    def dense(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.contiguous()
+
+    offset_tensor = offset if isinstance(offset, torch.Tensor) else None
+    loss, losses, chosen_rewards, rejected_rewards, metrics = torch.ops.prefopt.preference_loss(
+        dense(chosen),
+        dense(rejected),
+        dense(ref_chosen),
+        dense(ref_rejected),
+        dense(margin),
+        dense(chosen_lengths),
+        dense(rejected_lengths),
+        dense(desirable),
+        dense(offset_tensor),
+        dense(nll),
+        family,
+        ",".join(loss_types),
+        [float(w) for w in loss_weights],
+        float(beta),
+        float(label_smoothing),
+        float(discopop_tau),
+        float(simpo_gamma),
+        float(cpo_alpha),
+        float(desirable_weight),
+        float(undesirable_weight),
+        0.0 if offset_tensor is not None else float(offset),
+        reduction,
+    )
+    named = dict(zip(METRIC_NAMES[family], metrics.unbind(0)))
+    return (losses if reduction == "none" else loss), losses, chosen_rewards, rejected_rewards, named

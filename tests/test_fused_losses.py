@@ -1,0 +1,327 @@
+"""The fused loss kernel (backend="triton") against the reference formulas of prefopt.losses.
+
+Values, rewards, metrics and gradients, for every type the kernel covers, in float32 and
+float64, at ordinary and extreme (±1e4) margins. Without a GPU the kernels run through Triton's
+interpreter on CPU tensors (tests/conftest.py).
+"""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from prefopt import BackendUnavailableError
+from prefopt.fused_losses import METRIC_NAMES
+from prefopt.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss
+
+DTYPES = [torch.float32, torch.float64]
+FUSED_DPO_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired")]
+MARGIN_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"]
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+
+
+def smoothing_for(kind: str) -> float:
+    return {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 0.15}.get(kind, 0.0)
+
+
+def rand_logps(n: int, dtype, seed: int, count: int = 4, scale: float = 6.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(-scale * torch.rand(n, generator=g, dtype=torch.float64) - 0.05).to(dtype) for _ in range(count)]
+
+
+def lengths(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Zeros included: an empty completion counts as one token.
+    return torch.randint(0, 12, (n,), generator=g), torch.randint(0, 12, (n,), generator=g)
+
+
+def on(device, tensors):
+    return [None if t is None else t.to(device).requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+def assert_near(actual: torch.Tensor, expected: torch.Tensor, dtype, what: str) -> None:
+    """Elementwise, with the absolute slack scaled to the size of the whole tensor."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def compare(fn, tensors, grad_names, dtype, seed=0, **kwargs):
+    """Run ``fn`` fused on DEVICE and as the reference on CPU, with the same values; compare
+    the outputs, the metrics and the gradients of loss + a random weighting of losses (so both
+    upstream paths of the backward are exercised)."""
+    results = []
+    for backend, device in (("triton", DEVICE), ("reference", "cpu")):
+        args = on(device, tensors[0])
+        named = {k: v for k, v in zip(tensors[1], on(device, list(tensors[2].values())))}
+        out, metrics = fn(*args, **named, **kwargs, backend=backend, return_metrics=True)
+        weights = torch.linspace(0.5, 1.5, out.losses.shape[0], dtype=out.losses.dtype, device=out.losses.device)
+        objective = out.loss.sum() + (weights * out.losses).sum()
+        leaves = [a for a in args if a is not None and a.is_floating_point()] + [
+            named[k] for k in grad_names if named.get(k) is not None
+        ]
+        grads = torch.autograd.grad(objective, leaves)
+        results.append((out, metrics, grads))
+    (out, metrics, grads), (ref, ref_metrics, ref_grads) = results
+    for name, a, b in zip(ref._fields, out, ref):
+        assert a.dtype == dtype and a.device.type == DEVICE.type, name
+        assert_near(a, b, dtype, name)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+    assert list(metrics) == list(ref_metrics)
+    for name in ref_metrics:
+        assert metrics[name].shape == () and not metrics[name].requires_grad, name
+        assert_near(metrics[name], ref_metrics[name], dtype, name)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert torch.isfinite(a).all(), f"gradient {i} not finite"
+        assert_near(a, b, dtype, f"gradient {i}")
+    return out, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO family.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", FUSED_DPO_TYPES)
+def test_dpo_types_match_reference(kind, dtype):
+    seed = FUSED_DPO_TYPES.index(kind)
+    logps = rand_logps(7, dtype, seed)
+    lc, lr = lengths(7, seed)
+    optional = {"chosen_lengths": lc, "rejected_lengths": lr}
+    if kind in MARGIN_TYPES:
+        optional["margin"] = torch.linspace(-0.4, 0.6, 7, dtype=dtype)
+    out, metrics = compare(dpo_loss, (logps, list(optional), optional), ["margin"], dtype,
+                           beta=0.3, loss_type=kind, label_smoothing=smoothing_for(kind),
+                           bco_delta=0.2, discopop_tau=0.3)
+    assert list(metrics) == list(METRIC_NAMES["dpo"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ipo_without_lengths_and_bco_delta_tensor(dtype):
+    logps = rand_logps(6, dtype, seed=20)
+    compare(dpo_loss, (logps, [], {}), [], dtype, beta=0.2, loss_type="ipo")
+    delta = torch.tensor(0.35, dtype=dtype, device=DEVICE)
+    compare(dpo_loss, (logps, [], {}), [], dtype, beta=0.2, loss_type="bco_pair", bco_delta=delta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_list_of_every_fused_type(dtype):
+    # Weights that float32 cannot hold exactly check the float64 path end to end.
+    logps = rand_logps(9, dtype, seed=21)
+    lc, lr = lengths(9, 21)
+    weights = [0.1 * (i + 1) / 3 for i in range(len(FUSED_DPO_TYPES))]
+    optional = {"chosen_lengths": lc, "rejected_lengths": lr}
+    compare(dpo_loss, (logps, list(optional), optional), [], dtype, beta=0.7, loss_type=FUSED_DPO_TYPES,
+            loss_weights=weights, label_smoothing=0.1)
+
+
+def test_accuracy_counts_strict_wins_only():
+    # Pairs 0 and 1 tie (equal rewards), pair 2 wins, pair 3 loses: TRL's chosen > rejected.
+    pc = torch.tensor([-1.0, -2.0, -1.0, -3.0])
+    pr = torch.tensor([-1.0, -2.0, -2.0, -1.0])
+    ref = torch.full((4,), -1.5)
+    for backend in ("triton", "reference"):
+        _, metrics = dpo_loss(*(t.to(DEVICE) for t in (pc, pr, ref, ref)), backend=backend, return_metrics=True)
+        assert metrics["rewards/accuracies"].item() == 0.25
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(reduction):
+    logps = rand_logps(5, torch.float64, seed=22)
+    out, _ = compare(dpo_loss, (logps, [], {}), [], torch.float64, loss_type="robust", label_smoothing=0.1,
+                     reduction=reduction)
+    assert out.loss.shape == (() if reduction == "sum" else (5,))
+
+
+def test_many_blocks():
+    # More pairs than one block of the kernel: the loop over the batch and its sums.
+    logps = rand_logps(2500, torch.float32, seed=23)
+    compare(dpo_loss, (logps, ["margin"], {"margin": torch.rand(2500) - 0.5}), ["margin"], torch.float32,
+            loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.01])
+
+
+def test_gradcheck_every_type_at_once():
+    logps = [t.to(DEVICE).requires_grad_() for t in rand_logps(4, torch.float64, seed=24, scale=2.0)]
+    margin = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    lc, lr = (t.to(DEVICE) for t in lengths(4, 24))
+
+    def fn(a, b, c, d, m):
+        kinds = [k for k in FUSED_DPO_TYPES if k in MARGIN_TYPES]
+        first = dpo_loss(a, b, c, d, loss_type=kinds, margin=m, chosen_lengths=lc, rejected_lengths=lr,
+                         label_smoothing=0.1, discopop_tau=0.5, backend="triton").loss
+        others = dpo_loss(a, b, c, d, loss_type=["nca_pair", "bco_pair", "sppo_hard", "apo_zero"],
+                          backend="triton", reduction="none").loss
+        return first + others
+
+    assert torch.autograd.gradcheck(fn, (*logps, margin), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", FUSED_DPO_TYPES)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_dpo_extreme_margins(kind, dtype, sign):
+    # βΔ = ±1e4 with β = 0.1: chosen log-ratio ±5e4, rejected ∓5e4, plus a ±1e4 margin.
+    pc = torch.full((3,), sign * 5e4, dtype=dtype)
+    pr = -pc
+    zeros = torch.zeros(3, dtype=dtype)
+    ones = torch.ones(3, dtype=torch.int64)
+    optional = {"chosen_lengths": ones, "rejected_lengths": ones}
+    if kind in MARGIN_TYPES:
+        optional["margin"] = torch.tensor([1e4, -1e4, 0.0], dtype=dtype)
+    compare(dpo_loss, ([pc, pr, zeros, zeros.clone()], list(optional), optional), ["margin"], dtype,
+            beta=0.1, loss_type=kind, label_smoothing=smoothing_for(kind))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    # Outputs and gradients come back in the inputs' dtype; the math ran in float32, so they are
+    # the float64 reference rounded once (relative error within the dtype's resolution).
+    logps = [t.to(dtype).to(DEVICE).requires_grad_() for t in rand_logps(6, torch.float64, seed=28)]
+    out, metrics = dpo_loss(*logps, loss_type=["sigmoid", "ipo"], backend="triton", return_metrics=True)
+    grads = torch.autograd.grad(out.loss, logps)
+    exact = [t.detach().double().cpu().requires_grad_() for t in logps]
+    ref, ref_metrics = dpo_loss(*exact, loss_type=["sigmoid", "ipo"], backend="reference", return_metrics=True)
+    ref_grads = torch.autograd.grad(ref.loss, exact)
+    resolution = torch.finfo(dtype).eps
+    for actual, expected in [(out.losses, ref.losses), (out.loss, ref.loss), *zip(grads, ref_grads),
+                             (metrics["rewards/margins"], ref_metrics["rewards/margins"])]:
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.double().cpu(), expected.detach(), rtol=resolution, atol=resolution)
+
+
+def test_sorting_types_stay_on_the_reference_path():
+    logps = [t.to(DEVICE) for t in rand_logps(4, torch.float32, seed=25)]
+    for kind in ("aot", "aot_unpaired"):
+        with pytest.raises(BackendUnavailableError, match=f"{kind}.*sorts across the batch"):
+            dpo_loss(*logps, loss_type=["sigmoid", kind], backend="triton")
+        # "auto" computes them (on the reference path) wherever it runs.
+        auto = dpo_loss(*logps, loss_type=kind)
+        torch.testing.assert_close(auto.losses, dpo_loss(*logps, loss_type=kind, backend="reference").losses)
+
+
+def test_bad_backend_is_rejected_before_any_kernel():
+    logps = rand_logps(3, torch.float32, seed=26)
+    for bad in ("torch", "cuda", "fused", None):
+        with pytest.raises(ValueError, match="backend"):
+            dpo_loss(*logps, backend=bad)
+    with pytest.raises(ValueError, match="backend"):
+        kto_loss(logps[0], logps[1], torch.tensor([True, False, True]), backend="Triton")
+    # Validation of the other arguments still comes first and names them.
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(*logps, beta=-1.0, backend="triton")
+
+
+def test_deterministic_bitwise():
+    logps = [t.to(DEVICE).requires_grad_() for t in rand_logps(3000, torch.float32, seed=27)]
+    runs = []
+    for _ in range(2):
+        out, metrics = dpo_loss(*logps, loss_type=["sigmoid", "discopop"], backend="triton", return_metrics=True)
+        grads = torch.autograd.grad(out.loss, logps)
+        runs.append([out.loss, out.losses, *metrics.values(), *grads])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# KTO, CPO/SimPO, ORPO.
+# ----------------------------------------------------------------------------------------------
+
+
+# The interpreter computes the NaN mean of an absent class with numpy, which warns about 0/0.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KTO_LOSS_TYPES)
+@pytest.mark.parametrize("mix", ["mixed", "all_desirable", "all_undesirable"])
+def test_kto_matches_reference(kind, mix, dtype):
+    policy, ref = rand_logps(8, dtype, seed=30, count=2)
+    desirable = {"mixed": torch.tensor([True, False, False, True, True, False, True, False]),
+                 "all_desirable": torch.ones(8, dtype=torch.bool),
+                 "all_undesirable": torch.zeros(8, dtype=torch.bool)}[mix]
+    kl = torch.tensor(0.4, dtype=dtype, device=DEVICE)
+    _, metrics = compare(kto_loss, ([policy, ref], ["desirable"], {"desirable": desirable}), [], dtype,
+                         kl=kl, beta=0.3, desirable_weight=1.3, undesirable_weight=0.6, loss_type=kind)
+    assert list(metrics) == list(METRIC_NAMES["kto"])
+    assert metrics["count/chosen"].item() == desirable.sum().item()
+    # A class absent from the batch has no mean.
+    assert torch.isnan(metrics["rewards/rejected"]).item() == (mix == "all_desirable")
+    assert torch.isnan(metrics["rewards/chosen"]).item() == (mix == "all_undesirable")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kto_extremes_and_float_kl(dtype):
+    policy = torch.tensor([1e4, -1e4, 1e4, -1e4], dtype=dtype)
+    ref = torch.zeros(4, dtype=dtype)
+    desirable = torch.tensor([True, True, False, False])
+    for kind in KTO_LOSS_TYPES:
+        compare(kto_loss, ([policy, ref], ["desirable"], {"desirable": desirable}), [], dtype, kl=1e3,
+                loss_type=kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", CPO_LOSS_TYPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_cpo_matches_reference(kind, alpha, dtype):
+    chosen, rejected = rand_logps(7, dtype, seed=31, count=2)
+    lc, lr = lengths(7, 31)
+    optional = {"chosen_lengths": lc, "rejected_lengths": lr}
+    eps = 0.1 if kind in ("sigmoid", "simpo") else 0.0
+    compare(cpo_loss, ([chosen, rejected], list(optional), optional), [], dtype, beta=0.4, loss_type=kind,
+            label_smoothing=eps, simpo_gamma=0.3, cpo_alpha=alpha)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpo_extremes(dtype):
+    chosen = torch.tensor([-1e5, -1e-3, -1e4], dtype=dtype)
+    rejected = torch.tensor([-1e-3, -1e5, -1e4], dtype=dtype)
+    ones = torch.ones(3, dtype=torch.int64)
+    for kind in CPO_LOSS_TYPES:
+        compare(cpo_loss, ([chosen, rejected], ["chosen_lengths", "rejected_lengths"],
+                           {"chosen_lengths": ones, "rejected_lengths": ones}), [], dtype, loss_type=kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nll", ["none", "scalar", "vector"])
+def test_orpo_matches_reference(nll, dtype):
+    chosen, rejected = rand_logps(6, dtype, seed=32, count=2, scale=3.0)
+    optional = {"none": {}, "scalar": {"chosen_nll": torch.tensor(1.25, dtype=dtype)},
+                "vector": {"chosen_nll": torch.linspace(0.5, 2.0, 6, dtype=dtype)}}[nll]
+    _, metrics = compare(orpo_loss, ([chosen, rejected], list(optional), optional), ["chosen_nll"], dtype,
+                         beta=0.25)
+    assert list(metrics) == list(METRIC_NAMES["orpo"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "chosen,rejected",
+    [(0.0, -3.0), (-1e-30, -1e-3), (-1e-8, -1e4), (-0.69, -0.7), (-0.7, 0.0), (-1e4, -1e-30), (-3.0, -1e4)],
+)
+def test_orpo_extremes(chosen, rejected, dtype):
+    # log p = 0 exactly (infinite odds: the clamp), -1e-30 (odds ~1e30), around -ln 2, and -1e4.
+    # One pair per call: a 1e30 gradient would otherwise set the tolerance of its neighbours.
+    pair = [torch.tensor([chosen], dtype=dtype), torch.tensor([rejected], dtype=dtype)]
+    compare(orpo_loss, (pair, [], {}), [], dtype)
+
+
+def test_torch_compile_fullgraph_fused():
+    torch._dynamo.reset()
+    pc, pr, rc, rr = [t.to(DEVICE) for t in rand_logps(6, torch.float32, seed=33)]
+    lc, lr = (t.to(DEVICE) for t in lengths(6, 33))
+    desirable = torch.tensor([True, False, True, True, False, False], device=DEVICE)
+
+    def step(pc, pr, rc, rr):
+        a, metrics = dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.1],
+                              chosen_lengths=lc, rejected_lengths=lr, backend="triton", return_metrics=True)
+        b = kto_loss(pc, rc, desirable, kl=torch.tensor(0.1, device=DEVICE), backend="triton")
+        c = cpo_loss(pc, pr, loss_type="simpo", chosen_lengths=lc, rejected_lengths=lr, backend="triton")
+        d = orpo_loss(pc / 10, pr / 10, backend="triton")
+        return a.loss + b.loss + c.loss + d.loss, metrics["rewards/accuracies"], a.chosen_rewards
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for function in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (pc, pr, rc, rr)]
+        loss, accuracy, rewards = function(*leaves)
+        results.append((loss, accuracy, rewards, *torch.autograd.grad(loss, leaves)))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
