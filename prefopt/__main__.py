@@ -1,4 +1,4 @@
-"""Command line: ``python -m prefopt info`` and ``python -m prefopt check``."""
+"""Command line: ``python -m prefopt info``, ``python -m prefopt check`` and ``python -m prefopt build``."""
 
 import argparse
 import os
@@ -39,6 +39,9 @@ def info() -> int:
         for backend in BACKENDS:
             reason = unavailable_reason(backend, device)
             print(f"  {backend:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    from . import cuda_ext
+
+    print(f"\nCUDA C++ extension: {cuda_ext.describe()}")
     return 0
 
 
@@ -79,6 +82,17 @@ def check(seed: int) -> int:
         if reason is not None:
             print(f"{backend:<8} skipped: {reason}")
             continue
+        if backend == "cuda":
+            # It can run here, so it must also build: a failed build is a failed check.
+            from . import cuda_ext
+            from .backends import BackendUnavailableError
+
+            try:
+                cuda_ext.load()
+            except BackendUnavailableError as error:
+                print(f"{backend:<8} FAIL: {error}")
+                failures += 1
+                continue
         for leading, vocab_size, dtype, temperature, softcap in _CHECK_PROBLEMS:
             shape = (*leading, vocab_size)
             logits = (torch.randn(shape, generator=generator) * 4).to(dtype)
@@ -113,6 +127,20 @@ def check(seed: int) -> int:
     return 0 if failures == 0 else 1
 
 
+def build() -> int:
+    """Compile the CUDA C++ extension ahead of time (otherwise it is compiled on first use)."""
+    from . import cuda_ext
+    from .backends import BackendUnavailableError
+
+    try:
+        library = cuda_ext.build(verbose=True)
+    except BackendUnavailableError as error:
+        print(f"python -m prefopt build: {error}", file=sys.stderr)
+        return 1
+    print(f"CUDA C++ extension built and loaded: {library}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     check_parser = commands.add_parser(
         "check", help="every available backend against the float64 reference, forward and backward")
     check_parser.add_argument("--seed", type=int, default=0)
+    commands.add_parser("build", help="compile the CUDA C++ extension (csrc/) ahead of time into its cache directory")
     arguments = parser.parse_args(argv)
     if arguments.command == "info":
         return info()
+    if arguments.command == "build":
+        return build()
     return check(arguments.seed)
 
 

@@ -50,10 +50,10 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend in ("torch", "reference"):
         return None
     if backend == "cuda":
-        return (
-            "this build of prefopt has no CUDA C++ extension yet (csrc/ is not built); "
-            "use backend='triton' on NVIDIA GPUs"
-        )
+        from . import cuda_ext
+
+        reason = cuda_ext.unavailable_reason(device)
+        return None if reason is None else f"no CUDA C++ extension available: {reason}"
     if backend == "triton":
         import_error = _triton_import_error()
         if import_error is not None:
@@ -81,6 +81,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"{ENV_VARIABLE}: expected one of {BACKEND_CHOICES}, got {override!r}")
         backend = override
     if backend == "auto":
+        # Triton stays the choice on CUDA tensors even where the CUDA C++ extension could run:
+        # "cuda" becomes the default only once GPU benchmarks (benches/) show it faster there.
         if device.type == "cuda" and unavailable_reason("triton", device) is None:
             return "triton"
         return "torch"

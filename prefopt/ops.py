@@ -8,7 +8,7 @@
 - ``prefopt::token_stats_backward``: writes the logits gradient into a fresh tensor.
 - ``prefopt::token_stats_backward_``: writes it over the logits (``inplace_backward=True``).
 
-``backend`` ("triton" or "torch") selects the implementation; both follow the same contract.
+``backend`` ("triton", "cuda" or "torch") selects the implementation; all follow the same contract.
 """
 
 import math
@@ -31,10 +31,16 @@ def _implementation(backend: str, direction: str):
 
         function = kernels.token_stats_forward if direction == "forward" else kernels.token_stats_backward
         return function, 2
+    if backend == "cuda":
+        from . import cuda_ext
+
+        cuda_ext.load()  # compiled on first use; raises BackendUnavailableError saying why not
+        function = cuda_ext.token_stats_forward if direction == "forward" else cuda_ext.token_stats_backward
+        return function, 2
     if backend == "torch":
         function = chunked.token_stats_forward if direction == "forward" else chunked.token_stats_backward
         return function, 1
-    raise ValueError(f"backend: the fused operators run 'triton' or 'torch', got {backend!r}")
+    raise ValueError(f"backend: the fused operators run 'triton', 'cuda' or 'torch', got {backend!r}")
 
 
 def _flat_rows(block: Tensor, first_row: int) -> slice:

@@ -17,7 +17,7 @@ import prefopt  # noqa: E402
 from prefopt.backends import unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED_BACKENDS = ("triton", "torch")
+FUSED_BACKENDS = ("triton", "cuda", "torch")
 ALL_STATS = ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

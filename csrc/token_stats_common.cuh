@@ -1,0 +1,138 @@
+// Device-side pieces shared by the log-prob kernels: element types and their 16-byte vectors,
+// the logit transform z = softcap(x) / T, the row geometry (where the 16-byte aligned part of a
+// row starts), and the block shape.
+//
+// The math mirrors kernels/_common.py (the Triton kernels); the two backends must agree.
+#ifndef PREFOPT_TOKEN_STATS_COMMON_CUH_
+#define PREFOPT_TOKEN_STATS_COMMON_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "prefopt_csrc.h"
+
+namespace prefopt {
+
+// One block of 256 threads (8 warps) works on one row (or, split-V, one slice of a row). Each
+// thread issues kUnroll independent 16-byte loads before it uses any of them: with 4 blocks
+// resident per SM that is 64 KiB of loads in flight per SM, well past what HBM3e latency needs.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;
+// Kernels declare __launch_bounds__(kThreads, kResidentBlocksPerSm): at most 64 registers per
+// thread, so 4 blocks (1024 threads) stay resident per SM; the split plans count on it.
+constexpr int kResidentBlocksPerSm = 4;
+
+// Every kernel is launched through this macro. tests/test_csrc.py compiles the same sources as
+// plain C++ with csrc/testing/host_simulator.h, which defines it to run each block's threads on
+// CPU threads, so that the kernel code itself is checked against the reference where no GPU is.
+#ifndef PREFOPT_LAUNCH
+#define PREFOPT_LAUNCH(kernel, grid, block, stream, params) kernel<<<(grid), (block), 0, (stream)>>>(params)
+#endif
+
+// Element traits: float conversion (explicit intrinsics: torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__) and the number of elements in one 16-byte vector.
+template <typename T>
+struct Element;
+
+template <>
+struct Element<float> {
+  static constexpr int kVector = 4;
+  __device__ __forceinline__ static float to_float(float x) { return x; }
+  __device__ __forceinline__ static float from_float(float x) { return x; }
+};
+
+template <>
+struct Element<double> {
+  static constexpr int kVector = 2;
+  __device__ __forceinline__ static float to_float(double x) { return static_cast<float>(x); }
+  __device__ __forceinline__ static double from_float(float x) { return static_cast<double>(x); }
+};
+
+template <>
+struct Element<__half> {
+  static constexpr int kVector = 8;
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Element<__nv_bfloat16> {
+  static constexpr int kVector = 8;
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// 16 bytes of elements, moved as one uint4 (one LDG.128 / STG.128 per thread).
+template <typename T>
+struct alignas(16) Vector {
+  T v[Element<T>::kVector];
+};
+
+// Streaming loads and stores (evict-first): a row is touched once per pass and is far larger
+// than L2, so keeping it would only evict what others need. Plain (coherent) loads, not the
+// read-only path: in the in-place backward the same buffer is written by the same kernel.
+template <typename T>
+__device__ __forceinline__ Vector<T> load_vector(const T* address) {
+  const uint4 bits = __ldcs(reinterpret_cast<const uint4*>(address));
+  Vector<T> out;
+  *reinterpret_cast<uint4*>(&out) = bits;
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vector(T* address, const Vector<T>& value) {
+  __stcs(reinterpret_cast<uint4*>(address), *reinterpret_cast<const uint4*>(&value));
+}
+
+template <typename T>
+__device__ __forceinline__ float load_scalar(const T* address) {
+  return Element<T>::to_float(*address);
+}
+
+// z = softcap(x) / T, in float32 (Gemma-style softcap c * tanh(x / c); identity when off).
+template <bool kSoftcap>
+__device__ __forceinline__ float transform_logit(float x, float inv_temperature, float softcap,
+                                                 float inv_softcap) {
+  if constexpr (kSoftcap) x = softcap * tanhf(x * inv_softcap);
+  return x * inv_temperature;
+}
+
+// The backward reads a row as [head | body | tail]: `head` scalar elements up to the first
+// 16-byte boundary, then `vectors` whole 16-byte vectors, then the < kVector elements left. A row
+// of logits[:, :-1] or of an odd vocabulary starts anywhere, so the aligned body is found per row
+// instead of giving up on vector loads for the whole tensor. (The forward, a reduction, deals
+// columns to threads by index instead, so that its rounding does not depend on the address.)
+struct RowGeometry {
+  int head;         // scalar elements before the first 16-byte boundary (< kVector)
+  int64_t vectors;  // whole 16-byte vectors after the head
+};
+
+template <typename T>
+__device__ __forceinline__ RowGeometry row_geometry(const T* row, int64_t vocab_size) {
+  constexpr int kVector = Element<T>::kVector;
+  const unsigned misalignment = static_cast<unsigned>(reinterpret_cast<uintptr_t>(row) & 15u);
+  int head = static_cast<int>(((16u - misalignment) & 15u) / sizeof(T));
+  if (head > vocab_size) head = static_cast<int>(vocab_size);
+  return {head, (vocab_size - head) / kVector};
+}
+
+// Labels are int32 or int64; ignore_index is compared in 64 bits (prefopt passes -2^63 for "no
+// position is ignored", which no int32 label can equal).
+__device__ __forceinline__ int64_t load_label(const void* labels, int labels_are_int64, int64_t row) {
+  return labels_are_int64 ? static_cast<const int64_t*>(labels)[row]
+                          : static_cast<int64_t>(static_cast<const int32_t*>(labels)[row]);
+}
+
+// 64-bit offsets throughout: rows x vocab passes 2^31 at 16k tokens of a 128k vocabulary.
+template <typename T>
+__device__ __forceinline__ const T* row_address(const void* base, int64_t row, int64_t inner,
+                                                int64_t stride_outer, int64_t stride_inner) {
+  return static_cast<const T*>(base) + (row / inner) * stride_outer + (row % inner) * stride_inner;
+}
+
+}  // namespace prefopt
+
+#endif  // PREFOPT_TOKEN_STATS_COMMON_CUH_

@@ -1,0 +1,270 @@
+"""The CUDA C++ backend: the kernels of ``csrc/``, built with ``torch.utils.cpp_extension`` (ninja)
+and registered as the torch operators ``prefopt::cuda_token_stats_forward`` and
+``prefopt::cuda_token_stats_backward`` by ``csrc/binding.cpp``.
+
+- Built lazily the first time ``backend="cuda"`` runs, or ahead of time with
+  ``python -m prefopt build``, into a cache directory per (torch, CUDA, Python, sources):
+  ``$PREFOPT_CACHE_DIR``, else ``$TORCH_EXTENSIONS_DIR/prefopt``, else ``~/.cache/prefopt``.
+- Machine code for sm_80 (A100; also runs on sm_86 and sm_89) and sm_90 (H100, H200), each
+  compiled for its own architecture rather than JIT-compiled from an older target's PTX; plus
+  compute_90 PTX, which only GPUs newer than Hopper use.
+- ``unavailable_reason()`` says why the backend cannot run here (torch without CUDA, no GPU, no
+  nvcc, no ninja, a failed build and where its log is), so that importing prefopt never fails.
+- ``token_stats_forward`` / ``token_stats_backward`` have exactly the signature and contract of
+  ``prefopt.kernels.token_stats_forward`` / ``token_stats_backward`` (the Triton launchers):
+  logits as [outer, inner, V] views with a contiguous last dimension, flat [rows] outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import torch
+
+from .backends import BackendUnavailableError
+
+EXTENSION_NAME = "prefopt_cuda"
+SOURCES = ("binding.cpp", "token_logprobs_fwd.cu", "token_logprobs_bwd.cu")
+HEADERS = ("prefopt_csrc.h", "token_stats_common.cuh")
+ARCHITECTURES = ("80", "90")
+# -O3 with IEEE-accurate math: no --use_fast_math. The kernels call __expf where an approximate
+# exponential is intended (arguments z - max <= 0, whose error stays far inside the tests'
+# tolerances); log1pf, tanhf and the divisions must stay accurate (log1p of a tiny r is the
+# log-prob of a peaked row, and fast-math division would cost relative precision there).
+NVCC_FLAGS = (
+    "-O3",
+    *(f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ARCHITECTURES),
+    "-gencode=arch=compute_90,code=compute_90",
+)
+CXX_FLAGS = ("-O3",)
+
+_lock = threading.Lock()
+_loaded_library: str | None = None
+_build_failure: str | None = None
+
+
+def source_directory() -> Path | None:
+    """Where csrc/ is: installed as package data ``prefopt/csrc``, or next to the package in a
+    source checkout (editable install)."""
+    candidates = []
+    try:
+        spec = importlib.util.find_spec("prefopt.csrc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates.extend(Path(location) for location in spec.submodule_search_locations)
+    here = Path(__file__).resolve().parent
+    candidates += [here / "csrc", here.parent / "csrc"]
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in (*SOURCES, *HEADERS)):
+            return candidate
+    return None
+
+
+def _sources_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update(name.encode())
+        digest.update((directory / name).read_bytes())
+    digest.update(" ".join((*NVCC_FLAGS, *CXX_FLAGS)).encode())
+    return digest.hexdigest()[:12]
+
+
+def cache_directory() -> Path:
+    """The build directory of this torch, CUDA, Python and these sources (a change to any of them
+    gets a fresh directory, so a stale build is never loaded)."""
+    if os.environ.get("PREFOPT_CACHE_DIR"):
+        root = Path(os.environ["PREFOPT_CACHE_DIR"])
+    elif os.environ.get("TORCH_EXTENSIONS_DIR"):
+        root = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "prefopt"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefopt"
+    sources = source_directory()
+    key = (f"{EXTENSION_NAME}-torch{torch.__version__}-cuda{torch.version.cuda}"
+           f"-py{sys.version_info.major}{sys.version_info.minor}"
+           f"-{_sources_digest(sources) if sources is not None else 'nosources'}")
+    return root / re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME:
+        candidate = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+@functools.cache  # facts about this installation; asked on every dispatch to backend="cuda"
+def build_unavailable_reason() -> str | None:
+    """Why the extension cannot be compiled here (None if it can). A GPU is not needed to build."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) was built without CUDA; the extension needs a "
+                "CUDA build of torch")
+    if source_directory() is None:
+        return "the CUDA sources (csrc/) are not installed with this copy of prefopt"
+    if _nvcc() is None:
+        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja was not found (pip install ninja)"
+    return None
+
+
+def unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why ``backend="cuda"`` cannot run on tensors of ``device`` (None if it can, or if it only
+    needs building, which happens on first use). Never builds anything itself."""
+    if _loaded_library is None:
+        reason = build_unavailable_reason()
+        if reason is not None:
+            return reason
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch"
+    if device is not None and device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors, got {device.type} ones"
+    major, minor = torch.cuda.get_device_capability(device if device is not None and device.type == "cuda" else None)
+    if major < 8:
+        return f"the GPU is sm_{major}{minor}; the CUDA kernels are built for sm_80 and newer"
+    return _build_failure
+
+
+def _write_log(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "build.log"
+    log.write_text(text)
+    return log
+
+
+def _compile_and_load(verbose: bool) -> str:
+    from torch.utils import cpp_extension
+
+    sources = source_directory()
+    directory = cache_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    # is_python_module=False: the library is loaded with torch.ops.load_library, and its
+    # TORCH_LIBRARY_FRAGMENT registers the operators; there is no Python module to import.
+    library = cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(sources / name) for name in SOURCES],
+        extra_cflags=list(CXX_FLAGS),
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        extra_include_paths=[str(sources)],
+        build_directory=str(directory),
+        verbose=verbose,
+        is_python_module=False,
+    )
+    return str(library)
+
+
+def load(verbose: bool = False) -> str:
+    """Build the extension if needed and load it (once per process); returns the library path.
+    Raises ``BackendUnavailableError`` saying why when it cannot be built or loaded."""
+    global _loaded_library, _build_failure
+    if _loaded_library is not None:
+        return _loaded_library
+    with _lock:
+        if _loaded_library is not None:
+            return _loaded_library
+        reason = build_unavailable_reason() or _build_failure
+        if reason is not None:
+            raise BackendUnavailableError(f"the CUDA C++ extension cannot be built: {reason}")
+        try:
+            _loaded_library = _compile_and_load(verbose)
+        except Exception as error:  # a compiler error, a link error, a failed dlopen
+            log = _write_log(cache_directory(), "".join(traceback.format_exception(error)))
+            _build_failure = f"building or loading the CUDA C++ extension failed; see {log}"
+            raise BackendUnavailableError(_build_failure) from None
+    return _loaded_library
+
+
+def build(verbose: bool = True) -> str:
+    """Compile ahead of time (``python -m prefopt build``); returns the library path."""
+    return load(verbose=verbose)
+
+
+def describe() -> str:
+    """One line for ``python -m prefopt info``."""
+    if _loaded_library is not None:
+        return f"loaded from {_loaded_library}"
+    reason = build_unavailable_reason()
+    if reason is not None:
+        return f"cannot be built here: {reason}"
+    if _build_failure is not None:
+        return _build_failure
+    directory = cache_directory()
+    if (directory / f"{EXTENSION_NAME}.so").is_file():
+        return f"built in {directory}"
+    return f"not built yet: compiled on first use, or ahead of time with `python -m prefopt build` (into {directory})"
+
+
+def _ops():
+    # The registered operators (a seam for tests/test_csrc.py, which runs the same calls against
+    # a CPU simulation of the kernels).
+    return torch.ops.prefopt
+
+
+def token_stats_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    logps: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    mean_logits: torch.Tensor | None,
+    log_sum_sq_probs: torch.Tensor | None,
+    is_top1: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    """Fill the per-row outputs for one block of rows (contract of
+    ``prefopt.kernels.token_stats_forward``): logits [outer, inner, V]; labels and outputs flat
+    [outer * inner]; a statistic passed as None is not computed."""
+    outer, inner, _ = logits.shape
+    if outer * inner == 0:
+        return
+    load()
+    _ops().cuda_token_stats_forward(
+        logits, labels, logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1,
+        int(ignore_index), float(temperature), None if softcap is None else float(softcap),
+    )
+
+
+def token_stats_backward(
+    logits: torch.Tensor,
+    grad_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    log_sum_sq_probs: torch.Tensor | None,
+    grad_logps: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_mean_logits: torch.Tensor | None,
+    grad_log_sum_sq_probs: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+) -> None:
+    """Write the logits gradient for one block of rows (contract of
+    ``prefopt.kernels.token_stats_backward``); ``grad_logits`` may be ``logits`` itself."""
+    outer, inner, _ = logits.shape
+    if outer * inner == 0:
+        return
+    load()
+    _ops().cuda_token_stats_backward(
+        logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+        grad_mean_logits, grad_log_sum_sq_probs, int(ignore_index), float(temperature),
+        None if softcap is None else float(softcap),
+    )

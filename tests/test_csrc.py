@@ -1,0 +1,593 @@
+"""The CUDA C++ backend (csrc/) where no GPU may be present.
+
+- Every csrc/*.cu compiles with nvcc for sm_80 and sm_90, with the extension's own flags, and
+  ptxas reports no register spills in any kernel (skipped, with the reason, without nvcc).
+- The C ABI links into a plain C++ program, whose launchers reject bad arguments with
+  cudaErrorInvalidValue before touching a device, and plan split-V layouts as intended.
+- csrc/binding.cpp compiles (syntax and types) against the installed torch headers.
+- The kernels' own source, compiled as C++ with csrc/testing/host_simulator.h, runs on the CPU
+  under every test of the correctness suite that takes a ``backend``, through the real Python path
+  (prefopt.ops -> prefopt.cuda_ext -> operators with binding.cpp's schemas -> C launchers). This
+  checks indexing, split-V, alignment, ignored rows and the math; it does not replace running the
+  compiled kernels on a GPU, where the main suite runs with backend="cuda" (tests/conftest.py).
+"""
+
+import concurrent.futures
+import ctypes
+import functools
+import inspect
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import prefopt
+from prefopt import backends, cuda_ext
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
+H200_MULTIPROCESSORS = 132
+
+
+def find_nvcc() -> str | None:
+    candidates = [cuda_ext._nvcc(), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+NVCC = find_nvcc()
+
+
+@functools.cache
+def cuda_include_flags() -> tuple[str, ...] | None:
+    """-I flags for the CUDA toolkit headers when compiling with g++: asked of nvcc itself (nvcc
+    may be a wrapper script elsewhere on PATH), else the usual places."""
+    candidates: list[Path] = []
+    if NVCC is not None:
+        dry = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
+        listed = re.findall(r'INCLUDES="([^"]*)"', dry.stdout + dry.stderr)
+        candidates += [Path(path) for flags in listed for path in re.findall(r'"?-I"?\s*"?([^"\s]+)', flags)]
+        candidates.append(Path(NVCC).resolve().parent.parent / "include")
+    candidates.append(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include")
+    for include in candidates:
+        if (include / "cuda_runtime_api.h").is_file() and (include / "cuda_bf16.h").is_file():
+            flags = [f"-I{include}"]
+            if (include / "cccl").is_dir():
+                flags.append(f"-I{include / 'cccl'}")
+            return tuple(flags)
+    return None
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (set CUDA_HOME or put nvcc on PATH)")
+
+
+def nvcc_flags() -> list[str]:
+    """The flags the extension is built with (torch's own nvcc defines included), for sm_80 and
+    sm_90 in one call."""
+    from torch.utils import cpp_extension
+
+    return [*cpp_extension.COMMON_NVCC_FLAGS, *cuda_ext.NVCC_FLAGS, "-std=c++17", f"-I{CSRC}"]
+
+
+# ptxas -v, per kernel and architecture:
+#   ptxas info    : Compiling entry function '_Z...' for 'sm_90'
+#   ptxas info    : Function properties for _Z...
+#       0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+#   ptxas info    : Used 64 registers, used 1 barriers, 192 bytes smem
+ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas(output: str) -> dict[tuple[str, str], dict[str, int]]:
+    kernels: dict[tuple[str, str], dict[str, int]] = {}
+    current = None
+    for line in output.splitlines():
+        if match := ENTRY.search(line):
+            current = (match.group(1), match.group(2))
+            kernels[current] = {}
+        elif current is not None and (match := SPILLS.search(line)):
+            kernels[current]["spill_stores"] = int(match.group(1))
+            kernels[current]["spill_loads"] = int(match.group(2))
+        elif current is not None and (match := REGISTERS.search(line)):
+            kernels[current]["registers"] = int(match.group(1))
+    return kernels
+
+
+def demangled(name: str) -> str:
+    tool = shutil.which("c++filt") or shutil.which("cu++filt")
+    if tool is None:
+        return name
+    return subprocess.run([tool, name], capture_output=True, text=True).stdout.strip() or name
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every csrc/*.cu compiled to an object for sm_80 + sm_90, the files in parallel:
+    {name: (returncode, nvcc output, object path)}."""
+    directory = tmp_path_factory.mktemp("csrc_objects")
+
+    def compile_one(source: Path):
+        obj = directory / (source.stem + ".o")
+        command = [NVCC, *nvcc_flags(), "-Xptxas", "-v", "-c", str(source), "-o", str(obj)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        return source.name, (result.returncode, result.stdout + result.stderr, obj)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, len(KERNEL_SOURCES))) as pool:
+        return dict(pool.map(compile_one, KERNEL_SOURCES))
+
+
+def test_there_are_kernel_sources():
+    assert {source.name for source in KERNEL_SOURCES} >= {"token_logprobs_fwd.cu", "token_logprobs_bwd.cu"}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", [source.name for source in KERNEL_SOURCES])
+def test_compiles_for_sm80_and_sm90_without_register_spills(compiled, source):
+    returncode, output, _ = compiled[source]
+    assert returncode == 0, output
+    assert "warning" not in output.lower(), output
+    kernels = parse_ptxas(output)
+    assert kernels, f"no kernels reported by ptxas -v:\n{output}"
+    names = {name for name, _ in kernels}
+    for name in names:
+        assert {arch for kernel, arch in kernels if kernel == name} == {"sm_80", "sm_90"}, name
+    report = "\n".join(
+        f"  {arch}  {info.get('registers', '?'):>3} registers  "
+        f"spills {info.get('spill_stores')}/{info.get('spill_loads')} B  {demangled(name)}"
+        for (name, arch), info in sorted(kernels.items(), key=lambda item: (item[0][1], item[0][0])))
+    print(f"\n{source}:\n{report}")
+    for (name, arch), info in kernels.items():
+        spills = (info.get("spill_stores"), info.get("spill_loads"))
+        assert spills == (0, 0), f"{demangled(name)} on {arch} spills:\n{report}"
+        # __launch_bounds__(256, 4): four blocks resident per SM, which the split plans assume.
+        assert info.get("registers", 0) <= 64, f"{demangled(name)} on {arch}:\n{report}"
+
+
+ABI_DRIVER = r"""
+#include <cstdio>
+#include <cuda_runtime_api.h>
+#include "prefopt_csrc.h"
+
+static int failures = 0;
+#define EXPECT(condition) \
+  do { if (!(condition)) { std::printf("FAILED line %d: %s\n", __LINE__, #condition); ++failures; } } while (0)
+
+int main() {
+  // Device-looking pointers that are never dereferenced: every call below must be refused, or be
+  // a no-op, before anything is launched.
+  char* fake = reinterpret_cast<char*>(0x1000);
+  float* out = reinterpret_cast<float*>(fake);
+  const cudaError_t invalid = cudaErrorInvalidValue;
+
+  // forward(logits, dtype, outer, inner, V, stride_outer, stride_inner, labels, int64, ignore,
+  //         inv_T, softcap, logps, lse, entropy, mean, sum_sq, top1, workspace, splits, stream)
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_BFLOAT16, 0, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == cudaSuccess);
+  EXPECT(prefopt_token_stats_forward(fake, 17, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 0, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     nullptr, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 0.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, -1.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 2, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, fake, PREFOPT_MAX_FORWARD_SPLITS + 1,
+                                     nullptr) == invalid);
+  EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, (1LL << 31), 35, 7, fake, 1, -100, 1.f, 0.f,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+
+  // backward(logits, grad, dtype, outer, inner, V, so, si, gso, gsi, labels, int64, ignore, inv_T,
+  //          softcap, lse, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      nullptr) == cudaSuccess);
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+                                      out, nullptr, nullptr, out, out, nullptr, nullptr, 132, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+                                      out, nullptr, nullptr, out, nullptr, nullptr, out, 132, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_backward(fake, nullptr, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+  EXPECT(prefopt_token_stats_backward(fake, fake, -1, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+
+  // Split-V plans on an H200 (132 SMs): thousands of rows are never split; a few rows of a
+  // 262144 vocabulary are; tiny vocabularies cannot be.
+  EXPECT(prefopt_token_stats_forward_splits(16384, 128256, PREFOPT_BFLOAT16, 132) == 1);
+  EXPECT(prefopt_token_stats_forward_splits(8192, 262144, PREFOPT_BFLOAT16, 132) == 1);
+  const int few = prefopt_token_stats_forward_splits(8, 262144, PREFOPT_BFLOAT16, 132);
+  EXPECT(few > 1 && few <= PREFOPT_MAX_FORWARD_SPLITS);
+  EXPECT(prefopt_token_stats_forward_splits(1, 262144, PREFOPT_BFLOAT16, 132) >= few);
+  EXPECT(prefopt_token_stats_forward_splits(4, 7, PREFOPT_FLOAT32, 132) == 1);
+  EXPECT(prefopt_token_stats_forward_splits(4, 262144, 99, 132) == 1);
+  EXPECT(prefopt_token_stats_forward_workspace_bytes(8, 1) == 0);
+  EXPECT(prefopt_token_stats_forward_workspace_bytes(8, few) == 8u * few * 32u);
+
+  // A well-formed launch on a machine without a usable GPU returns an error, never crashes.
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
+                                       out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
+                                       nullptr) != cudaSuccess);
+    EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+                                        out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                        nullptr) != cudaSuccess);
+  }
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}
+"""
+
+
+@needs_nvcc
+def test_c_abi_links_into_a_plain_program_and_rejects_bad_arguments(compiled, tmp_path):
+    objects = []
+    for source in ("token_logprobs_fwd.cu", "token_logprobs_bwd.cu"):
+        returncode, output, obj = compiled[source]
+        assert returncode == 0, output
+        objects.append(str(obj))
+    driver = tmp_path / "abi_check.cpp"
+    driver.write_text(ABI_DRIVER)
+    executable = tmp_path / "abi_check"
+    build = subprocess.run([NVCC, "-std=c++17", f"-I{CSRC}", str(driver), *objects, "-o", str(executable)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    symbols = subprocess.run(["nm", "-g", str(executable)], capture_output=True, text=True).stdout
+    for symbol in ("prefopt_token_stats_forward", "prefopt_token_stats_backward",
+                   "prefopt_token_stats_forward_splits", "prefopt_token_stats_forward_workspace_bytes"):
+        assert re.search(rf"\bT {symbol}$", symbols, re.M), f"{symbol} is not an exported C symbol"
+    run = subprocess.run([str(executable)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def torch_include_directories() -> list[Path]:
+    root = Path(torch.__file__).parent / "include"
+    return [root, root / "torch" / "csrc" / "api" / "include"]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) is installed")
+@pytest.mark.skipif(cuda_include_flags() is None, reason="the CUDA toolkit headers are not installed")
+def test_binding_compiles_against_the_torch_headers(tmp_path):
+    """A syntax and type check of csrc/binding.cpp against this torch's headers (it is only built
+    for real where torch has CUDA). A CPU build of torch lacks one CMake-generated header of
+    c10/cuda; an empty stand-in is enough for the check."""
+    include = torch_include_directories()
+    if not (include[0] / "torch" / "library.h").is_file():
+        pytest.skip("this torch installs no C++ headers")
+    flags = []
+    if not (include[0] / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
+        stub = tmp_path / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        flags.append(f"-I{tmp_path}")
+    command = ["g++", "-fsyntax-only", "-std=c++20", *flags, *(f"-I{path}" for path in include),
+               *cuda_include_flags(), f"-I{CSRC}", str(CSRC / "binding.cpp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel source on the CPU.
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+SCHEMAS = re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', (CSRC / "binding.cpp").read_text())
+
+
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory):
+    """The kernels of csrc/*.cu built as a CPU library (csrc/testing/host_simulator.h), with the
+    operators of binding.cpp registered under the namespace prefopt_sim, implemented as binding.cpp
+    implements them, on CPU tensors."""
+    if DEVICE.type != "cpu":
+        pytest.skip("a GPU is present: the compiled kernels run in the main suite instead")
+    include = cuda_include_flags()
+    if shutil.which("g++") is None or include is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h)")
+    library_path = tmp_path_factory.mktemp("simulator") / "libprefopt_sim.so"
+    command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wno-attributes",
+               f"-I{CSRC}", *include, "-include", str(CSRC / "testing" / "host_simulator.h"),
+               *itertools.chain.from_iterable(("-x", "c++", str(source)) for source in KERNEL_SOURCES),
+               "-o", str(library_path), "-lpthread"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lib = ctypes.CDLL(str(library_path))
+    c = ctypes
+    lib.prefopt_token_stats_forward.restype = c.c_int
+    lib.prefopt_token_stats_forward.argtypes = [
+        c.c_void_p, c.c_int, *[c.c_int64] * 5, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
+        *[c.c_void_p] * 6, c.c_void_p, c.c_int, c.c_void_p]
+    lib.prefopt_token_stats_backward.restype = c.c_int
+    lib.prefopt_token_stats_backward.argtypes = [
+        c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 7, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
+        *[c.c_void_p] * 7, c.c_int, c.c_void_p]
+    lib.prefopt_token_stats_forward_splits.restype = c.c_int
+    lib.prefopt_token_stats_forward_splits.argtypes = [c.c_int64, c.c_int64, c.c_int, c.c_int]
+    lib.prefopt_token_stats_forward_workspace_bytes.restype = c.c_size_t
+    lib.prefopt_token_stats_forward_workspace_bytes.argtypes = [c.c_int64, c.c_int]
+
+    def pointer(tensor):
+        return None if tensor is None else tensor.data_ptr()
+
+    def forward(logits, labels, logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1, ignore_index,
+                temperature, softcap, splits=None):
+        outer, inner, vocab_size = logits.shape
+        rows = outer * inner
+        dtype = DTYPE_CODES[logits.dtype]
+        if splits is None:
+            splits = lib.prefopt_token_stats_forward_splits(rows, vocab_size, dtype, H200_MULTIPROCESSORS)
+        workspace = torch.empty(lib.prefopt_token_stats_forward_workspace_bytes(rows, splits), dtype=torch.uint8)
+        status = lib.prefopt_token_stats_forward(
+            logits.data_ptr(), dtype, outer, inner, vocab_size, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), labels.dtype == torch.int64, ignore_index, 1.0 / temperature,
+            0.0 if softcap is None else softcap, logps.data_ptr(), lse.data_ptr(), pointer(entropy),
+            pointer(mean_logits), pointer(log_sum_sq_probs), pointer(is_top1),
+            workspace.data_ptr() if workspace.numel() else None, splits, None)
+        assert status == 0, f"cudaError {status}"
+
+    def backward(logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                 grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap):
+        outer, inner, vocab_size = logits.shape
+        status = lib.prefopt_token_stats_backward(
+            logits.data_ptr(), grad_logits.data_ptr(), DTYPE_CODES[logits.dtype], outer, inner, vocab_size,
+            logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
+            labels.dtype == torch.int64, ignore_index, 1.0 / temperature, 0.0 if softcap is None else softcap,
+            lse.data_ptr(), pointer(entropy), pointer(log_sum_sq_probs), grad_logps.data_ptr(),
+            pointer(grad_entropy), pointer(grad_mean_logits), pointer(grad_log_sum_sq_probs),
+            H200_MULTIPROCESSORS, None)
+        assert status == 0, f"cudaError {status}"
+
+    # binding.cpp's own schema strings: the Python launchers of cuda_ext must call them correctly.
+    library = torch.library.Library("prefopt_sim", "FRAGMENT")
+    assert len(SCHEMAS) == 2, SCHEMAS
+    for schema in SCHEMAS:
+        library.define("".join(re.findall(r'"([^"]*)"', schema)))
+    library.impl("cuda_token_stats_forward", forward, "CPU")
+    library.impl("cuda_token_stats_backward", backward, "CPU")
+    yield forward
+    library._destroy()
+
+
+@pytest.fixture
+def cuda_on_cpu(simulator, monkeypatch):
+    """backend="cuda" on CPU tensors, served by the simulated kernels."""
+    monkeypatch.setattr(cuda_ext, "_ops", lambda: torch.ops.prefopt_sim)
+    monkeypatch.setattr(cuda_ext, "load", lambda verbose=False: "simulated")
+    real_reason = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda backend, device: None if backend == "cuda" else real_reason(backend, device))
+    return simulator
+
+
+def suite_cases():
+    """Every test of the correctness suite that takes a ``backend`` (and no other fixture),
+    expanded over its parametrizations, GPU-only tests excepted."""
+    import test_sequence_logprobs
+    import test_token_logprobs
+
+    cases = []
+    for module in (test_token_logprobs, test_sequence_logprobs):
+        for name, function in vars(module).items():
+            if not name.startswith("test_") or not inspect.isfunction(function):
+                continue
+            marks = getattr(function, "pytestmark", [])
+            parameters = list(inspect.signature(function).parameters)
+            if "backend" not in parameters or any(mark.name == "gpu" for mark in marks):
+                continue
+            grids = []
+            covered = {"backend"}
+            for mark in marks:
+                if mark.name != "parametrize":
+                    continue
+                names = mark.args[0]
+                names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+                covered.update(names)
+                values = []
+                for value in mark.args[1]:
+                    if hasattr(value, "values") and hasattr(value, "marks"):  # pytest.param
+                        value = value.values
+                    elif len(names) == 1:
+                        value = (value,)
+                    values.append(dict(zip(names, value)))
+                grids.append(values)
+            if set(parameters) - covered:
+                continue  # needs another fixture
+            for combination in itertools.product(*grids):
+                arguments = {key: value for part in combination for key, value in part.items()}
+                label = ",".join(f"{k}={getattr(v, '__name__', None) or str(v).removeprefix('torch.')}"
+                                 for k, v in arguments.items())
+                cases.append(pytest.param(function, arguments,
+                                          id=f"{module.__name__}.{name}" + (f"[{label}]" if label else "")))
+    return cases
+
+
+@pytest.mark.parametrize(("function", "arguments"), suite_cases())
+def test_suite_on_the_kernel_source(cuda_on_cpu, function, arguments):
+    torch.manual_seed(0)
+    function(backend="cuda", **arguments)
+
+
+def reference(logits, labels, **kwargs):
+    return prefopt.token_stats(logits.double(), labels, backend="reference", **kwargs)
+
+
+def test_every_output_is_written_and_ignored_rows_are_exact_zeros(cuda_on_cpu):
+    vocab_size = 1003
+    logits = torch.randn(4, vocab_size).bfloat16()
+    labels = torch.tensor([-100, 5, -100, 1002])
+    block = logits.view(1, 4, vocab_size)
+    outputs = [torch.full((4,), float("nan")) for _ in range(5)]
+    is_top1 = torch.ones(4, dtype=torch.bool)
+    cuda_ext.token_stats_forward(block, labels, *outputs, is_top1, ignore_index=-100, temperature=1.0, softcap=None)
+    for output in outputs:
+        assert torch.isfinite(output).all()
+        assert (output[labels == -100] == 0).all()
+    assert not is_top1[labels == -100].any()
+    grad = torch.full_like(logits, float("nan"))
+    upstream = [torch.randn(4) for _ in range(4)]
+    _, lse, entropy, _, log_sum_sq = outputs
+    cuda_ext.token_stats_backward(block, grad.view(1, 4, vocab_size), labels, lse, entropy, log_sum_sq, *upstream,
+                                  ignore_index=-100, temperature=1.0, softcap=None)
+    assert torch.isfinite(grad).all()
+    assert (grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_split_count_agrees(cuda_on_cpu, dtype):
+    """Split-V with 1 to 64 slices per row (the plan only ever picks some of them)."""
+    forward = cuda_on_cpu
+    rows, vocab_size = 3, 20011
+    logits = (torch.randn(rows, vocab_size) * 4).to(dtype)
+    logits[1, 7] = logits[1, 9000] = 40.0  # a tie for the argmax across slices
+    labels = torch.tensor([17, 9000, 20010])
+    expected = reference(logits, labels, stats=("entropy", "mean_logits", "log_sum_sq_probs", "is_top1"))
+    for splits in (1, 2, 3, 7, 16, 64):
+        out = [torch.full((rows,), float("nan")) for _ in range(5)]
+        is_top1 = torch.zeros(rows, dtype=torch.bool)
+        forward(logits.view(1, rows, vocab_size), labels, *out, is_top1, -100, 1.0, None, splits=splits)
+        logps, _, entropy, mean_logits, log_sum_sq = out
+        for name, value in [("logps", logps), ("entropy", entropy), ("mean_logits", mean_logits),
+                            ("log_sum_sq_probs", log_sum_sq)]:
+            error = float((value.double() - getattr(expected, name)).norm() / getattr(expected, name).norm())
+            assert error <= 1e-5, (splits, name, error)
+        assert is_top1.tolist() == [bool(v) for v in expected.is_top1] and not is_top1[1], splits
+
+
+@pytest.mark.parametrize("splits", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_is_top1_ties_go_to_the_earlier_token_wherever_they_are(cuda_on_cpu, dtype, splits):
+    """Tied maxima inside one vector, inside one thread's unrolled step, across threads, across
+    split-V slices and into the tail: the earlier column is the argmax."""
+    forward = cuda_on_cpu
+    vector = 16 // torch.empty((), dtype=dtype).element_size()
+    vocab_size = 4 * 1024 * vector + 3  # four full block steps and a tail of 3
+    pairs = [(1, 2), (vector + 1, vector + 1 + 256 * vector), (3, 3 * vector + 1), (2, vocab_size - 3 * vector),
+             (0, vocab_size - 1), (vocab_size - 3, vocab_size - 2)]
+    logits = torch.randn(2 * len(pairs) + 2, vocab_size).to(dtype)
+    labels = []
+    for row, (first, second) in enumerate(pairs):
+        for copy in (2 * row, 2 * row + 1):
+            logits[copy, first] = logits[copy, second] = 50.0
+        labels += [first, second]
+    logits[-2:] = 1.5  # every column tied
+    labels += [0, 5]
+    labels = torch.tensor(labels)
+    rows = len(labels)
+    outputs = [torch.empty(rows) for _ in range(5)]
+    is_top1 = torch.zeros(rows, dtype=torch.bool)
+    forward(logits.view(1, rows, vocab_size), labels, *outputs, is_top1, -100, 1.0, None, splits=splits)
+    assert is_top1.tolist() == [True, False] * (len(pairs) + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_results_do_not_depend_on_where_rows_lie(cuda_on_cpu, dtype):
+    """Rows at every offset from a 16-byte boundary (vector and scalar loads, and the backward's
+    head/body/tail) give bitwise the results of a contiguous copy, and match the reference."""
+    vocab_size = 45  # 5 whole bf16 vectors and a tail of 5; 11 fp32 vectors and a tail of 1
+    storage = torch.randn(16 + 6 * vocab_size + 16).to(dtype) * 3
+    labels = torch.tensor([0, 44, -100, 8, 31, 7])
+    for offset in range(9):
+        view = storage[offset:offset + 6 * vocab_size].view(6, vocab_size).requires_grad_(True)
+        stats = prefopt.token_stats(view, labels, stats=("entropy", "is_top1"), backend="cuda")
+        (grad,) = torch.autograd.grad(stats.logps.sum() + stats.entropy.sum(), view)
+        contiguous = view.detach().clone().requires_grad_(True)
+        copy_stats = prefopt.token_stats(contiguous, labels, stats=("entropy", "is_top1"), backend="cuda")
+        (copy_grad,) = torch.autograd.grad(copy_stats.logps.sum() + copy_stats.entropy.sum(), contiguous)
+        assert torch.equal(stats.logps, copy_stats.logps) and torch.equal(stats.entropy, copy_stats.entropy)
+        assert torch.equal(grad, copy_grad)
+        expected = reference(view.detach(), labels, stats=("entropy", "is_top1"))
+        tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+        assert float((stats.logps.detach().double() - expected.logps).norm() / expected.logps.norm()) <= tolerance
+        assert torch.equal(stats.is_top1, expected.is_top1)
+
+
+def test_gradient_view_with_a_different_alignment_than_the_logits(cuda_on_cpu):
+    """A fresh gradient of logits[:, :-1] with an odd vocabulary: logits and gradient rows sit at
+    different offsets from a 16-byte boundary, so the backward takes its scalar path."""
+    full = (torch.randn(2, 5, 1001) * 3).bfloat16()
+    view = full[:, :-1]
+    labels = torch.randint(0, 1001, (2, 4))
+    leaf = full.clone().requires_grad_(True)
+    logps = prefopt.token_logprobs(leaf[:, :-1], labels, backend="cuda")
+    (grad,) = torch.autograd.grad(logps.sum(), leaf)
+    exact = view.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(prefopt.token_logprobs(exact, labels, backend="reference").sum(), exact)
+    assert float((grad[:, :-1].double() - expected).norm() / expected.norm()) <= 1e-2
+    assert (grad[:, -1] == 0).all()
+
+
+@pytest.fixture
+def fresh_extension_state(monkeypatch, tmp_path):
+    """cuda_ext as in a new process that could build, with torch's compiler call replaced."""
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(cuda_ext, "_loaded_library", None)
+    monkeypatch.setattr(cuda_ext, "_build_failure", None)
+    monkeypatch.setattr(cuda_ext, "build_unavailable_reason", lambda: None)
+    monkeypatch.setenv("PREFOPT_CACHE_DIR", str(tmp_path))
+    return calls, lambda fake: monkeypatch.setattr(cpp_extension, "load", fake)
+
+
+def test_lazy_build_compiles_the_sources_for_sm80_and_sm90_once(fresh_extension_state, tmp_path):
+    calls, patch_load = fresh_extension_state
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+        return str(Path(kwargs["build_directory"]) / "prefopt_cuda.so")
+
+    patch_load(fake_load)
+    library = cuda_ext.load()
+    assert cuda_ext.load() == library and len(calls) == 1
+    kwargs = calls[0]
+    assert Path(kwargs["build_directory"]).parent == tmp_path
+    assert [Path(source).name for source in kwargs["sources"]] == list(cuda_ext.SOURCES)
+    assert all(Path(source).is_file() for source in kwargs["sources"])
+    flags = kwargs["extra_cuda_cflags"]
+    for arch in ("80", "90"):
+        assert f"-gencode=arch=compute_{arch},code=sm_{arch}" in flags
+    assert "-O3" in flags and "--use_fast_math" not in flags
+    assert kwargs["is_python_module"] is False  # the library registers torch operators, no module
+    assert "loaded from" in cuda_ext.describe()
+
+
+def test_failed_build_is_reported_with_its_log_and_not_retried(fresh_extension_state):
+    calls, patch_load = fresh_extension_state
+
+    def failing_load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("Error building extension 'prefopt_cuda': nvcc fatal: something")
+
+    patch_load(failing_load)
+    for _ in range(2):
+        with pytest.raises(prefopt.BackendUnavailableError, match="see .*build.log") as error:
+            cuda_ext.load()
+    assert len(calls) == 1
+    log = Path(re.search(r"see (\S+build\.log)", str(error.value)).group(1))
+    assert "nvcc fatal: something" in log.read_text()
+    assert str(log) in cuda_ext.describe()
+
+
+def test_cuda_backend_on_cpu_is_refused_without_the_simulator():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(prefopt.BackendUnavailableError, match="no CUDA C\\+\\+ extension available"):
+        prefopt.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), backend="cuda")
+
+
+def test_cli_build_fails_with_a_clear_message_where_it_cannot_build():
+    if cuda_ext.build_unavailable_reason() is None:
+        pytest.skip("the extension can be built here")
+    result = subprocess.run([sys.executable, "-m", "prefopt", "build"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "the CUDA C++ extension cannot be built: " + cuda_ext.build_unavailable_reason() in result.stderr
