@@ -63,9 +63,12 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check(seed: int) -> int:
     """Every backend that can run here against the float64 reference, forward and backward."""
     device = _default_device()
-    if device.type == "cpu":
-        # Chosen before prefopt.kernels is first imported, so the Triton kernels run on the CPU.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # The Triton kernels can run on the CPU through Triton's interpreter, which must be chosen
+        # before Triton is first imported (importing prefopt already imports it, through
+        # torch.compile's machinery): start again with it chosen.
+        environment = {**os.environ, "TRITON_INTERPRET": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", "prefopt", "check", "--seed", str(seed)], environment)
     from .backends import BACKENDS, unavailable_reason
     from .logprobs import token_logprobs
 

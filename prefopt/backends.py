@@ -30,16 +30,33 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _interpreted(function) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(function, InterpretedFunction)
+
+
 def triton_interpreting() -> bool:
-    """Whether the Triton kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1
-    when they were first imported)."""
+    """Whether the Triton kernels run through Triton's CPU interpreter: TRITON_INTERPRET=1 was
+    set before Triton was first imported."""
     if _triton_import_error() is not None:
         return False
-    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
 
     from .kernels.token_logprobs_fwd import _token_stats_fwd_kernel
 
-    return isinstance(_token_stats_fwd_kernel, InterpretedFunction)
+    return _interpreted(_token_stats_fwd_kernel) and _interpreted(tl.cdiv)
+
+
+def _mixed_interpreter_state() -> bool:
+    """TRITON_INTERPRET=1 was set after Triton was imported (torch.compile imports it) but before
+    prefopt's kernels were: they are interpreted, Triton's own library functions are not, and
+    the kernels would fail inside the interpreter."""
+    import triton.language as tl
+
+    from .kernels.token_logprobs_fwd import _token_stats_fwd_kernel
+
+    return _interpreted(_token_stats_fwd_kernel) != _interpreted(tl.cdiv)
 
 
 # A fact about this process, not about the traced values: torch.compile evaluates it once while
@@ -58,6 +75,12 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         import_error = _triton_import_error()
         if import_error is not None:
             return import_error
+        if _mixed_interpreter_state():
+            return (
+                "TRITON_INTERPRET changed after Triton was imported, so prefopt's kernels and "
+                "Triton's own library were built for different modes; set it in the environment "
+                "before Python starts"
+            )
         if triton_interpreting():
             return None
         if device.type == "cuda":
@@ -66,7 +89,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             reason = "the Triton kernels need a CUDA tensor and got a CPU one"
             if not torch.cuda.is_available():
                 reason += " (no CUDA GPU is visible to PyTorch)"
-            return reason + "; set TRITON_INTERPRET=1 before importing prefopt to run them on CPU"
+            return reason + "; set TRITON_INTERPRET=1 in the environment before Python starts to run them on CPU"
         return f"the Triton kernels run on CUDA devices, not on {device.type}"
     raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
 

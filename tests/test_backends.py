@@ -52,7 +52,24 @@ def test_triton_on_cpu_without_the_interpreter_says_why():
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefopt", *arguments], capture_output=True, text=True)
+    """The CLI as a user starts it: without the TRITON_INTERPRET that these tests set."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "prefopt", *arguments], env=environment, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so Triton is compiled")
+def test_interpreter_chosen_after_triton_was_imported_says_why():
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = (
+        "import os, torch, prefopt\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    prefopt.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]), backend='triton')\n"
+        "except prefopt.BackendUnavailableError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert "TRITON_INTERPRET changed after Triton was imported" in result.stdout
 
 
 def test_cli_info_lists_every_backend():
@@ -67,5 +84,5 @@ def test_cli_check_passes():
     result = run_cli("check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
-    assert "triton " in result.stdout and "torch " in result.stdout
+    assert "triton   float32" in result.stdout and "torch    float32" in result.stdout
     assert "FAIL" not in result.stdout

@@ -4,15 +4,14 @@ import pytest
 import torch
 from conftest import DEVICE, random_labels, random_logits
 
-from prefopt import chunked
+from prefopt import ops
 
 
 def launchers(backend):
-    if backend == "triton":
-        from prefopt import kernels
-
-        return kernels.token_stats_forward, kernels.token_stats_backward, 2
-    return chunked.token_stats_forward, chunked.token_stats_backward, 1
+    """(forward, backward, leading dimensions per block) exactly as the operators dispatch them."""
+    forward, levels = ops._implementation(backend, "forward")
+    backward, _ = ops._implementation(backend, "backward")
+    return forward, backward, levels
 
 
 @pytest.mark.parametrize("vocab_size", [1, 5, 9000])
