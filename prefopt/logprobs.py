@@ -160,6 +160,14 @@ def sequence_logprobs(
         logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
         inplace_backward=inplace_backward, backend=backend,
     )
+    return reduce_sequences(logps, labels, ignore_index, average, cu_seqlens)
+
+
+def reduce_sequences(logps: torch.Tensor, labels: torch.Tensor, ignore_index: int | None, average: bool,
+                     cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Per-sequence sums (``average``: means over scored tokens, 0 for none) of per-token
+    log-probs [..., T] that are 0 at ignored positions, or of one packed row [1, total] /
+    [total] split by ``cu_seqlens``. Shared by the logits and the fused linear paths."""
     scored = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
     if cu_seqlens is None:
         sums = logps.sum(-1)

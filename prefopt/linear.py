@@ -1,0 +1,524 @@
+"""Log-probs and per-token statistics straight from hidden states and an LM-head weight, without
+ever materializing the [tokens, V] logits.
+
+The logits are
+
+    x = logit_scale * (hidden @ weight.T + bias)        (bias optional)
+    z = softcap(x) / temperature                         (softcap(x) = c * tanh(x / c), optional)
+
+in that order, and every output is that of ``prefopt.token_stats`` on x: the same log-probs,
+entropy, mean logit (of z), log sum p^2 and is-top-1 (ties to the earlier token).
+
+- ``hidden`` [..., H]: bfloat16, float16, float32 (float64 too; the "reference" backend then
+  computes in float64). Any strides: the fused backends read it as [tokens, H] rows, which for a
+  view such as ``hidden[:, :-1]`` is a copy of O(tokens * H) elements, never O(tokens * V).
+- ``weight`` [V, H] and optional ``bias`` [V]: the dtype and device of ``hidden``.
+- ``labels`` [...] = hidden.shape[:-1], int64/int32, already shifted; ``ignore_index`` marks
+  unscored positions, which give exactly 0 and receive exactly 0 gradient.
+- Gradients flow to hidden, weight and bias through logps, entropy, mean_logits and
+  log_sum_sq_probs. The weight and bias gradients are accumulated in float32 and rounded to the
+  parameter dtype once, at the end.
+
+Backends:
+
+- "reference": explicit logits (float32; float64 for float64 inputs) and plain autograd. It
+  materializes [tokens, V]: the oracle, not for training.
+- "torch": tiled over tokens and vocabulary, any device. A chunk of tokens has its float32
+  logits ([chunk, V], ``chunked.CHUNK_BYTES`` whatever the number of tokens) built tile by tile
+  of the vocabulary, so that no upcast copy of the whole weight exists either, and the chunked
+  log-prob fallback (``prefopt.chunked``) computes the statistics on it. The backward recomputes
+  each chunk's logits, turns them into their gradient in place, and accumulates grad_hidden and
+  grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Every row of
+  a chunk is multiplied, ignored or not: skipping ignored rows without a host round trip needs a
+  kernel that can exit early.
+- "triton": the fused kernels ``prefopt.kernels.linear_*`` (bf16/fp16/fp32). Logits tiles are
+  computed with tl.dot in registers and never stored; the forward runs over token tiles x
+  vocabulary splits and merges the splits' per-row states in split order, the backward as two
+  kernels (grad_hidden over token tiles, grad_weight and grad_bias over vocabulary
+  tiles), each recomputing the logits and owning its float32 accumulator rows: deterministic, no
+  atomics. In bf16/fp16 the logits gradient is rounded to that dtype for its two products (tensor
+  cores), which are summed in float32; grad_hidden is summed in a float32 [tokens, H] buffer.
+  Token tiles whose rows are all ignored do no product and no host round trip.
+- "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path), "torch" elsewhere
+  and for float64. There are no CUDA C++ kernels for this path: backend="cuda" raises
+  ``BackendUnavailableError``.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation, chunked
+from ._types import STAT_NAMES, TokenStats
+from .backends import BackendUnavailableError, resolve_backend
+from .logprobs import reduce_sequences
+from .ops import NO_IGNORE_INDEX
+from .reference import reference_token_stats
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, logit_scale: float) -> None:
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not hidden.dtype.is_floating_point:
+        raise TypeError("hidden: expected a floating-point tensor (bfloat16, float16, float32 or float64), "
+                        f"got {hidden.dtype}")
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    hidden_size = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden_size:
+        raise ValueError(f"weight: expected shape [V, {hidden_size}] (V >= 1, H = hidden.shape[-1]), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} like hidden, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected a tensor on {hidden.device} like hidden, got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (weight.shape[0]), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected dtype {weight.dtype} like weight, got {bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias: expected a tensor on {weight.device} like weight, got {bias.device}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels: expected an int64 or int32 tensor, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels: expected a tensor on {hidden.device} like hidden, got {labels.device}")
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale: expected a float, got {type(logit_scale).__name__}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale: expected a finite value > 0, got {logit_scale}")
+
+
+def _resolve(backend: str, hidden: Tensor) -> str:
+    if backend == "cuda":
+        raise BackendUnavailableError(
+            "backend='cuda': the fused linear path has no CUDA C++ kernels; use 'triton', 'torch' or 'auto'"
+        )
+    resolved = resolve_backend(backend, hidden.device)
+    # "auto" (or PREFOPT_BACKEND) may pick the CUDA C++ logits backend, which this path lacks.
+    if resolved == "cuda":
+        resolved = "triton"
+    if resolved == "triton" and hidden.dtype == torch.float64:
+        if backend == "auto":
+            return "torch"
+        raise TypeError("hidden: backend='triton' takes bfloat16, float16 or float32, got torch.float64; "
+                        "use backend='torch' or 'reference'")
+    return resolved
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vocab_tiles(weight: Tensor) -> list[slice]:
+    # A tile of the weight upcast to the compute dtype holds at most CHUNK_BYTES.
+    vocab_size, hidden_size = weight.shape
+    step = max(1, chunked.CHUNK_BYTES // (4 * hidden_size))
+    return [slice(start, start + step) for start in range(0, vocab_size, step)]
+
+
+def _chunk_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float,
+                  tiles: list[slice]) -> Tensor:
+    """x = logit_scale * (hidden_rows @ weight.T + bias) for one chunk of rows, [rows, V], in the
+    compute dtype; built tile by tile so that no upcast copy of the whole weight exists."""
+    logits = hidden_rows.new_empty(hidden_rows.shape[0], weight.shape[0])
+    for tile in tiles:
+        w = weight[tile].to(hidden_rows.dtype)
+        logits[:, tile] = F.linear(hidden_rows, w, None if bias is None else bias[tile].to(hidden_rows.dtype))
+    if logit_scale != 1.0:
+        logits.mul_(logit_scale)
+    return logits
+
+
+def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
+    logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
+    compute_dtype = _compute_dtype(hidden_2d.dtype)
+    tiles = _vocab_tiles(weight)
+    step = chunked.rows_per_chunk(weight.shape[0])
+    for start in range(0, hidden_2d.shape[0], step):
+        rows = slice(start, start + step)
+        logits = _chunk_logits(hidden_2d[rows].to(compute_dtype), weight, bias, logit_scale, tiles)
+        chunked.token_stats_forward(
+            logits, labels[rows], logps[rows], lse[rows],
+            None if entropy is None else entropy[rows],
+            None if mean_logits is None else mean_logits[rows],
+            None if log_sum_sq_probs is None else log_sum_sq_probs[rows],
+            None if is_top1 is None else is_top1[rows],
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        )
+
+
+def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                    grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
+                    need_hidden, need_weight, need_bias):
+    compute_dtype = _compute_dtype(hidden_2d.dtype)
+    tiles = _vocab_tiles(weight)
+    step = chunked.rows_per_chunk(weight.shape[0])
+    grad_hidden = torch.empty_like(hidden_2d, memory_format=torch.contiguous_format) if need_hidden else None
+    # float32 accumulators, rounded to the parameter dtype once by the caller: rounding every
+    # tile's product to bf16 before summing would bias training. grad_hidden needs no such
+    # accumulator across chunks: each chunk's rows are summed in float32 and written once.
+    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=compute_dtype, device=weight.device) if need_bias else None
+
+    def optional(tensor, rows):
+        return None if tensor is None else tensor[rows]
+
+    for start in range(0, hidden_2d.shape[0], step):
+        rows = slice(start, start + step)
+        hidden_rows = hidden_2d[rows].to(compute_dtype)
+        logits = _chunk_logits(hidden_rows, weight, bias, logit_scale, tiles)
+        # The logits buffer becomes d(outputs)/dx in place; ignored rows become exact zeros.
+        chunked.token_stats_backward(
+            logits, logits, labels[rows], lse[rows], optional(entropy, rows), optional(log_sum_sq_probs, rows),
+            grad_logps[rows], optional(grad_entropy, rows), optional(grad_mean_logits, rows),
+            optional(grad_log_sum_sq_probs, rows),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        )
+        grad_x = logits.mul_(logit_scale) if logit_scale != 1.0 else logits
+        if grad_bias is not None:
+            grad_bias += grad_x.sum(0)
+        grad_hidden_rows = torch.zeros_like(hidden_rows) if grad_hidden is not None else None
+        for tile in tiles:
+            if grad_hidden_rows is not None:
+                grad_hidden_rows.addmm_(grad_x[:, tile], weight[tile].to(compute_dtype))
+            if grad_weight is not None:
+                grad_weight[tile].addmm_(grad_x[:, tile].T, hidden_rows)
+        if grad_hidden is not None:
+            grad_hidden[rows] = grad_hidden_rows
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _triton_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
+    from .kernels.linear_token_stats_fwd import linear_token_stats_forward
+
+    linear_token_stats_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap,
+                               logit_scale)
+
+
+def _triton_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                     grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
+                     need_hidden, need_weight, need_bias):
+    from .kernels.linear_grad_hidden import linear_grad_hidden
+    from .kernels.linear_grad_weight import linear_grad_weight
+
+    arguments = (hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                 grad_mean_logits, grad_log_sum_sq_probs)
+    options = {"ignore_index": ignore_index, "temperature": temperature, "softcap": softcap,
+               "logit_scale": logit_scale}
+
+    def float32_zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
+
+    grad_hidden = float32_zeros(*hidden_2d.shape) if need_hidden else None
+    grad_weight = float32_zeros(*weight.shape) if need_weight else None
+    grad_bias = float32_zeros(weight.shape[0]) if need_bias else None
+    if grad_hidden is not None:
+        linear_grad_hidden(*arguments, grad_hidden, **options)
+    linear_grad_weight(*arguments, grad_weight, grad_bias, **options)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _implementation(backend: str):
+    """(forward, backward) of a fused backend. forward(hidden [N, H], weight, bias, labels [N],
+    outputs, ...) fills the [N] outputs; backward returns (grad_hidden [N, H], grad_weight
+    [V, H], grad_bias [V]), each None where not needed and otherwise summed in float32, to be
+    rounded to the input's dtype by the caller."""
+    if backend == "torch":
+        return _torch_forward, _torch_backward
+    if backend == "triton":
+        return _triton_forward, _triton_backward
+    raise ValueError(f"backend: the fused linear operators run 'triton' or 'torch', got {backend!r}")
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+def _rows(hidden: Tensor) -> Tensor:
+    # [tokens, H] with a contiguous last dimension: a view when the leading dimensions merge,
+    # else a copy of O(tokens * H).
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+@torch.library.custom_op("prefopt::linear_token_stats", mutates_args=())
+def linear_token_stats_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    with_entropy: bool,
+    with_mean_logits: bool,
+    with_log_sum_sq_probs: bool,
+    with_is_top1: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1), each [N] float32 (is_top1
+    bool; [0] when not asked for), for hidden [..., H] with N = labels.numel() rows."""
+    forward, _ = _implementation(backend)
+    n = labels.numel()
+    float32 = {"dtype": torch.float32, "device": hidden.device}
+    outputs = (
+        torch.empty(n, **float32),
+        torch.empty(n, **float32),
+        torch.empty(n if with_entropy else 0, **float32),
+        torch.empty(n if with_mean_logits else 0, **float32),
+        torch.empty(n if with_log_sum_sq_probs else 0, **float32),
+        torch.empty(n if with_is_top1 else 0, dtype=torch.bool, device=hidden.device),
+    )
+    asked = (True, True, with_entropy, with_mean_logits, with_log_sum_sq_probs, with_is_top1)
+    forward(_rows(hidden), weight, bias, labels, [o if a else None for o, a in zip(outputs, asked)],
+            ignore_index, temperature, softcap, logit_scale)
+    return outputs
+
+
+@linear_token_stats_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, with_entropy,
+      with_mean_logits, with_log_sum_sq_probs, with_is_top1, backend):
+    n = labels.numel()
+
+    def output(asked: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+        return hidden.new_empty(n if asked else 0, dtype=dtype)
+
+    return (output(True), output(True), output(with_entropy), output(with_mean_logits),
+            output(with_log_sum_sq_probs), output(with_is_top1, torch.bool))
+
+
+@torch.library.custom_op("prefopt::linear_token_stats_backward", mutates_args=())
+def linear_token_stats_backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    log_sum_sq_probs: Tensor | None,
+    grad_logps: Tensor,
+    grad_entropy: Tensor | None,
+    grad_mean_logits: Tensor | None,
+    grad_log_sum_sq_probs: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden, grad_weight, grad_bias) in the shapes and dtypes of hidden, weight and bias;
+    one not needed (or a missing bias) is an empty tensor."""
+    _, backward = _implementation(backend)
+    grad_hidden, grad_weight, grad_bias = backward(
+        _rows(hidden), weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+        grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
+        need_hidden, need_weight, need_bias and bias is not None,
+    )
+    # Outputs of a custom operator may not alias one another: one fresh empty tensor each.
+    return (
+        hidden.new_empty(0) if grad_hidden is None else grad_hidden.to(hidden.dtype).view(hidden.shape),
+        hidden.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
+        hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+@linear_token_stats_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy, grad_mean_logits,
+      grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale, need_hidden, need_weight, need_bias,
+      backend):
+    return (
+        torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, *_, backend = inputs
+    _, lse, entropy, _, log_sum_sq_probs, _ = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs)
+    ctx.hyperparameters = (ignore_index, temperature, softcap, logit_scale)
+    ctx.backend = backend
+
+
+def _upstream(grad: Tensor | None) -> Tensor | None:
+    # A statistic not asked for is an empty output; broadcast views (from .sum()) are made dense
+    # because the backward indexes the upstream gradients by row. They are [N] floats: cheap.
+    if grad is None or grad.numel() == 0:
+        return None
+    return grad.contiguous()
+
+
+def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, grad_is_top1):
+    hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs = ctx.saved_tensors
+    grad_entropy = _upstream(grad_entropy)
+    grad_log_sum_sq_probs = _upstream(grad_log_sum_sq_probs)
+    grad_logps = _upstream(grad_logps)
+    if grad_logps is None:
+        grad_logps = torch.zeros_like(lse)
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_hidden, grad_weight, grad_bias = torch.ops.prefopt.linear_token_stats_backward(
+        hidden, weight, bias, labels, lse,
+        entropy if grad_entropy is not None else None,
+        log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
+        grad_logps, grad_entropy, _upstream(grad_mean_logits), grad_log_sum_sq_probs,
+        *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend,
+    )
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None, *([None] * 10))
+
+
+linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    stats: Sequence[str] = ("entropy",),
+    ignore_index: int | None = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+) -> TokenStats:
+    """``prefopt.token_stats`` of the logits ``logit_scale * (hidden @ weight.T + bias)``,
+    without materializing them.
+
+    Args:
+        hidden: [..., H] bfloat16/float16/float32 (float64 for the reference), any strides.
+        weight: [V, H], hidden's dtype and device. bias: optional [V], the same.
+        labels: [...] = hidden.shape[:-1], int64/int32; ``ignore_index`` (None: score every
+            position) marks unscored positions.
+        stats: any of "entropy", "mean_logits", "log_sum_sq_probs", "is_top1".
+        temperature, softcap: z = softcap(x) / temperature, applied after ``logit_scale``.
+        logit_scale: finite > 0, multiplies hidden @ weight.T + bias.
+        backend: "auto", "triton", "torch" or "reference" (see the module docstring).
+
+    Returns:
+        ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the labels'
+        shape, float32 (is_top1 bool; float64 from the reference given float64 inputs); fields not
+        in ``stats`` are None. All float fields are differentiable with respect to hidden, weight
+        and bias.
+    """
+    _check_inputs(hidden, weight, bias, labels, logit_scale)
+    _validation.check_transform(temperature, softcap)
+    _validation.check_ignore_index(ignore_index)
+    asked = _validation.check_stats(stats, STAT_NAMES)
+    backend = _resolve(backend, hidden)
+    _validation.check_label_values(labels, weight.shape[0], ignore_index)
+    kernel_ignore_index = NO_IGNORE_INDEX if ignore_index is None else ignore_index
+    softcap = None if softcap is None else float(softcap)
+
+    if backend == "reference":
+        compute_dtype = _compute_dtype(hidden.dtype)
+        logits = F.linear(hidden.to(compute_dtype), weight.to(compute_dtype),
+                          None if bias is None else bias.to(compute_dtype)) * logit_scale
+        return reference_token_stats(logits, labels, ignore_index=kernel_ignore_index,
+                                     temperature=float(temperature), softcap=softcap, stats=asked)
+    outputs = torch.ops.prefopt.linear_token_stats(
+        hidden, weight, bias, labels.reshape(-1), kernel_ignore_index, float(temperature), softcap,
+        float(logit_scale), "entropy" in asked, "mean_logits" in asked, "log_sum_sq_probs" in asked,
+        "is_top1" in asked, backend,
+    )
+    logps, _, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
+
+    def shaped(flat: Tensor, name: str) -> Tensor | None:
+        return flat.view(labels.shape) if name in asked else None
+
+    return TokenStats(logps.view(labels.shape), shaped(entropy, "entropy"), shaped(mean_logits, "mean_logits"),
+                      shaped(log_sum_sq_probs, "log_sum_sq_probs"), shaped(is_top1, "is_top1"))
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int | None = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log softmax(z)[label] per position, z = softcap(logit_scale * (hidden @ weight.T + bias)) /
+    temperature (see ``linear_token_stats`` for the arguments).
+
+    Returns:
+        logps [...] = labels.shape, float32, <= 0 (exactly 0 where the label is ignored); with
+        ``return_entropy=True`` also the entropy per position, [...] float32.
+    """
+    result = linear_token_stats(
+        hidden, weight, labels, bias=bias, stats=("entropy",) if return_entropy else (),
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        backend=backend,
+    )
+    return (result.logps, result.entropy) if return_entropy else result.logps
+
+
+def linear_sequence_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int | None = -100,
+    average: bool = False,
+    cu_seqlens: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-sequence sum (``average=True``: mean over scored tokens) of the label log-probs, from
+    hidden states (see ``linear_token_stats`` for the arguments).
+
+    Args:
+        hidden: [..., T, H]; labels: [..., T].
+        cu_seqlens: optional [S + 1] int32/int64 offsets of S sequences packed into one row:
+            hidden [1, total, H] or [total, H], labels [1, total] or [total].
+
+    Returns:
+        float32 [...] (the last dimension reduced), or [S] with ``cu_seqlens``. A sequence with
+        no scored token gives 0, never NaN.
+    """
+    if isinstance(hidden, torch.Tensor):
+        if cu_seqlens is not None:
+            if not (hidden.dim() == 2 or (hidden.dim() == 3 and hidden.shape[0] == 1)):
+                raise ValueError("hidden: with cu_seqlens, expected one packed row [1, total, H] or [total, H], "
+                                 f"got shape {tuple(hidden.shape)}")
+            _validation.check_cu_seqlens(cu_seqlens, hidden.shape[-2], hidden.device)
+        elif hidden.dim() < 2:
+            raise ValueError(f"hidden: expected shape [..., T, H], got {tuple(hidden.shape)}")
+    logps = linear_token_logprobs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, backend=backend,
+    )
+    return reduce_sequences(logps, labels, ignore_index, average, cu_seqlens)
