@@ -4,24 +4,19 @@
 
 prints one JSON line: the size the explicit float32 logits [TOKENS, VOCAB] would take, the size
 of the gradients the call must return (grad_hidden and grad_weight, float32), and the peak
-resident memory above what the process held once its inputs existed (ru_maxrss, so every
-temporary counts, including those freed before the call returns). A warm-up on a small problem
+resident memory above what the process held once its inputs existed (VmHWM, see
+measure_memory.py; every temporary counts, including those freed before the call returns). A warm-up on a small problem
 first loads libraries and thread pools. Run it with MALLOC_MMAP_THRESHOLD_ set, for the reason
 given in measure_memory.py.
 """
 
 import json
-import resource
 import sys
 
 import torch
+from measure_memory import peak_resident_bytes, resident_bytes
 
 import prefopt.linear
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, backend: str) -> None:
@@ -44,7 +39,7 @@ def main() -> None:
     labels[:, : tokens // 4] = -100  # a prompt
     before = resident_bytes()
     forward_backward(hidden, weight, labels, backend)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     logits_bytes = tokens * vocab_size * 4
     gradient_bytes = (hidden.numel() + weight.numel()) * 4
     extra = peak - before

@@ -3,8 +3,10 @@
     python benches/measure_memory.py BACKEND INPLACE TOKENS VOCAB
 
 prints one JSON line: the logits' size and the peak resident memory above what the process held
-once its inputs existed. The peak is the kernel's high-water mark (ru_maxrss), so every
-temporary counts, including those freed before the call returns. A warm-up on a small problem
+once its inputs existed. The peak is the kernel's high-water mark of this process image (VmHWM),
+so every temporary counts, including those freed before the call returns. (Not ru_maxrss: Linux
+carries that across fork and exec, so it would start from the size of whatever launched this
+script.) A warm-up on a small problem
 first loads libraries and thread pools, so that they are not charged to the measured call.
 
 Run it with MALLOC_MMAP_THRESHOLD_ set (test_memory.py does): glibc otherwise raises its mmap
@@ -26,6 +28,14 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory needs Linux")
+
+
 def forward_backward(logits: torch.Tensor, labels: torch.Tensor, backend: str, inplace: bool) -> None:
     logps = prefopt.sequence_logprobs(logits, labels, backend=backend, inplace_backward=inplace)
     (grad,) = torch.autograd.grad(logps.sum(), logits)
@@ -44,7 +54,7 @@ def main() -> None:
     labels[:, : tokens // 4] = -100  # a prompt
     before = resident_bytes()
     forward_backward(logits, labels, backend, inplace)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     logits_bytes = logits.numel() * logits.element_size()
     print(json.dumps({"backend": backend, "inplace_backward": inplace, "tokens": tokens, "vocab": vocab_size,
                       "logits_bytes": logits_bytes, "peak_extra_bytes": peak - before,

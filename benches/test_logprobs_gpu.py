@@ -1,145 +1,74 @@
-"""Forward+backward of per-token log-probs on a GPU, against the byte floor and the peers.
+"""The logits path on a GPU: forward, backward and forward+backward of per-token log-probs.
 
-The floor is bytes: read the logits twice (forward, backward) and write the gradient once. Each
-candidate's time is reported as achieved bandwidth over that floor and as a fraction of the
-measured copy bandwidth of this GPU, next to torch.compile of the reference and TRL's Triton
-kernel (`trl.kernels.logprob_entropy.selective_log_softmax_and_entropy`) where it can be loaded.
-Figures land in pytest-benchmark's extra_info: run with `pytest benches --benchmark-json=FILE`.
+Workloads (bf16): 4096-32768 tokens at V 128256 and V 32000-262144 at 16384 tokens, every row
+scored or half of them ignored. Implementations: the plain-PyTorch reference, torch.compile of
+it, prefopt's triton (also in place, and with the entropy), cuda and torch backends, TRL's
+`selective_log_softmax_and_entropy` and Liger's cross entropy (skipped with the reason when they
+cannot run). Timing, rotation of the inputs, memory and the floor are prefopt.bench's: median of
+CUDA events, inputs rotated past the L2 cache, max_memory_allocated above the inputs, the floor
+as bytes over the copy bandwidth measured in the same run. Figures land in pytest-benchmark's
+extra_info (pytest-benchmark's own time is the whole measurement, warm-up included): run with
+`pytest benches -m gpu --benchmark-json=FILE`.
 """
-
-import importlib
-import importlib.util
-import statistics
 
 import pytest
 import torch
 
-import prefopt
+from prefopt import bench
 
 pytestmark = pytest.mark.gpu
 
-TOKENS, VOCAB = 16384, 128256
-PROMPT_FRACTION = 0.0  # every position scored: the floor counts every row
+TOKENS = (4096, 8192, 16384, 32768)
+VOCABS = (32000, 128256, 151936, 262144)
+WORKLOADS = [
+    workload
+    for ignored in (0.0, 0.5)
+    for direction in bench.DIRECTIONS
+    for workload in bench.sweep(TOKENS, VOCABS, 16384, 128256, dtype=torch.bfloat16, ignored_fraction=ignored,
+                                direction=direction)
+]
+CALLS = 10
+DEVICE = torch.device("cuda")
 
 
-def cuda_median_seconds(function, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def workload_id(workload: bench.Workload) -> str:
+    return f"{workload.direction}-{workload.tokens}x{workload.vocab}-ignored{round(workload.ignored_fraction * 100)}"
 
 
 @pytest.fixture(scope="module")
 def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy (read + write), the practical HBM ceiling."""
-    source = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
-    target = torch.empty_like(source)
-    seconds = cuda_median_seconds(lambda: target.copy_(source), repeats=20)
-    bandwidth = 2 * source.numel() * source.element_size() / seconds
-    del source, target
-    return bandwidth
+    """Bytes per second of a device-to-device copy (read + write): the floor's ceiling."""
+    return bench.copy_bandwidth(DEVICE)
 
 
 @pytest.fixture(scope="module")
-def problem():
-    torch.manual_seed(0)
-    logits = (torch.randn(TOKENS, VOCAB, device="cuda") * 4).to(torch.bfloat16)
-    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
-    return logits, labels
+def candidates() -> dict[str, tuple[bench.Implementation, bench.Candidate | None]]:
+    """Each implementation with its callable built once (torch.compile, peers' imports)."""
+    built = {}
+    for implementation in bench.implementations(DEVICE):
+        built[implementation.name] = (implementation,
+                                      None if implementation.unavailable else implementation.build())
+    return built
 
 
-def load_trl_kernel():
-    """TRL's kernel module, by package or, when TRL's package import needs what is missing
-    (datasets, transformers), by its file path alone."""
-    name = "trl.kernels.logprob_entropy"
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        spec = importlib.util.find_spec("trl")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = f"{spec.submodule_search_locations[0]}/kernels/logprob_entropy.py"
-        file_spec = importlib.util.spec_from_file_location("trl_logprob_entropy", path)
-        if file_spec is None:
-            return None
-        module = importlib.util.module_from_spec(file_spec)
-        try:
-            file_spec.loader.exec_module(module)
-        except (ImportError, FileNotFoundError):
-            return None
-        return module
-
-
-def reference_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def candidates():
-    compiled_reference = torch.compile(reference_logprobs, dynamic=False)
-
-    def prefopt_triton(logits, labels, inplace):
-        return prefopt.token_logprobs(logits, labels, backend="triton", inplace_backward=inplace)
-
-    trl_kernel = load_trl_kernel()
-    runs = {
-        "prefopt-triton": lambda logits, labels: prefopt_triton(logits, labels, False),
-        "prefopt-triton-inplace": lambda logits, labels: prefopt_triton(logits, labels, True),
-        "prefopt-triton-entropy": lambda logits, labels: sum(
-            prefopt.token_logprobs(logits, labels, backend="triton", return_entropy=True)),
-        "torch.compile-reference": compiled_reference,
-    }
-    if trl_kernel is not None:
-        runs["trl-selective_log_softmax_and_entropy"] = lambda logits, labels: sum(
-            trl_kernel.selective_log_softmax_and_entropy(logits, labels))
-    return runs
-
-
-CANDIDATES = ["prefopt-triton", "prefopt-triton-inplace", "prefopt-triton-entropy", "torch.compile-reference",
-              "trl-selective_log_softmax_and_entropy"]
-
-
-@pytest.mark.parametrize("name", CANDIDATES)
-def test_forward_backward_16k_by_128k_bf16(benchmark, name, problem, copy_bandwidth):
-    runs = candidates()
-    if name not in runs:
-        pytest.skip(f"{name}: TRL is not installed here (carry its wheel to the GPU machine)")
-    run = runs[name]
-    base, labels = problem
-    inplace = name.endswith("inplace")
-    # The in-place variant overwrites its logits with the gradient, so it gets its own copy; the
-    # values it then reads are gradients, which costs the same bytes and arithmetic.
-    logits = (base.clone() if inplace else base).requires_grad_(True)
-
-    def step():
-        output = run(logits, labels)
-        (grad,) = torch.autograd.grad(output.sum(), logits)
-        return grad
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    inputs_bytes = torch.cuda.memory_allocated()
-    seconds = cuda_median_seconds(step)
-    peak_extra = torch.cuda.max_memory_allocated() - inputs_bytes
-    benchmark.pedantic(step, rounds=3, iterations=1)
-
-    floor_bytes = 3 * base.numel() * base.element_size()
-    achieved = floor_bytes / seconds
+@pytest.mark.parametrize("name", bench.IMPLEMENTATION_NAMES)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=workload_id)
+def test_logits_path(benchmark, workload, name, candidates, copy_bandwidth):
+    implementation, candidate = candidates[name]
+    if implementation.unavailable is not None:
+        pytest.skip(f"{name}: {implementation.unavailable}")
+    # pytest-benchmark's own time is the whole measurement (warm-up and input creation too); the
+    # figures to read are the CUDA-event median and the rest in extra_info.
+    result = benchmark.pedantic(bench.measure, args=(implementation, workload, DEVICE),
+                                kwargs={"calls": CALLS, "candidate": candidate, "bandwidth": copy_bandwidth},
+                                rounds=1, iterations=1)
+    if result.skipped is not None:
+        pytest.skip(f"{name}: {result.skipped}")
     benchmark.extra_info.update({
+        **result.to_json(),
         "gpu": torch.cuda.get_device_name(),
-        "tokens": TOKENS, "vocab": VOCAB, "dtype": "bfloat16",
-        "median_ms": seconds * 1e3,
-        "floor_bytes": floor_bytes,
-        "achieved_bandwidth_TBps": achieved / 1e12,
-        "copy_bandwidth_TBps": copy_bandwidth / 1e12,
-        "fraction_of_copy_bandwidth": achieved / copy_bandwidth,
-        "peak_extra_memory_GB": peak_extra / 1e9,
+        "copy_bandwidth_bytes_per_s": copy_bandwidth,
+        "achieved_bandwidth_bytes_per_s": result.floor_bytes / result.median_s,
     })
-    print(f"\n{name:<40} {seconds * 1e3:8.2f} ms  {achieved / 1e12:5.2f} TB/s "
-          f"= {achieved / copy_bandwidth:5.1%} of copy  peak extra {peak_extra / 1e9:6.2f} GB")
+    print(f"\n{name:<40} {workload.name():<42} {result.median_s * 1e3:9.2f} ms  "
+          f"{result.fraction_of_floor:6.1%} of floor  peak extra {result.peak_extra_bytes / 2**30:6.2f} GiB")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m prefopt info``, ``python -m prefopt check`` and ``python -m prefopt build``."""
+"""Command line: ``python -m prefopt info``, ``check``, ``build`` and ``bench``."""
 
 import argparse
 import os
@@ -144,6 +144,42 @@ def build() -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def bench(arguments: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Measure the representative subset on this machine's device and print the table."""
+    import shlex
+    from pathlib import Path
+
+    from . import bench as benchmarks
+
+    json_path = Path(arguments.json) if arguments.json is not None else None
+    plot_dir = Path(arguments.plot) if arguments.plot is not None else None
+    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        parser.error(f"--json {arguments.json}: must be a file in an existing directory")
+    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+        parser.error(f"--plot {arguments.plot}: exists and is not a directory")
+    unknown = sorted(set(arguments.impl or ()) - set(benchmarks.IMPLEMENTATION_NAMES))
+    if unknown:
+        parser.error(f"--impl {unknown[0]!r}: unknown; choose from {', '.join(benchmarks.IMPLEMENTATION_NAMES)}")
+    command = shlex.join(["python", "-m", "prefopt", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        benchmarks.run(quick=arguments.quick, names=arguments.impl, calls=arguments.calls, json_path=json_path,
+                       plot_dir=plot_dir, command=command)
+    except benchmarks.MissingExtraError as error:
+        print(f"python -m prefopt bench: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,7 +188,18 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="every available backend against the float64 reference, forward and backward")
     check_parser.add_argument("--seed", type=int, default=0)
     commands.add_parser("build", help="compile the CUDA C++ extension (csrc/) ahead of time into its cache directory")
+    bench_parser = commands.add_parser(
+        "bench", help="time and peak memory of the logits path on this machine, against the reference and peers")
+    bench_parser.add_argument("--json", metavar="PATH", help="write the raw figures and the environment as JSON")
+    bench_parser.add_argument("--plot", metavar="DIR", help="write PNG plots (needs matplotlib: prefopt[bench])")
+    bench_parser.add_argument("--quick", action="store_true", help="one small workload: a smoke test")
+    bench_parser.add_argument("--calls", type=_positive_int, default=None,
+                              help="timed calls per measurement (default 10 on a GPU, 5 on a CPU)")
+    bench_parser.add_argument("--impl", action="append", metavar="NAME",
+                              help="measure only this implementation (repeatable); the reference always runs")
     arguments = parser.parse_args(argv)
+    if arguments.command == "bench":
+        return bench(arguments, bench_parser, argv)
     if arguments.command == "info":
         return info()
     if arguments.command == "build":

@@ -26,3 +26,11 @@ def test_readme_preference_losses_example_runs():
     assert namespace["kto_metrics"]["kl"].shape == ()
     assert namespace["output"].losses.shape == (3,) and "rewards/margins" in namespace["ipo_metrics"]
     assert namespace["found"] == []
+
+
+def test_readme_hidden_state_example_runs():
+    example = re.search(r"## Log-probs from hidden states.*?```python\n(.*?)```", README.read_text(), re.S)
+    assert example is not None, "README.md has no Python example under '## Log-probs from hidden states'"
+    namespace: dict = {}
+    exec(compile(example.group(1), str(README), "exec"), namespace)
+    assert namespace["lm_head"].weight.grad is not None and namespace["hidden"].grad is not None
