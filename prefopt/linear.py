@@ -54,7 +54,7 @@ from . import _validation, chunked
 from ._types import STAT_NAMES, TokenStats
 from .backends import BackendUnavailableError, resolve_backend
 from .logprobs import reduce_sequences
-from .ops import NO_IGNORE_INDEX
+from .ops import NO_IGNORE_INDEX, dense_upstream
 from .reference import reference_token_stats
 
 Tensor = torch.Tensor
@@ -361,19 +361,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.backend = backend
 
 
-def _upstream(grad: Tensor | None) -> Tensor | None:
-    # A statistic not asked for is an empty output; broadcast views (from .sum()) are made dense
-    # because the backward indexes the upstream gradients by row. They are [N] floats: cheap.
-    if grad is None or grad.numel() == 0:
-        return None
-    return grad.contiguous()
-
-
 def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, grad_is_top1):
     hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs = ctx.saved_tensors
-    grad_entropy = _upstream(grad_entropy)
-    grad_log_sum_sq_probs = _upstream(grad_log_sum_sq_probs)
-    grad_logps = _upstream(grad_logps)
+    grad_entropy = dense_upstream(grad_entropy)
+    grad_log_sum_sq_probs = dense_upstream(grad_log_sum_sq_probs)
+    grad_logps = dense_upstream(grad_logps)
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -381,7 +373,7 @@ def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_lo
         hidden, weight, bias, labels, lse,
         entropy if grad_entropy is not None else None,
         log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
-        grad_logps, grad_entropy, _upstream(grad_mean_logits), grad_log_sum_sq_probs,
+        grad_logps, grad_entropy, dense_upstream(grad_mean_logits), grad_log_sum_sq_probs,
         *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend,
     )
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,

@@ -205,7 +205,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.inplace_backward = inplace_backward
 
 
-def _upstream(grad: Tensor | None) -> Tensor | None:
+def dense_upstream(grad: Tensor | None) -> Tensor | None:
+    """An upstream gradient of a per-row output as the kernels read it, or None if it adds nothing."""
     # Upstream gradients may be broadcast views (stride 0, e.g. from .sum()); the kernels index
     # them by row, so they are made dense. They are [N] floats: this is cheap. A statistic that
     # was not asked for is an empty output, and its gradient contributes nothing.
@@ -216,10 +217,10 @@ def _upstream(grad: Tensor | None) -> Tensor | None:
 
 def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, grad_is_top1):
     logits, labels, lse, entropy, log_sum_sq_probs = ctx.saved_tensors
-    grad_entropy = _upstream(grad_entropy)
-    grad_mean_logits = _upstream(grad_mean_logits)
-    grad_log_sum_sq_probs = _upstream(grad_log_sum_sq_probs)
-    grad_logps = _upstream(grad_logps)
+    grad_entropy = dense_upstream(grad_entropy)
+    grad_mean_logits = dense_upstream(grad_mean_logits)
+    grad_log_sum_sq_probs = dense_upstream(grad_log_sum_sq_probs)
+    grad_logps = dense_upstream(grad_logps)
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
     arguments = (
