@@ -54,7 +54,7 @@ from . import _validation, chunked
 from ._types import STAT_NAMES, TokenStats
 from .backends import BackendUnavailableError, resolve_backend
 from .logprobs import reduce_sequences
-from .ops import NO_IGNORE_INDEX, dense_upstream
+from .ops import NO_IGNORE_INDEX, dense_upstream, empty_stats_outputs
 from .reference import reference_token_stats
 
 Tensor = torch.Tensor
@@ -276,16 +276,8 @@ def linear_token_stats_op(
     """(logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1), each [N] float32 (is_top1
     bool; [0] when not asked for), for hidden [..., H] with N = labels.numel() rows."""
     forward, _ = _implementation(backend)
-    n = labels.numel()
-    float32 = {"dtype": torch.float32, "device": hidden.device}
-    outputs = (
-        torch.empty(n, **float32),
-        torch.empty(n, **float32),
-        torch.empty(n if with_entropy else 0, **float32),
-        torch.empty(n if with_mean_logits else 0, **float32),
-        torch.empty(n if with_log_sum_sq_probs else 0, **float32),
-        torch.empty(n if with_is_top1 else 0, dtype=torch.bool, device=hidden.device),
-    )
+    outputs = empty_stats_outputs(hidden, labels.numel(), with_entropy, with_mean_logits,
+                                  with_log_sum_sq_probs, with_is_top1)
     asked = (True, True, with_entropy, with_mean_logits, with_log_sum_sq_probs, with_is_top1)
     forward(_rows(hidden), weight, bias, labels, [o if a else None for o, a in zip(outputs, asked)],
             ignore_index, temperature, softcap, logit_scale)
@@ -295,13 +287,8 @@ def linear_token_stats_op(
 @linear_token_stats_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, with_entropy,
       with_mean_logits, with_log_sum_sq_probs, with_is_top1, backend):
-    n = labels.numel()
-
-    def output(asked: bool, dtype: torch.dtype = torch.float32) -> Tensor:
-        return hidden.new_empty(n if asked else 0, dtype=dtype)
-
-    return (output(True), output(True), output(with_entropy), output(with_mean_logits),
-            output(with_log_sum_sq_probs), output(with_is_top1, torch.bool))
+    return empty_stats_outputs(hidden, labels.numel(), with_entropy, with_mean_logits,
+                               with_log_sum_sq_probs, with_is_top1)
 
 
 @torch.library.custom_op("prefopt::linear_token_stats_backward", mutates_args=())

@@ -51,6 +51,19 @@ def _optional(tensor: Tensor | None, rows: slice) -> Tensor | None:
     return None if tensor is None else tensor[rows]
 
 
+def empty_stats_outputs(like: Tensor, rows: int, with_entropy: bool, with_mean_logits: bool,
+                        with_log_sum_sq_probs: bool, with_is_top1: bool) -> tuple[Tensor, ...]:
+    """Uninitialized (logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1) on ``like``'s
+    device: [rows] float32 (is_top1 bool), [0] for a statistic not asked for. The layout every
+    token-statistics operator returns, real or fake."""
+
+    def output(asked: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+        return like.new_empty(rows if asked else 0, dtype=dtype)
+
+    return (output(True), output(True), output(with_entropy), output(with_mean_logits),
+            output(with_log_sum_sq_probs), output(with_is_top1, torch.bool))
+
+
 @torch.library.custom_op("prefopt::token_stats", mutates_args=())
 def token_stats_op(
     logits: Tensor,
@@ -68,14 +81,8 @@ def token_stats_op(
     """Returns (logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1), each [N] (or [0]
     when not asked for). ``inplace_backward`` only tells autograd how to run the backward."""
     forward, levels = _implementation(backend, "forward")
-    n = labels.numel()
-    float32 = {"dtype": torch.float32, "device": logits.device}
-    logps = torch.empty(n, **float32)
-    lse = torch.empty(n, **float32)
-    entropy = torch.empty(n if with_entropy else 0, **float32)
-    mean_logits = torch.empty(n if with_mean_logits else 0, **float32)
-    log_sum_sq_probs = torch.empty(n if with_log_sum_sq_probs else 0, **float32)
-    is_top1 = torch.empty(n if with_is_top1 else 0, dtype=torch.bool, device=logits.device)
+    logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = empty_stats_outputs(
+        logits, labels.numel(), with_entropy, with_mean_logits, with_log_sum_sq_probs, with_is_top1)
     for block, first_row in row_blocks(logits, levels):
         rows = _flat_rows(block, first_row)
         forward(
@@ -97,13 +104,8 @@ def token_stats_op(
 @token_stats_op.register_fake
 def _(logits, labels, ignore_index, temperature, softcap, with_entropy, with_mean_logits,
       with_log_sum_sq_probs, with_is_top1, inplace_backward, backend):
-    n = labels.numel()
-
-    def output(asked: bool, dtype: torch.dtype = torch.float32) -> Tensor:
-        return logits.new_empty(n if asked else 0, dtype=dtype)
-
-    return (output(True), output(True), output(with_entropy), output(with_mean_logits),
-            output(with_log_sum_sq_probs), output(with_is_top1, torch.bool))
+    return empty_stats_outputs(logits, labels.numel(), with_entropy, with_mean_logits,
+                               with_log_sum_sq_probs, with_is_top1)
 
 
 def _run_backward(
