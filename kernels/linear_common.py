@@ -83,3 +83,28 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     """Whether products must be taken in float32: Triton's interpreter multiplies bfloat16 tiles
     as their raw 16-bit patterns (numpy has no bfloat16), so there they are upcast first."""
     return dtype == torch.bfloat16 and isinstance(logits_tile, InterpretedFunction)
+
+
+@triton.jit
+def load_row_statistics(rows, scored, lse_ptr, entropy_ptr, log_sum_sq_ptr, grad_logps_ptr, grad_entropy_ptr,
+                        grad_mean_ptr, grad_log_sum_sq_ptr,
+                        GRAD_ENTROPY: tl.constexpr, GRAD_MEAN: tl.constexpr, GRAD_SUM_SQ: tl.constexpr):
+    """The per-row inputs of ``grad_logits_tile`` for a tile of rows: (lse, entropy, log_sum_sq,
+    grad_logps, grad_entropy, grad_mean, grad_log_sum_sq). A statistic without an upstream
+    gradient is not read; its slots hold lse as a placeholder the flags leave unused."""
+    lse = tl.load(lse_ptr + rows, mask=scored, other=0.0)
+    grad_logps = tl.load(grad_logps_ptr + rows, mask=scored, other=0.0)
+    entropy = lse
+    grad_entropy = lse
+    grad_mean = lse
+    log_sum_sq = lse
+    grad_log_sum_sq = lse
+    if GRAD_ENTROPY:
+        entropy = tl.load(entropy_ptr + rows, mask=scored, other=0.0)
+        grad_entropy = tl.load(grad_entropy_ptr + rows, mask=scored, other=0.0)
+    if GRAD_MEAN:
+        grad_mean = tl.load(grad_mean_ptr + rows, mask=scored, other=0.0)
+    if GRAD_SUM_SQ:
+        log_sum_sq = tl.load(log_sum_sq_ptr + rows, mask=scored, other=0.0)
+        grad_log_sum_sq = tl.load(grad_log_sum_sq_ptr + rows, mask=scored, other=0.0)
+    return lse, entropy, log_sum_sq, grad_logps, grad_entropy, grad_mean, grad_log_sum_sq

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_common import block_sizes, dot, grad_logits_tile, logits_tile, upcast_dot
+from .linear_common import block_sizes, dot, grad_logits_tile, load_row_statistics, logits_tile, upcast_dot
 
 
 @triton.jit
@@ -31,22 +31,9 @@ def _linear_grad_hidden_kernel(
     scored = in_rows & (labels != ignore_index)
     num_blocks = tl.where(tl.max(scored.to(tl.int32), 0) > 0, tl.cdiv(vocab_size, BLOCK_V), 0)
 
-    lse = tl.load(lse_ptr + rows, mask=scored, other=0.0)
-    grad_logps = tl.load(grad_logps_ptr + rows, mask=scored, other=0.0)
-    # Placeholders for statistics without an upstream gradient: the flags leave them unread.
-    entropy = lse
-    grad_entropy = lse
-    grad_mean = lse
-    log_sum_sq = lse
-    grad_log_sum_sq = lse
-    if GRAD_ENTROPY:
-        entropy = tl.load(entropy_ptr + rows, mask=scored, other=0.0)
-        grad_entropy = tl.load(grad_entropy_ptr + rows, mask=scored, other=0.0)
-    if GRAD_MEAN:
-        grad_mean = tl.load(grad_mean_ptr + rows, mask=scored, other=0.0)
-    if GRAD_SUM_SQ:
-        log_sum_sq = tl.load(log_sum_sq_ptr + rows, mask=scored, other=0.0)
-        grad_log_sum_sq = tl.load(grad_log_sum_sq_ptr + rows, mask=scored, other=0.0)
+    lse, entropy, log_sum_sq, grad_logps, grad_entropy, grad_mean, grad_log_sum_sq = load_row_statistics(
+        rows, scored, lse_ptr, entropy_ptr, log_sum_sq_ptr, grad_logps_ptr, grad_entropy_ptr, grad_mean_ptr,
+        grad_log_sum_sq_ptr, GRAD_ENTROPY, GRAD_MEAN, GRAD_SUM_SQ)
 
     for block in range(0, num_blocks):
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
