@@ -28,9 +28,9 @@ Backends:
   of the vocabulary, so that no upcast copy of the whole weight exists either, and the chunked
   log-prob fallback (``prefopt.chunked``) computes the statistics on it. The backward recomputes
   each chunk's logits, turns them into their gradient in place, and accumulates grad_hidden and
-  grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Every row of
-  a chunk is multiplied, ignored or not: skipping ignored rows without a host round trip needs a
-  kernel that can exit early.
+  grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Rows whose
+  label is ignored are dropped before any product (one host round trip per call on a GPU, to
+  count them).
 - "triton": the fused kernels ``prefopt.kernels.linear_*`` (bf16/fp16/fp32). Logits tiles are
   computed with tl.dot in registers and never stored; the forward runs over token tiles x
   vocabulary splits and merges the splits' per-row states in split order, the backward as two
@@ -146,22 +146,32 @@ def _chunk_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, logi
     return logits
 
 
+def _scored_row_chunks(labels: Tensor, ignore_index: int, vocab_size: int) -> list[Tensor]:
+    """The indices of the rows whose label is scored, in chunks of ``rows_per_chunk`` rows.
+
+    Ignored rows never reach a matrix product, so a completion-only batch with long prompts pays
+    only for its completion tokens. Counting them is one host round trip per call on a GPU; the
+    Triton backend skips ignored tiles without it.
+    """
+    scored = (labels != ignore_index).nonzero().squeeze(-1)
+    return list(scored.split(chunked.rows_per_chunk(vocab_size)))
+
+
 def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
-    logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
-    step = chunked.rows_per_chunk(weight.shape[0])
-    for start in range(0, hidden_2d.shape[0], step):
-        rows = slice(start, start + step)
-        logits = _chunk_logits(hidden_2d[rows].to(compute_dtype), weight, bias, logit_scale, tiles)
-        chunked.token_stats_forward(
-            logits, labels[rows], logps[rows], lse[rows],
-            None if entropy is None else entropy[rows],
-            None if mean_logits is None else mean_logits[rows],
-            None if log_sum_sq_probs is None else log_sum_sq_probs[rows],
-            None if is_top1 is None else is_top1[rows],
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        )
+    # Ignored rows give exact zeros (False for is_top1) and cost nothing.
+    for output in outputs:
+        if output is not None:
+            output.zero_()
+    for rows in _scored_row_chunks(labels, ignore_index, weight.shape[0]):
+        logits = _chunk_logits(hidden_2d.index_select(0, rows).to(compute_dtype), weight, bias, logit_scale, tiles)
+        chunk_outputs = [None if output is None else output.new_empty(rows.shape) for output in outputs]
+        chunked.token_stats_forward(logits, labels.index_select(0, rows), *chunk_outputs,
+                                    ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+        for output, chunk_output in zip(outputs, chunk_outputs):
+            if output is not None:
+                output.index_copy_(0, rows, chunk_output)
 
 
 def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
@@ -169,26 +179,25 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                     need_hidden, need_weight, need_bias):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
-    step = chunked.rows_per_chunk(weight.shape[0])
-    grad_hidden = torch.empty_like(hidden_2d, memory_format=torch.contiguous_format) if need_hidden else None
+    # Ignored rows receive exact zeros and cost nothing.
+    grad_hidden = torch.zeros_like(hidden_2d, memory_format=torch.contiguous_format) if need_hidden else None
     # float32 accumulators, rounded to the parameter dtype once by the caller: rounding every
     # tile's product to bf16 before summing would bias training. grad_hidden needs no such
     # accumulator across chunks: each chunk's rows are summed in float32 and written once.
     grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=compute_dtype, device=weight.device) if need_bias else None
 
-    def optional(tensor, rows):
-        return None if tensor is None else tensor[rows]
+    def gathered(tensor, rows):
+        return None if tensor is None else tensor.index_select(0, rows)
 
-    for start in range(0, hidden_2d.shape[0], step):
-        rows = slice(start, start + step)
-        hidden_rows = hidden_2d[rows].to(compute_dtype)
+    for rows in _scored_row_chunks(labels, ignore_index, weight.shape[0]):
+        hidden_rows = hidden_2d.index_select(0, rows).to(compute_dtype)
         logits = _chunk_logits(hidden_rows, weight, bias, logit_scale, tiles)
-        # The logits buffer becomes d(outputs)/dx in place; ignored rows become exact zeros.
+        # The logits buffer becomes d(outputs)/dx in place.
         chunked.token_stats_backward(
-            logits, logits, labels[rows], lse[rows], optional(entropy, rows), optional(log_sum_sq_probs, rows),
-            grad_logps[rows], optional(grad_entropy, rows), optional(grad_mean_logits, rows),
-            optional(grad_log_sum_sq_probs, rows),
+            logits, logits, labels.index_select(0, rows), lse.index_select(0, rows), gathered(entropy, rows),
+            gathered(log_sum_sq_probs, rows), grad_logps.index_select(0, rows), gathered(grad_entropy, rows),
+            gathered(grad_mean_logits, rows), gathered(grad_log_sum_sq_probs, rows),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap,
         )
         grad_x = logits.mul_(logit_scale) if logit_scale != 1.0 else logits
@@ -201,7 +210,7 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
             if grad_weight is not None:
                 grad_weight[tile].addmm_(grad_x[:, tile].T, hidden_rows)
         if grad_hidden is not None:
-            grad_hidden[rows] = grad_hidden_rows
+            grad_hidden.index_copy_(0, rows, grad_hidden_rows.to(grad_hidden.dtype))
     return grad_hidden, grad_weight, grad_bias
 
 

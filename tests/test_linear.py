@@ -149,6 +149,32 @@ def test_every_row_ignored(backend):
         assert not grad.any()
 
 
+def test_torch_backend_multiplies_only_scored_rows(monkeypatch):
+    import prefopt.linear
+
+    hidden, weight, bias, labels = random_problem((4, 16), 16, 23, torch.float32, ignored_fraction=0.0, seed=12)
+    multiplied_rows = []
+    chunk_logits = prefopt.linear._chunk_logits
+
+    def counting_chunk_logits(hidden_rows, *args):
+        multiplied_rows.append(hidden_rows.shape[0])
+        return chunk_logits(hidden_rows, *args)
+
+    monkeypatch.setattr(prefopt.linear, "_chunk_logits", counting_chunk_logits)
+
+    def rows_multiplied(labels: torch.Tensor) -> int:
+        multiplied_rows.clear()
+        leaf = hidden.clone().requires_grad_(True)
+        linear_token_logprobs(leaf, weight, labels, bias=bias, backend="torch").sum().backward()
+        return sum(multiplied_rows)
+
+    half_ignored = labels.clone()
+    half_ignored[:, ::2] = -100
+    assert rows_multiplied(labels) == 2 * labels.numel()  # forward, and the backward's recomputation
+    assert rows_multiplied(half_ignored) == labels.numel()
+    assert rows_multiplied(torch.full_like(labels, -100)) == 0
+
+
 def test_only_some_statistics(backend):
     hidden, weight, bias, labels = random_problem((2, 5), 16, 21, torch.float32, seed=6)
     out, _ = check(hidden, weight, bias, labels, backend, stats=("log_sum_sq_probs",))
