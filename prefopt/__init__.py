@@ -3,7 +3,7 @@
 Per-token and per-sequence log-probabilities (and softmax statistics) of labels under
 softmax(logits), in one streaming pass with O(tokens) extra memory, and the preference losses
 (DPO family, IPO, KTO, SimPO, ORPO, CPO) on per-sequence log-probs, with a fused loss-reduction
-kernel; end-to-end loss modules from logits (``prefopt.nn``) and a training monitor
+kernel; end-to-end loss modules from logits or the LM head's inputs (``prefopt.nn``) and a training monitor
 (``prefopt.diagnostics``). The same log-probs from hidden states and the LM-head weight
 (``linear_*``), without ever building the logits.
 """
@@ -14,7 +14,7 @@ from .diagnostics import PreferenceMonitor, PreferenceTrainingWarning
 from .linear import linear_sequence_logprobs, linear_token_logprobs, linear_token_stats
 from .logprobs import selective_log_softmax, sequence_logprobs, token_logprobs, token_stats
 from .losses import PreferenceLossOutput, cpo_loss, dpo_loss, ipo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
-from .nn import DPOLoss, IPOLoss, KTOLoss, ORPOLoss, SimPOLoss
+from .nn import DPOLoss, IPOLoss, KTOLoss, LMHeadInput, ORPOLoss, SimPOLoss
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "DPOLoss",
     "IPOLoss",
     "KTOLoss",
+    "LMHeadInput",
     "ORPOLoss",
     "PreferenceLossOutput",
     "PreferenceMonitor",

@@ -1,5 +1,5 @@
-"""End-to-end preference losses from logits: ``DPOLoss``, ``IPOLoss``, ``KTOLoss``, ``SimPOLoss``,
-``ORPOLoss``.
+"""End-to-end preference losses from logits, or from the LM head's inputs without logits:
+``DPOLoss``, ``IPOLoss``, ``KTOLoss``, ``SimPOLoss``, ``ORPOLoss``.
 
 Each module takes the policy logits and the (already shifted) labels of a batch and returns
 ``(loss, metrics)``. One :func:`prefopt.token_stats` call reads the policy logits once and gives
@@ -7,6 +7,12 @@ the per-token log-probs, the vocabulary-mean logit and the entropy; the per-sequ
 from its per-token output, and the loss runs through :mod:`prefopt.losses` (one fused launch
 each way where the Triton backend runs). Nothing synchronizes with the host: a step traces under
 ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
+
+Wherever a module takes logits (the policy's, ``ref_logits``, KTO's ``kl_logits`` and
+``ref_kl_logits``) it also takes an :class:`LMHeadInput` — the hidden states ``[rows, T, H]``
+and the LM-head weight ``[V, H]`` (bias, logit scale and softcap optional) — and then computes
+the same statistics with :func:`prefopt.linear_token_stats`, so the ``[rows, T, V]`` logits are
+never materialized; the gradients reach the hidden states, the weight and the bias.
 
 Layout (TRL's): the pairwise modules take a concatenated ``[chosen; rejected]`` batch, logits
 ``[2B, T, V]`` and labels ``[2B, T]``, rows ``0..B-1`` the chosen completions and ``B..2B-1``
@@ -48,6 +54,8 @@ import torch
 
 from . import _validation
 from .backends import BACKEND_CHOICES, resolve_backend
+from .linear import _check_inputs as _check_lm_head_inputs
+from .linear import linear_sequence_logprobs, linear_token_stats
 from .logprobs import sequence_logprobs, token_stats
 from .losses import (
     _SORTING_LOSS_TYPES,
@@ -66,10 +74,34 @@ from .losses import (
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["DPOLoss", "IPOLoss", "KTOLoss", "ORPOLoss", "SimPOLoss"]
+__all__ = ["DPOLoss", "IPOLoss", "KTOLoss", "LMHeadInput", "ORPOLoss", "SimPOLoss"]
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
+
+
+class LMHeadInput(NamedTuple):
+    """The inputs of a model's LM head, passed to a loss module in place of its logits.
+
+    The logits they stand for are ``x = logit_scale * (hidden @ weight.T + bias)``, softcapped
+    as ``softcap * tanh(x / softcap)`` when ``softcap`` is set (Gemma's
+    ``final_logit_softcapping``); the module's temperature divides them after that.
+
+    Fields:
+        hidden: [rows, T, H] bfloat16/float16/float32 (float64 for the reference backend), the
+            final hidden states at the positions the labels score (already shifted).
+        weight: [V, H], hidden's dtype and device. bias: optional [V], the same.
+        logit_scale: finite > 0. softcap: None or finite > 0.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+Scores = Tensor | LMHeadInput  # what a module reads a model's log-probs from: logits or LM-head inputs
 
 
 class _Completions(NamedTuple):
@@ -86,30 +118,61 @@ class _Completions(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
+def _leading(scores: Scores) -> Tensor:
+    """The tensor whose leading dimensions are the labels' and whose device and dtype are the
+    model's: the logits, or the LM head's hidden states."""
+    return scores.hidden if isinstance(scores, LMHeadInput) else scores
+
+
+def _check_scores(name: str, scores: object, labels: object, layout: str, labels_name: str = "labels") -> None:
+    """Logits [rows, T, V] or an LMHeadInput with hidden [rows, T, H], scored by labels [rows, T]."""
+    if isinstance(scores, LMHeadInput):
+        hidden = scores.hidden
+        if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+            shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+            raise ValueError(f"{name}.hidden must be a tensor of shape {layout[:-2]}H], got {shape}")
+        if not isinstance(labels, Tensor):
+            raise TypeError(
+                f"{labels_name} must be a torch.Tensor of shape {tuple(hidden.shape[:-1])}, "
+                f"got {type(labels).__name__}"
+            )
+        _validation.check_labels(labels, hidden, labels_name)
+        try:
+            _check_lm_head_inputs(hidden, scores.weight, scores.bias, labels, scores.logit_scale)
+            _validation.check_transform(1.0, scores.softcap)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}.{error}") from None
+        return
+    if not isinstance(scores, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape {layout} or a prefopt.nn.LMHeadInput, got {type(scores).__name__}"
+        )
+    if scores.dim() != 3:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(scores.shape)}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"{labels_name} must be a torch.Tensor of shape {tuple(scores.shape[:-1])}, got {type(labels).__name__}"
+        )
+    _validation.check_logits(scores, name)
+    _validation.check_labels(labels, scores, labels_name)
+
+
 def _check_batch(logits: object, labels: object, paired: bool) -> int:
     """Returns B (paired) or N."""
     layout = "[2B, T, V] ([chosen; rejected])" if paired else "[N, T, V]"
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor of shape {layout}, got {type(logits).__name__}")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape {layout}, got shape {tuple(logits.shape)}")
-    if not isinstance(labels, Tensor):
-        raise TypeError(
-            f"labels must be a torch.Tensor of shape {tuple(logits.shape[:-1])}, got {type(labels).__name__}"
-        )
-    _validation.check_logits(logits)
-    _validation.check_labels(labels, logits)
-    rows = logits.shape[0]
+    _check_scores("logits", logits, labels, layout)
+    rows = _leading(logits).shape[0]
     if rows == 0 or (paired and rows % 2):
         what = "an even, nonzero number of rows (chosen then rejected)" if paired else "at least one row"
         raise ValueError(f"logits must hold {what}, got {rows}")
     return rows // 2 if paired else rows
 
 
-def _policy_dtype(logits: Tensor, backend: str) -> torch.dtype:
-    """The dtype token_stats will return: float64 only from the reference on float64 logits."""
-    resolved = resolve_backend(backend, logits.device)
-    return torch.float64 if resolved == "reference" and logits.dtype == torch.float64 else torch.float32
+def _policy_dtype(logits: Scores, backend: str) -> torch.dtype:
+    """The dtype the log-probs will have: float64 only from the reference on float64 inputs."""
+    model = _leading(logits)
+    resolved = resolve_backend(backend, model.device)
+    return torch.float64 if resolved == "reference" and model.dtype == torch.float64 else torch.float32
 
 
 def _check_sequence_values(name: str, t: object, rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -132,27 +195,29 @@ def _check_constant_model(
     rows: int,
     dtype: torch.dtype,
     device: torch.device,
+    labels_name: str = "labels",
 ) -> None:
-    """Exactly one of per-sequence log-probs [rows] or logits [rows, T, V] (scored by ``labels``)."""
+    """Exactly one of per-sequence log-probs [rows] or logits [rows, T, V] / an LMHeadInput
+    (scored by ``labels``)."""
     if (logps is None) == (logits is None):
         raise ValueError(
             f"pass exactly one of {logps_name} (per-sequence log-probs, shape [{rows}]) and {logits_name} "
-            f"(shape [{rows}, T, V])"
+            f"(shape [{rows}, T, V], or a prefopt.nn.LMHeadInput)"
         )
     if logps is not None:
         _check_sequence_values(logps_name, logps, rows, dtype, device)
         return
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{logits_name} must be a torch.Tensor of shape [{rows}, T, V], got {type(logits).__name__}")
-    _validation.check_logits(logits, logits_name)
     assert labels is not None  # every caller passes the labels that score these logits
-    if logits.dim() != 3 or logits.shape[:-1] != labels.shape:
+    scored, last = (f"{logits_name}.hidden", "H") if isinstance(logits, LMHeadInput) else (logits_name, "V")
+    leading = _leading(logits)
+    if isinstance(leading, Tensor) and (leading.dim() != 3 or leading.shape[:-1] != labels.shape):
         raise ValueError(
-            f"{logits_name} must have shape [{labels.shape[0]}, {labels.shape[1]}, V] (its labels' shape "
-            f"plus the vocabulary), got {tuple(logits.shape)}"
+            f"{scored} must have shape [{labels.shape[0]}, {labels.shape[1]}, {last}] (its labels' shape plus "
+            f"{'the hidden size' if last == 'H' else 'the vocabulary'}), got {tuple(leading.shape)}"
         )
-    if logits.device != device:
-        raise ValueError(f"{logits_name} must be on device {device} like logits, got {logits.device}")
+    _check_scores(logits_name, logits, labels, f"[{labels.shape[0]}, {labels.shape[1]}, V]", labels_name)
+    if _leading(logits).device != device:
+        raise ValueError(f"{logits_name} must be on device {device} like logits, got {_leading(logits).device}")
 
 
 def _check_module_options(ignore_index: object, temperature: object, inplace_backward: object, backend: object) -> None:
@@ -191,17 +256,16 @@ class _FromLogits(torch.nn.Module):
             return self.backend
         return "auto"
 
-    def _completions(self, logits: Tensor, labels: Tensor) -> _Completions:
-        """One pass over the policy logits: log-probs, mean logit and entropy of every token."""
-        stats = token_stats(
-            logits,
-            labels,
-            stats=("entropy", "mean_logits"),
-            ignore_index=self.ignore_index,
-            temperature=self.temperature,
-            inplace_backward=self.inplace_backward,
-            backend=self.backend,
-        )
+    def _completions(self, logits: Scores, labels: Tensor) -> _Completions:
+        """One pass over the policy logits (or its LM head): log-probs, mean logit and entropy
+        of every token."""
+        options = {"stats": ("entropy", "mean_logits"), "ignore_index": self.ignore_index,
+                   "temperature": self.temperature, "backend": self.backend}
+        if isinstance(logits, LMHeadInput):
+            stats = linear_token_stats(logits.hidden, logits.weight, labels, bias=logits.bias,
+                                       logit_scale=logits.logit_scale, softcap=logits.softcap, **options)
+        else:
+            stats = token_stats(logits, labels, inplace_backward=self.inplace_backward, **options)
         return _Completions(
             stats.logps.sum(-1),
             (labels != self.ignore_index).sum(-1),
@@ -210,15 +274,18 @@ class _FromLogits(torch.nn.Module):
         )
 
     def _constant_logps(
-        self, logps: Tensor | None, logits: Tensor | None, labels: Tensor | None, dtype: torch.dtype
+        self, logps: Tensor | None, logits: Scores | None, labels: Tensor | None, dtype: torch.dtype
     ) -> Tensor:
         """Per-sequence log-probs of a model that receives no gradient (the reference, KL terms)."""
         if logps is not None:
             return logps.detach()
+        options = {"ignore_index": self.ignore_index, "temperature": self.temperature, "backend": self.backend}
         with torch.no_grad():
-            sums = sequence_logprobs(
-                logits, labels, ignore_index=self.ignore_index, temperature=self.temperature, backend=self.backend
-            )
+            if isinstance(logits, LMHeadInput):
+                sums = linear_sequence_logprobs(logits.hidden, logits.weight, labels, bias=logits.bias,
+                                                logit_scale=logits.logit_scale, softcap=logits.softcap, **options)
+            else:
+                sums = sequence_logprobs(logits, labels, **options)
         return sums.to(dtype)
 
     def extra_repr(self) -> str:
@@ -259,7 +326,7 @@ class DPOLoss(_FromLogits):
         ignore_index: the label of unscored (prompt, padding) positions.
         temperature: > 0; the log-probs of policy and reference are of softmax(logits / T).
         inplace_backward: write the logits gradient over the policy logits (the caller promises
-            not to read them after backward).
+            not to read them after backward); nothing to overwrite given an LMHeadInput.
         backend: the log-prob backend (see the module docstring).
 
     ``ipo`` and ``sigmoid_norm`` see the log-ratios divided by the completion token counts
@@ -268,7 +335,8 @@ class DPOLoss(_FromLogits):
     Call: ``loss, metrics = dpo(logits, labels, ref_logps=... or ref_logits=..., margin=None)``
     with logits ``[2B, T, V]`` and labels ``[2B, T]`` (``[chosen; rejected]``), ``ref_logps``
     ``[2B]`` in the same layout or ``ref_logits`` ``[2B, T, V]``, and an optional per-pair
-    ``margin`` ``[B]``. Returns the 0-d loss and the metrics dict.
+    ``margin`` ``[B]``. Either logits may be an :class:`LMHeadInput` (hidden ``[2B, T, H]`` and
+    the head's weight) instead. Returns the 0-d loss and the metrics dict.
     """
 
     def __init__(
@@ -298,18 +366,19 @@ class DPOLoss(_FromLogits):
 
     def forward(
         self,
-        logits: Tensor,
+        logits: Scores,
         labels: Tensor,
         *,
         ref_logps: Tensor | None = None,
-        ref_logits: Tensor | None = None,
+        ref_logits: Scores | None = None,
         margin: Tensor | None = None,
     ) -> tuple[Tensor, Metrics]:
         pairs = _check_batch(logits, labels, paired=True)
         dtype = _policy_dtype(logits, self.backend)
-        _check_constant_model("ref_logps", ref_logps, "ref_logits", ref_logits, labels, 2 * pairs, dtype, logits.device)
+        device = _leading(logits).device
+        _check_constant_model("ref_logps", ref_logps, "ref_logits", ref_logits, labels, 2 * pairs, dtype, device)
         if margin is not None:
-            _check_sequence_values("margin", margin, pairs, dtype, logits.device)
+            _check_sequence_values("margin", margin, pairs, dtype, device)
 
         policy = self._completions(logits, labels)
         ref = self._constant_logps(ref_logps, ref_logits, labels, dtype)
@@ -437,28 +506,27 @@ class KTOLoss(_FromLogits):
             rows = kl_logps.shape[0] if isinstance(kl_logps, Tensor) and kl_logps.dim() == 1 else 1
         for logps_name, logits_name in (("kl_logps", "kl_logits"), ("ref_kl_logps", "ref_kl_logits")):
             _check_constant_model(
-                logps_name, kl[logps_name], logits_name, kl[logits_name], kl_labels, rows, dtype, device
+                logps_name, kl[logps_name], logits_name, kl[logits_name], kl_labels, rows, dtype, device, "kl_labels"
             )
-            if kl[logits_name] is not None:
-                _validation.check_labels(kl_labels, kl[logits_name], "kl_labels")
 
     def forward(
         self,
-        logits: Tensor,
+        logits: Scores,
         labels: Tensor,
         desirable: Tensor,
         *,
         ref_logps: Tensor | None = None,
-        ref_logits: Tensor | None = None,
+        ref_logits: Scores | None = None,
         kl_logps: Tensor | None = None,
-        kl_logits: Tensor | None = None,
+        kl_logits: Scores | None = None,
         ref_kl_logps: Tensor | None = None,
-        ref_kl_logits: Tensor | None = None,
+        ref_kl_logits: Scores | None = None,
         kl_labels: Tensor | None = None,
     ) -> tuple[Tensor, Metrics]:
         rows = _check_batch(logits, labels, paired=False)
         dtype = _policy_dtype(logits, self.backend)
-        _check_constant_model("ref_logps", ref_logps, "ref_logits", ref_logits, labels, rows, dtype, logits.device)
+        device = _leading(logits).device
+        _check_constant_model("ref_logps", ref_logps, "ref_logits", ref_logits, labels, rows, dtype, device)
         if not isinstance(desirable, Tensor):
             raise TypeError(f"desirable must be a torch.bool tensor of shape [{rows}], got {type(desirable).__name__}")
         if desirable.dtype != torch.bool:
@@ -467,11 +535,11 @@ class KTOLoss(_FromLogits):
             raise ValueError(
                 f"desirable must have shape [{rows}], one flag per row of logits, got {tuple(desirable.shape)}"
             )
-        if desirable.device != logits.device:
-            raise ValueError(f"desirable must be on device {logits.device} like logits, got {desirable.device}")
+        if desirable.device != device:
+            raise ValueError(f"desirable must be on device {device} like logits, got {desirable.device}")
         kl_inputs = {"kl_logps": kl_logps, "kl_logits": kl_logits, "ref_kl_logps": ref_kl_logps,
                      "ref_kl_logits": ref_kl_logits, "kl_labels": kl_labels}
-        self._check_kl_inputs(kl_inputs, dtype, logits.device)
+        self._check_kl_inputs(kl_inputs, dtype, device)
 
         policy = self._completions(logits, labels)
         ref = self._constant_logps(ref_logps, ref_logits, labels, dtype)
@@ -542,7 +610,7 @@ class SimPOLoss(_FromLogits):
         self.gamma = _check_real("gamma", gamma)
         self.label_smoothing = _check_smoothing(label_smoothing, ["simpo"])
 
-    def forward(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Metrics]:
+    def forward(self, logits: Scores, labels: Tensor) -> tuple[Tensor, Metrics]:
         pairs = _check_batch(logits, labels, paired=True)
         policy = self._completions(logits, labels)
         output, metrics = simpo_loss(
@@ -589,7 +657,7 @@ class ORPOLoss(_FromLogits):
         super().__init__(ignore_index, temperature, inplace_backward, backend)
         self.beta = _check_real("beta", beta, positive=True)
 
-    def forward(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Metrics]:
+    def forward(self, logits: Scores, labels: Tensor) -> tuple[Tensor, Metrics]:
         pairs = _check_batch(logits, labels, paired=True)
         policy = self._completions(logits, labels)
         # An empty completion averages to 0, never NaN.

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from conftest import DEVICE, random_labels, random_logits
 
 from prefopt import losses
-from prefopt.nn import DPOLoss, IPOLoss, KTOLoss, ORPOLoss, SimPOLoss
+from prefopt.backends import unavailable_reason
+from prefopt.nn import DPOLoss, IPOLoss, KTOLoss, LMHeadInput, ORPOLoss, SimPOLoss
 
 PAIRS, LENGTH, VOCAB = 3, 7, 37
 
@@ -203,6 +204,101 @@ def test_kto_apo_zero_unpaired_takes_no_kl(backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# The LM head's inputs in place of logits.
+# ----------------------------------------------------------------------------------------------
+
+HIDDEN = 12
+
+
+def lm_head_problem(seed: int, rows: int):
+    """hidden [rows, T, H], weight [V, H], bias [V], labels [rows, T] as ``batch`` scores them."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, LENGTH, HIDDEN, generator=g).to(DEVICE)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN**0.5).to(DEVICE)
+    bias = torch.randn(VOCAB, generator=g).to(DEVICE)
+    _, labels = batch(seed, rows)
+    return hidden, weight, bias, labels
+
+
+def explicit_logits(hidden, weight, bias, logit_scale, softcap):
+    x = logit_scale * F.linear(hidden, weight, bias)
+    return softcap * torch.tanh(x / softcap)
+
+
+def kto_call(module, scores, labels, reference, kl_scores, kl_labels):
+    desirable = torch.tensor([True, False, True, True], device=DEVICE)
+    return module(scores, labels, desirable, ref_logits=reference, kl_logits=kl_scores, ref_kl_logits=reference,
+                  kl_labels=kl_labels)
+
+
+@pytest.mark.parametrize("linear_backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("make", [
+    lambda b: DPOLoss(0.2, ["sigmoid", "ipo"], temperature=0.8, backend=b),
+    lambda b: IPOLoss(0.3, backend=b),
+    lambda b: SimPOLoss(backend=b),
+    lambda b: ORPOLoss(backend=b),
+    lambda b: KTOLoss(0.2, backend=b),
+], ids=["dpo", "ipo", "simpo", "orpo", "kto"])
+def test_lm_head_inputs_match_their_explicit_logits(make, linear_backend):
+    """Loss, metrics and the gradients of hidden, weight and bias agree with the same module fed
+    the logits computed explicitly (and differentiated by autograd) from the same head."""
+    reason = unavailable_reason(linear_backend, DEVICE)
+    if reason is not None:
+        pytest.skip(f"backend {linear_backend!r}: {reason}")
+    module = make(linear_backend)
+    kto = isinstance(module, KTOLoss)
+    rows = 4 if kto else 2 * PAIRS
+    hidden, weight, bias, labels = lm_head_problem(21, rows)
+    ref_hidden, _, _, _ = lm_head_problem(22, rows)
+    head = {"logit_scale": 0.7, "softcap": 4.0}
+    results = []
+    for explicit in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        if explicit:
+            scores = explicit_logits(*leaves, **head)
+            reference = explicit_logits(ref_hidden, weight, bias, **head)
+            module.backend = "torch"
+        else:
+            scores = LMHeadInput(*leaves, **head)
+            reference = LMHeadInput(ref_hidden, weight, bias, **head)
+            module.backend = linear_backend
+        if kto:
+            loss, metrics = kto_call(module, scores, labels, reference, reference, labels)
+        elif isinstance(module, DPOLoss):
+            loss, metrics = module(scores, labels, ref_logits=reference)
+        else:
+            loss, metrics = module(scores, labels)
+        results.append((loss, metrics, torch.autograd.grad(loss, leaves)))
+    (loss, metrics, grads), (expected_loss, expected_metrics, expected_grads) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert sorted(metrics) == sorted(expected_metrics)
+    for name, value in expected_metrics.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    for grad, expected in zip(grads, expected_grads):
+        assert float((grad - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_bad_lm_head_inputs():
+    hidden, weight, bias, labels = lm_head_problem(23, 2 * PAIRS)
+    ref_logps = torch.zeros(2 * PAIRS, device=DEVICE)
+    dpo = DPOLoss()
+    cases = [
+        (ValueError, r"logits\.hidden.*shape", LMHeadInput(hidden[0], weight), labels),
+        (ValueError, r"logits\.weight.*shape", LMHeadInput(hidden, weight[:, 1:]), labels),
+        (TypeError, r"logits\.weight.*dtype", LMHeadInput(hidden, weight.double()), labels),
+        (ValueError, r"logits\.bias.*shape", LMHeadInput(hidden, weight, bias[1:]), labels),
+        (ValueError, r"logits\.logit_scale", LMHeadInput(hidden, weight, logit_scale=0.0), labels),
+        (ValueError, r"logits\.softcap", LMHeadInput(hidden, weight, softcap=-1.0), labels),
+        (ValueError, "labels.*shape", LMHeadInput(hidden, weight), labels[:, 1:]),
+    ]
+    for error, match, scores, scored_labels in cases:
+        with pytest.raises(error, match=match):
+            dpo(scores, scored_labels, ref_logps=ref_logps)
+    with pytest.raises(ValueError, match="ref_logits.hidden"):
+        dpo(LMHeadInput(hidden, weight), labels, ref_logits=LMHeadInput(hidden[:, 1:], weight))
+
+
+# ----------------------------------------------------------------------------------------------
 # What the modules promise beyond the numbers.
 # ----------------------------------------------------------------------------------------------
 
@@ -220,7 +316,10 @@ def test_reference_logits_get_no_gradient_and_inplace_backward_agrees(backend):
     torch.testing.assert_close(grads[1], grads[0])
 
 
-def test_compile_fullgraph_dpo_step(backend):
+@pytest.mark.parametrize("scores", ["logits", "lm_head"])
+def test_compile_fullgraph_dpo_step(backend, scores):
+    if scores == "lm_head" and backend == "cuda":
+        pytest.skip("the fused linear path has no CUDA C++ kernels")
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(15)
     head = torch.nn.Linear(16, VOCAB, bias=False).to(DEVICE)
@@ -231,8 +330,8 @@ def test_compile_fullgraph_dpo_step(backend):
     dpo = DPOLoss(0.1, backend=backend)
 
     def step(hidden):
-        logits = head(hidden)
-        loss, metrics = dpo(logits[:, :-1], labels, ref_logps=ref_logps)
+        policy = head(hidden)[:, :-1] if scores == "logits" else LMHeadInput(hidden[:, :-1], head.weight)
+        loss, metrics = dpo(policy, labels, ref_logps=ref_logps)
         return loss, metrics["rewards/accuracies"], metrics["logits/chosen"], metrics["entropy"]
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
