@@ -80,7 +80,7 @@ def test_dpo_step(benchmark, name, backend, inplace, copy_bandwidth):
     # Policy: read twice, gradient written once; reference: read once.
     floor_bytes = 3 * scored_bytes() + ROWS * LENGTH * VOCAB * 2
     figures = benchmark.pedantic(step_figures, args=(step, sets, floor_bytes, copy_bandwidth), rounds=1, iterations=1)
-    benchmark.extra_info.update({"implementation": name, **figures})
+    benchmark.extra_info.update({"path": "dpo-step", "implementation": name, **figures})
     print(f"\nDPO step {name:<24} {figures['median_s'] * 1e3:9.2f} ms  {figures['fraction_of_floor']:6.1%} of floor"
           f"  peak extra {figures['peak_extra_bytes'] / 2**30:6.2f} GiB")
 
@@ -106,6 +106,6 @@ def test_kto_step(benchmark, name, backend, inplace, copy_bandwidth):
     # Policy: read twice, gradient written once; reference, KL and reference KL: read once each.
     floor_bytes = 5 * scored_bytes() + ROWS * LENGTH * VOCAB * 2
     figures = benchmark.pedantic(step_figures, args=(step, sets, floor_bytes, copy_bandwidth), rounds=1, iterations=1)
-    benchmark.extra_info.update({"implementation": name, **figures})
+    benchmark.extra_info.update({"path": "kto-step", "implementation": name, **figures})
     print(f"\nKTO step {name:<24} {figures['median_s'] * 1e3:9.2f} ms  {figures['fraction_of_floor']:6.1%} of floor"
           f"  peak extra {figures['peak_extra_bytes'] / 2**30:6.2f} GiB")

@@ -1,8 +1,10 @@
-"""Benchmarks of the logits path: time, peak extra memory and fraction of the byte floor.
+"""Benchmarks: time, peak extra memory and fraction of the floor, for the logits path and the
+fused linear path.
 
-``python -m prefopt bench`` (see :func:`run`) and ``pytest benches`` share this module: the
-workloads, the implementations measured (prefopt's backends, the plain-PyTorch reference,
-``torch.compile`` of it, and the peers where they import), the timers and the floor.
+``python -m prefopt bench`` (see :func:`run`, the logits path) and ``pytest benches`` share this
+module: the workloads (:class:`Workload`, :class:`LinearWorkload`), the implementations measured
+(prefopt's backends, the plain-PyTorch reference, ``torch.compile`` of it, and the peers where
+they import), the timers, the floors, the checks of issue 5 and the plots.
 
 How each figure is measured:
 
@@ -16,13 +18,20 @@ How each figure is measured:
   the maximum over the calls. On a CPU the peak resident memory of one forward+backward in a
   fresh process (``benches/measure_memory.py``, run with ``MALLOC_MMAP_THRESHOLD_`` so glibc
   returns freed blocks), which needs a source checkout.
-- floor (GPU): the bytes a direction must move (read the scored rows of the logits once per
-  pass, write the whole gradient once) over the copy bandwidth of the same GPU, measured in the
-  same run by :func:`copy_bandwidth`.
+- floor of the logits path (GPU): the bytes a direction must move (read the scored rows of the
+  logits once per pass, write the whole gradient once) over the copy bandwidth of the same GPU,
+  measured in the same run by :func:`copy_bandwidth`.
+- floor of the fused linear path: the time torch.mm (cuBLAS on a GPU) takes for the matrix
+  products the direction needs on the scored rows (the logits for a forward; the logits, the
+  hidden gradient and the weight gradient for forward+backward), measured in the same run by
+  :func:`gemm_seconds`. prefopt's own backends declare the products they actually perform (the
+  Triton backward recomputes the logits in each of its two kernels), whose cuBLAS time is the
+  bound issue 5 sets (:func:`linear_checks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -36,28 +45,59 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import TextIO
+from typing import ClassVar, TextIO
 
 import torch
 
 from .backends import unavailable_reason
 
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+# "fwd": with the autograd graph (a policy's forward); "fwd-nograd": under torch.no_grad, inputs
+# without gradients (a reference model's forward).
+LINEAR_DIRECTIONS = ("fwd+bwd", "fwd", "fwd-nograd")
+# The matrix products of the fused linear path, on n scored rows: logits [n, H] @ [H, V],
+# grad_hidden [n, V] @ [V, H], grad_weight [V, n] @ [n, H].
+GEMM_PRODUCTS = ("logits", "grad_hidden", "grad_weight")
 IGNORE_INDEX = -100
 REFERENCE = "reference"
 # benches/measure_memory.py, next to the package in a source checkout.
 MEMORY_SCRIPT = Path(__file__).resolve().parents[1] / "benches" / "measure_memory.py"
 
-# A function of (logits [N, V], labels [N]) whose output's sum is what the backward differentiates.
-Candidate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A function of one input set, (logits [N, V], labels [N]) for the logits path or (hidden [N, H],
+# weight [V, H], labels [N]) for the fused linear path, giving a per-token [N] tensor whose sum
+# is what the backward differentiates.
+Candidate = Callable[..., torch.Tensor]
+
+
+class _Rows:
+    """What the workloads of both paths share: ``tokens`` rows of labels, the leading
+    ``ignored_fraction`` of them ignored, over a vocabulary of ``vocab`` in ``dtype``."""
+
+    @property
+    def ignored_rows(self) -> int:
+        return int(self.tokens * self.ignored_fraction)
+
+    @property
+    def scored_rows(self) -> int:
+        return self.tokens - self.ignored_rows
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def logits_bytes(self) -> int:
+        """Bytes of one [tokens, vocab] logits tensor (for the fused linear path, the one an
+        explicit implementation materializes)."""
+        return self.tokens * self.vocab * self.element_size
 
 
 @dataclasses.dataclass(frozen=True)
-class Workload:
+class Workload(_Rows):
     """One problem of the logits path: ``tokens`` rows of ``vocab`` logits of ``dtype``.
 
     ``ignored_fraction`` of the rows (the leading ones, like a prompt) carry the ignore label;
@@ -69,36 +109,79 @@ class Workload:
     dtype: torch.dtype = torch.bfloat16
     ignored_fraction: float = 0.0
     direction: str = "fwd+bwd"
+    path: ClassVar[str] = "logits"
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.vocab < 1:
-            raise ValueError(f"tokens and vocab must be >= 1, got {self.tokens} and {self.vocab}")
-        if not 0.0 <= self.ignored_fraction < 1.0:
-            raise ValueError(f"ignored_fraction must be in [0, 1), got {self.ignored_fraction}")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        _check_workload(self, DIRECTIONS, tokens=self.tokens, vocab=self.vocab)
 
     @property
-    def ignored_rows(self) -> int:
-        return int(self.tokens * self.ignored_fraction)
-
-    @property
-    def logits_bytes(self) -> int:
-        """Bytes of one [tokens, vocab] logits tensor."""
-        return self.tokens * self.vocab * torch.empty((), dtype=self.dtype).element_size()
+    def input_bytes(self) -> int:
+        """Bytes of one input set (the logits), what the rotation must exceed the cache with."""
+        return self.logits_bytes
 
     def floor_bytes(self) -> int:
         """Bytes the direction must move at least: each pass reads the scored rows once; the
         backward writes the whole gradient (zeros included) once."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        scored = (self.tokens - self.ignored_rows) * self.vocab * element
+        scored = self.scored_rows * self.vocab * self.element_size
         reads = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[self.direction]
         writes = 0 if self.direction == "fwd" else self.logits_bytes
         return reads * scored + writes
 
     def name(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.direction} {self.tokens}x{self.vocab} {dtype} ignored={self.ignored_fraction:.0%}"
+        return (f"{self.direction} {self.tokens}x{self.vocab} {_dtype_name(self.dtype)}"
+                f" ignored={self.ignored_fraction:.0%}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearWorkload(_Rows):
+    """One problem of the fused linear path: the log-probs of ``tokens`` labels from hidden states
+    [tokens, hidden] and an LM-head weight [vocab, hidden], both of ``dtype``.
+
+    ``ignored_fraction`` of the rows (the leading ones, like a prompt) carry the ignore label;
+    ``direction`` is what is timed: ``"fwd+bwd"`` (gradients of hidden and weight), ``"fwd"``
+    (with the autograd graph, a policy's forward) or ``"fwd-nograd"`` (under torch.no_grad, the
+    inputs without gradients: a reference model's forward).
+    """
+
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: torch.dtype = torch.bfloat16
+    ignored_fraction: float = 0.0
+    direction: str = "fwd+bwd"
+    path: ClassVar[str] = "linear"
+
+    def __post_init__(self) -> None:
+        _check_workload(self, LINEAR_DIRECTIONS, tokens=self.tokens, hidden=self.hidden, vocab=self.vocab)
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of one input set: hidden [tokens, hidden] and weight [vocab, hidden]."""
+        return (self.tokens + self.vocab) * self.hidden * self.element_size
+
+    def products(self) -> tuple[str, ...]:
+        """The matrix products (names in GEMM_PRODUCTS) the direction needs at least: the
+        logits, and for a backward the hidden and weight gradients; their cuBLAS time is the
+        floor."""
+        return GEMM_PRODUCTS if self.direction == "fwd+bwd" else ("logits",)
+
+    def name(self) -> str:
+        return (f"{self.direction} {self.tokens}x{self.hidden}x{self.vocab} {_dtype_name(self.dtype)}"
+                f" ignored={self.ignored_fraction:.0%}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_workload(workload: Workload | LinearWorkload, directions: Sequence[str], **sizes: int) -> None:
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+    if not 0.0 <= workload.ignored_fraction < 1.0:
+        raise ValueError(f"ignored_fraction must be in [0, 1), got {workload.ignored_fraction}")
+    if workload.direction not in directions:
+        raise ValueError(f"direction must be one of {directions}, got {workload.direction!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +195,10 @@ class Implementation:
     unavailable: str | None = None
     # The (backend, inplace) pair benches/measure_memory.py understands, for CPU memory.
     memory_script_args: tuple[str, bool] | None = None
+    # Fused linear path: the matrix products (names in GEMM_PRODUCTS, on the scored rows) it
+    # performs per direction, declared for prefopt's own backends only: a peer's internals are
+    # not ours to state.
+    gemm_products: Mapping[str, tuple[str, ...]] | None = None
 
 
 @dataclasses.dataclass
@@ -120,7 +207,7 @@ class Measurement:
     ``skipped`` holds the reason when it did not run (the figures are then None)."""
 
     implementation: str
-    workload: Workload
+    workload: Workload | LinearWorkload
     device: str
     median_s: float | None = None
     times_s: list[float] = dataclasses.field(default_factory=list)
@@ -129,15 +216,27 @@ class Measurement:
     floor_bytes: int | None = None
     floor_s: float | None = None
     fraction_of_floor: float | None = None
+    # Fused linear path, prefopt's backends: the cuBLAS time of the products it performs.
+    method_gemm_s: float | None = None
     speedup_vs_reference: float | None = None
     skipped: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        """A JSON-ready dict: the workload's fields inline, the dtype as its name."""
+        """A JSON-ready dict: the workload's path and fields inline, the dtype as its name."""
         figures = dataclasses.asdict(self)
         workload = figures.pop("workload")
-        workload["dtype"] = str(self.workload.dtype).removeprefix("torch.")
-        return {**workload, **figures, "logits_bytes": self.workload.logits_bytes}
+        workload["dtype"] = _dtype_name(self.workload.dtype)
+        return {"path": self.workload.path, **workload, **figures, "logits_bytes": self.workload.logits_bytes}
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, object]) -> Measurement:
+        """The measurement a :meth:`to_json` dict describes (keys it does not know are ignored)."""
+        workload_type = {"logits": Workload, "linear": LinearWorkload}[str(row["path"])]
+        workload_fields = {f.name for f in dataclasses.fields(workload_type)}
+        workload = workload_type(**{k: row[k] for k in workload_fields if k != "dtype"},
+                                 dtype=getattr(torch, str(row["dtype"])))
+        own_fields = {f.name for f in dataclasses.fields(cls)} - {"workload"}
+        return cls(workload=workload, **{k: row[k] for k in own_fields if k in row})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +264,19 @@ def _prefopt(backend: str, inplace: bool = False, entropy: bool = False) -> Call
     return build
 
 
+def _compiled(function: Candidate) -> Candidate:
+    """torch.compile of ``function`` with one specialized graph per shape (dynamic=False), as a
+    trainer with fixed shapes gets it. A sweep compiles more graphs of one function than
+    Dynamo's default recompile limit (8), past which it would silently run the function
+    uncompiled under the compiled row's name: the limit is raised for this process."""
+    import torch._dynamo.config
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(function, dynamic=False)
+
+
 def _compiled_reference() -> Candidate:
-    # dynamic=False: one specialized graph per shape, as a trainer with fixed shapes gets it.
-    return torch.compile(_reference_logprobs, dynamic=False)
+    return _compiled(_reference_logprobs)
 
 
 def load_trl_logprob_module() -> ModuleType | None:
@@ -219,6 +328,23 @@ def _liger() -> Candidate:
     return candidate
 
 
+_NOT_INSTALLED = {
+    "trl": "TRL is not installed (pip install trl, or carry its wheel: benches/fetch_peer_wheels.sh)",
+    "liger_kernel": "Liger-Kernel is not installed (pip install liger-kernel, or carry its wheel: "
+                    "benches/fetch_peer_wheels.sh)",
+    "cut_cross_entropy": "Cut Cross-Entropy is not installed (pip install cut-cross-entropy, or carry its wheel: "
+                         "benches/fetch_peer_wheels.sh)",
+}
+
+
+def _peer_missing(module: str) -> str | None:
+    """Why the peer package ``module`` cannot be used (not installed), None when it is there."""
+    return _NOT_INSTALLED[module] if importlib.util.find_spec(module) is None else None
+
+
+_COMPILE_ON_CPU = "GPU only (compiling takes longer than the whole CPU run)"
+
+
 def implementations(device: torch.device) -> list[Implementation]:
     """Every implementation this module knows, each with the reason it cannot run on tensors
     of ``device`` (None when it can): prefopt's backends, the reference, torch.compile of the
@@ -229,11 +355,9 @@ def implementations(device: torch.device) -> list[Implementation]:
     triton = unavailable_reason("triton", device) if on_gpu else "GPU only"
     trl_reason = gpu_only
     if trl_reason is None and load_trl_logprob_module() is None:
-        trl_reason = "TRL is not installed (pip install trl, or carry its wheel)"
-    liger_reason = gpu_only
-    if liger_reason is None and importlib.util.find_spec("liger_kernel") is None:
-        liger_reason = "Liger-Kernel is not installed (pip install liger-kernel)"
-    compile_reason = None if on_gpu else "GPU only (compiling takes longer than the whole CPU run)"
+        trl_reason = _NOT_INSTALLED["trl"]
+    liger_reason = gpu_only or _peer_missing("liger_kernel")
+    compile_reason = None if on_gpu else _COMPILE_ON_CPU
     return [
         Implementation(REFERENCE, lambda: _reference_logprobs, memory_script_args=("reference", False)),
         Implementation("torch.compile(reference)", _compiled_reference, unavailable=compile_reason),
@@ -250,6 +374,112 @@ def implementations(device: torch.device) -> list[Implementation]:
 
 
 IMPLEMENTATION_NAMES: tuple[str, ...] = tuple(i.name for i in implementations(torch.device("cpu")))
+
+# ----------------------------------------------------------------------------------------------
+# Implementations of the fused linear path: (hidden [N, H], weight [V, H], labels [N]) -> [N]
+
+
+def _explicit_logits_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What a trainer does without a fused head: the logits ``hidden @ weight.T`` in the inputs'
+    dtype, then the reference log-probs (float32 log-softmax, gather at the labels)."""
+    return _reference_logprobs(hidden @ weight.T, labels)
+
+
+def _prefopt_linear(backend: str) -> Callable[[], Candidate]:
+    def build() -> Candidate:
+        from .linear import linear_token_logprobs
+
+        def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return linear_token_logprobs(hidden, weight, labels, backend=backend)
+
+        return candidate
+
+    return build
+
+
+def _trl_chunked() -> Candidate:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    # The backward imports trl.trainer.utils (TRL's trainer stack: datasets, accelerate,
+    # transformers): importing it here makes a missing package fail the build, not a timed call.
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # As TRL's fused LM head calls it on a GPU: only the scored rows, scattered back.
+        scored = labels != IGNORE_INDEX
+        logps = ChunkedLogProbFunction.apply(hidden[scored], weight, None, labels[scored], 1.0,
+                                             _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+        return logps.new_zeros(labels.shape).masked_scatter(scored, logps)
+
+    return candidate
+
+
+def _liger_linear() -> Candidate:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Per-token losses (-log-prob, 0 where ignored): the backward takes a per-token upstream
+        # gradient, which Liger handles by recomputing the logits there.
+        return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+    return candidate
+
+
+def _cut_cross_entropy(filter_eps: str | None) -> Callable[[], Candidate]:
+    def build() -> Candidate:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none",
+                                        filter_eps=filter_eps)
+
+        return candidate
+
+    return build
+
+
+_FORWARD_PRODUCTS = dict.fromkeys(("fwd", "fwd-nograd"), ("logits",))
+# The Triton backward is two kernels (grad_hidden over token tiles, grad_weight over vocabulary
+# tiles), each recomputing the logits; the torch backend recomputes them once per chunk.
+TRITON_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "logits", "grad_weight")}
+TORCH_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "grad_weight")}
+CCE = "cce-linear_cross_entropy"
+CCE_EXACT = "cce-linear_cross_entropy-exact"
+TRL_CHUNKED = "trl-chunked_logprob"
+LIGER_LINEAR = "liger-fused_linear_cross_entropy"
+LINEAR_PEERS = (CCE, CCE_EXACT, TRL_CHUNKED, LIGER_LINEAR)
+
+
+def linear_implementations(device: torch.device) -> list[Implementation]:
+    """The implementations of the fused linear path, each with the reason it cannot run on
+    tensors of ``device`` (None when it can): prefopt's triton and torch backends (there are no
+    CUDA C++ kernels for this path), the explicit-logits reference and torch.compile of it, TRL's
+    chunked log-prob function (what its DPO and KTO trainers use), Liger-Kernel's fused linear
+    cross entropy (reduction="none") and Apple's Cut Cross-Entropy (reduction="none"; its default
+    filters small gradient entries, "-exact" does not).
+
+    Ordered by what a run cut short needs first: prefopt-triton and the peers it is checked
+    against (:func:`linear_checks`), then the rest.
+    """
+    on_gpu = device.type == "cuda"
+    gpu_only = None if on_gpu else "GPU only"
+    triton = unavailable_reason("triton", device) if on_gpu else "GPU only"
+    cce_reason = gpu_only or _peer_missing("cut_cross_entropy")
+    return [
+        Implementation("prefopt-triton", _prefopt_linear("triton"), unavailable=triton,
+                       gemm_products=TRITON_LINEAR_PRODUCTS),
+        Implementation(CCE, _cut_cross_entropy("high"), unavailable=cce_reason),
+        Implementation(TRL_CHUNKED, _trl_chunked, unavailable=gpu_only or _peer_missing("trl")),
+        Implementation(LIGER_LINEAR, _liger_linear, unavailable=gpu_only or _peer_missing("liger_kernel")),
+        Implementation(CCE_EXACT, _cut_cross_entropy(None), unavailable=cce_reason),
+        Implementation(REFERENCE, lambda: _explicit_logits_logprobs),
+        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=TORCH_LINEAR_PRODUCTS),
+        Implementation("torch.compile(reference)", lambda: _compiled(_explicit_logits_logprobs),
+                       unavailable=None if on_gpu else _COMPILE_ON_CPU),
+    ]
+
+
+LINEAR_IMPLEMENTATION_NAMES: tuple[str, ...] = tuple(i.name for i in linear_implementations(torch.device("cpu")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,15 +511,27 @@ def default_workloads(device: torch.device, quick: bool = False) -> list[Workloa
     return sweep((512, 1024), (32000, 128256), 512, 32000, dtype=torch.float32, ignored_fraction=0.25)
 
 
-def make_inputs(workload: Workload, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [tokens, vocab] (normal, scale 4, like a language model's) with requires_grad, and
-    labels [tokens] whose first ``ignored_rows`` are the ignore label."""
+def make_inputs(workload: Workload | LinearWorkload, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """One input set of ``workload``, never zeros, with labels [tokens] whose first
+    ``ignored_rows`` are the ignore label.
+
+    Logits path: (logits [tokens, vocab], labels), the logits normal with scale 4, like a
+    language model's, and requiring gradients. Fused linear path: (hidden [tokens, hidden],
+    weight [vocab, hidden], labels), hidden standard normal and weight scaled so that the logits
+    have that same spread; both require gradients unless the direction is "fwd-nograd".
+    """
     generator = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(workload.tokens, workload.vocab, device=device, generator=generator) * 4
-    logits = logits.to(workload.dtype).requires_grad_(True)
     labels = torch.randint(0, workload.vocab, (workload.tokens,), device=device, generator=generator)
     labels[: workload.ignored_rows] = IGNORE_INDEX
-    return logits, labels
+    if isinstance(workload, Workload):
+        logits = torch.randn(workload.tokens, workload.vocab, device=device, generator=generator) * 4
+        return logits.to(workload.dtype).requires_grad_(True), labels
+    differentiable = workload.direction != "fwd-nograd"
+    hidden = torch.randn(workload.tokens, workload.hidden, device=device, generator=generator)
+    weight = torch.randn(workload.vocab, workload.hidden, device=device, generator=generator)
+    weight *= 4 / workload.hidden**0.5
+    return (hidden.to(workload.dtype).requires_grad_(differentiable),
+            weight.to(workload.dtype).requires_grad_(differentiable), labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,6 +589,41 @@ def copy_bandwidth(device: torch.device, size_bytes: int = 2**30, calls: int = 2
     return 2 * source.numel() * source.element_size() / statistics.median(seconds)
 
 
+def gemm_seconds(workload: LinearWorkload, device: torch.device, *, calls: int = 5, warmup: int = 2,
+                 seed: int = 0) -> dict[str, float]:
+    """Median seconds of each matrix product of the fused linear path (GEMM_PRODUCTS) through
+    torch.mm (cuBLAS on a GPU) on ``workload``'s scored rows n, in its dtype, on random data and
+    rotating operand sets like :func:`measure`: "logits" [n, H] @ [H, V], "grad_hidden" [n, V] @
+    [V, H] and "grad_weight" [V, n] @ [n, H], each written into a preallocated output. The floor
+    of a fused linear measurement and the ceiling of what prefopt's kernels can reach."""
+    n, hidden_size, vocab = workload.scored_rows, workload.hidden, workload.vocab
+    operand_bytes = (n * hidden_size + vocab * hidden_size + n * vocab) * workload.element_size
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=generator).to(workload.dtype)
+
+    sets = [(normal(n, hidden_size), normal(vocab, hidden_size), normal(n, vocab))
+            for _ in range(rotation_count(operand_bytes, device))]
+    outputs = {"logits": torch.empty(n, vocab, device=device, dtype=workload.dtype),
+               "grad_hidden": torch.empty(n, hidden_size, device=device, dtype=workload.dtype),
+               "grad_weight": torch.empty(vocab, hidden_size, device=device, dtype=workload.dtype)}
+
+    def product(name: str, rows: torch.Tensor, weight: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+        if name == "logits":
+            return torch.mm(rows, weight.T, out=outputs[name])
+        if name == "grad_hidden":
+            return torch.mm(grad_logits, weight, out=outputs[name])
+        return torch.mm(grad_logits.T, rows, out=outputs[name])
+
+    medians = {}
+    for name in GEMM_PRODUCTS:
+        seconds, _ = time_calls(lambda i: None, lambda i, _, name=name: product(name, *sets[i % len(sets)]),
+                                calls=calls, warmup=warmup, device=device)
+        medians[name] = statistics.median(seconds)
+    return medians
+
+
 def measure_cpu_memory(workload: Workload, backend: str, inplace: bool) -> int:
     """Peak extra resident bytes of one float32 forward+backward of ``workload``'s shape, in a
     fresh process by benches/measure_memory.py (a quarter of the rows ignored there)."""
@@ -371,34 +648,37 @@ def cpu_memory_unavailable(workload: Workload) -> str | None:
 # Measuring
 
 
-def measure(implementation: Implementation, workload: Workload, device: torch.device, *, calls: int,
-            warmup: int = 2, candidate: Candidate | None = None, bandwidth: float | None = None,
-            seed: int = 0) -> Measurement:
+def measure(implementation: Implementation, workload: Workload | LinearWorkload, device: torch.device, *,
+            calls: int, warmup: int = 2, candidate: Candidate | None = None, bandwidth: float | None = None,
+            gemms: Mapping[str, float] | None = None, seed: int = 0) -> Measurement:
     """Time ``implementation`` on ``workload`` (and on a GPU its peak extra memory and floor).
 
     ``candidate``: the built callable, to reuse one across workloads (built here otherwise).
-    ``bandwidth``: the copy bandwidth in bytes/s from :func:`copy_bandwidth`, for the floor.
-    A GPU out-of-memory error gives a skipped measurement, not an exception.
+    ``bandwidth``: the copy bandwidth in bytes/s from :func:`copy_bandwidth`, for the floor of
+    the logits path. ``gemms``: the seconds of each matrix product from :func:`gemm_seconds` on
+    the same workload, for the floor of the fused linear path (and, for prefopt's backends, the
+    cuBLAS time of the products they perform). A GPU out-of-memory error gives a skipped
+    measurement, not an exception.
     """
     result = Measurement(implementation.name, workload, str(device))
     if implementation.unavailable is not None:
         result.skipped = implementation.unavailable
         return result
     run = candidate if candidate is not None else implementation.build()
-    sets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    grad_mode = torch.no_grad if workload.direction == "fwd-nograd" else contextlib.nullcontext
+    sets: list[tuple[torch.Tensor, ...]] = []
     try:
-        sets = [make_inputs(workload, device, seed + k)
-                for k in range(rotation_count(workload.logits_bytes, device))]
+        sets = [make_inputs(workload, device, seed + k) for k in range(rotation_count(workload.input_bytes, device))]
 
         def forward(i: int) -> torch.Tensor:
-            logits, labels = sets[i % len(sets)]
-            return run(logits, labels)
+            with grad_mode():
+                return run(*sets[i % len(sets)])
 
-        def backward(i: int, output: torch.Tensor) -> torch.Tensor:
-            (grad,) = torch.autograd.grad(output, sets[i % len(sets)][0], torch.ones_like(output))
-            return grad
+        def backward(i: int, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            differentiable = [tensor for tensor in sets[i % len(sets)] if tensor.requires_grad]
+            return torch.autograd.grad(output, differentiable, torch.ones_like(output))
 
-        if workload.direction == "fwd":
+        if workload.direction in ("fwd", "fwd-nograd"):
             seconds, peak = time_calls(lambda i: None, lambda i, _: forward(i), calls=calls, warmup=warmup,
                                        device=device)
         elif workload.direction == "bwd":
@@ -415,7 +695,14 @@ def measure(implementation: Implementation, workload: Workload, device: torch.de
     result.median_s = statistics.median(seconds)
     if peak is not None:
         result.peak_extra_bytes, result.memory_method = peak, "torch.cuda.max_memory_allocated above the inputs"
-    if bandwidth is not None:
+    if isinstance(workload, LinearWorkload):
+        if gemms is not None:
+            result.floor_s = sum(gemms[name] for name in workload.products())
+            result.fraction_of_floor = result.floor_s / result.median_s
+            performed = (implementation.gemm_products or {}).get(workload.direction)
+            if performed is not None:
+                result.method_gemm_s = sum(gemms[name] for name in performed)
+    elif bandwidth is not None:
         result.floor_bytes = workload.floor_bytes()
         result.floor_s = result.floor_bytes / bandwidth
         result.fraction_of_floor = result.floor_s / result.median_s
@@ -429,6 +716,58 @@ def fill_speedups(results: Sequence[Measurement]) -> None:
         base = reference.get(r.workload)
         if base is not None and r.median_s:
             r.speedup_vs_reference = base / r.median_s
+
+
+# The two problems issue 5 names for the fused linear path: (tokens, hidden, vocab), bf16.
+ISSUE5_SHAPES = ((16384, 4096, 128256), (16384, 2048, 248320))
+CHECKED = "prefopt-triton"
+
+
+def linear_checks(results: Sequence[Measurement]) -> list[dict[str, object]]:
+    """Issue 5's targets for prefopt-triton, on every fused linear forward+backward measured:
+    time at most Cut Cross-Entropy's (default and exact, each a check), at most TRL's chunked
+    log-prob function's, at most 0.4x Liger's fused linear cross entropy; peak extra memory at
+    most the lowest peer's; time at most 1.25x the cuBLAS time of the products it performs; and
+    with half the rows ignored, time at most 0.55x that of the same shape with every row valid.
+
+    Returns one dict per check: the workload, the check, ``value`` and ``bound`` (seconds or
+    bytes) and ``passed`` (None, with ``note`` saying why, when a figure is missing). Timing
+    targets are recorded here, never asserted: they belong in benchmarks, not in tests.
+    """
+    measured = {(r.workload, r.implementation): r for r in results
+                if isinstance(r.workload, LinearWorkload) and r.median_s is not None}
+    checks: list[dict[str, object]] = []
+    for (workload, name), subject in measured.items():
+        if name != CHECKED or workload.direction != "fwd+bwd":
+            continue
+
+        def add(check: str, value: float | int | None, bound: float | None, missing: str) -> None:
+            known = value is not None and bound is not None
+            checks.append({
+                "workload": workload.name(), "tokens": workload.tokens, "hidden": workload.hidden,
+                "vocab": workload.vocab, "ignored_fraction": workload.ignored_fraction,
+                "issue5_shape": (workload.tokens, workload.hidden, workload.vocab) in ISSUE5_SHAPES,
+                "check": check, "value": value, "bound": bound, "passed": value <= bound if known else None,
+                "note": None if known else missing,
+            })
+
+        for peer, factor, check in ((CCE, 1.0, "time <= Cut Cross-Entropy's (default: filters small gradients)"),
+                                    (CCE_EXACT, 1.0, "time <= Cut Cross-Entropy's without filtering"),
+                                    (TRL_CHUNKED, 1.0, "time <= TRL's chunked log-prob function's"),
+                                    (LIGER_LINEAR, 0.4, "time <= 0.4 x Liger-Kernel's fused linear cross entropy")):
+            other = measured.get((workload, peer))
+            add(check, subject.median_s, None if other is None else factor * other.median_s, f"{peer} not measured")
+        peaks = [other.peak_extra_bytes for peer in LINEAR_PEERS
+                 if (other := measured.get((workload, peer))) is not None and other.peak_extra_bytes is not None]
+        add("peak extra memory <= the lowest peer's", subject.peak_extra_bytes, min(peaks) if peaks else None,
+            "no peer's peak memory measured")
+        add("time <= 1.25 x cuBLAS time of the products it performs", subject.median_s,
+            None if subject.method_gemm_s is None else 1.25 * subject.method_gemm_s, "no cuBLAS timing in this run")
+        if workload.ignored_fraction == 0.5:
+            all_valid = measured.get((dataclasses.replace(workload, ignored_fraction=0.0), CHECKED))
+            add("time with half the rows ignored <= 0.55 x all rows valid", subject.median_s,
+                None if all_valid is None else 0.55 * all_valid.median_s, "the all-valid workload was not measured")
+    return checks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +852,15 @@ def environment(device: torch.device, command: str) -> dict[str, object]:
     }
 
 
+def results_stem(env: Mapping[str, object]) -> str:
+    """``<date>-<device>`` naming a results set (benches/results/README.md) from an
+    :func:`environment`: the UTC date and the device's name in lower case without the vendor,
+    e.g. ``2026-12-01-h200`` for an 'NVIDIA H200'."""
+    words = str(env["device_name"]).lower().replace("nvidia", " ").split()
+    device = "-".join("".join(c if c.isalnum() else "-" for c in word).strip("-") for word in words)
+    return f"{str(env['date'])[:10]}-{device or 'unknown'}"
+
+
 def write_json(path: Path, results: Sequence[Measurement], env: dict[str, object],
                bandwidth: float | None) -> None:
     """Write the environment, the measured copy bandwidth (bytes/s, GPU) and every measurement."""
@@ -538,18 +886,25 @@ def _pyplot() -> ModuleType:
     return plt
 
 
+def _plot_group(workload: Workload | LinearWorkload) -> tuple[str, str, torch.dtype, float, int | None]:
+    """What one figure holds fixed besides its axes: path, direction, dtype, ignored fraction
+    and (fused linear path) the hidden size."""
+    return (workload.path, workload.direction, workload.dtype, workload.ignored_fraction,
+            getattr(workload, "hidden", None))
+
+
 def write_plots(directory: Path, results: Sequence[Measurement], title: str) -> list[Path]:
     """PNG plots of median time and peak extra memory against tokens (one figure per vocabulary
     with at least two token counts) and against vocabulary size (one per token count with at
-    least two vocabularies), one line per implementation. Returns the files written."""
+    least two vocabularies), one line per implementation and the floor dashed, for each path,
+    direction, dtype, ignored fraction and hidden size measured. Returns the files written."""
     plt = _pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     measured = [r for r in results if r.median_s is not None]
     written: list[Path] = []
-    groups = {(r.workload.direction, r.workload.dtype, r.workload.ignored_fraction) for r in measured}
-    for direction, dtype, ignored in sorted(groups, key=str):
-        group = [r for r in measured if (r.workload.direction, r.workload.dtype, r.workload.ignored_fraction)
-                 == (direction, dtype, ignored)]
+    for key in sorted({_plot_group(r.workload) for r in measured}, key=str):
+        path_name, direction, dtype, ignored, hidden_size = key
+        group = [r for r in measured if _plot_group(r.workload) == key]
         for axis, fixed in (("tokens", "vocab"), ("vocab", "tokens")):
             for value in sorted({getattr(r.workload, fixed) for r in group}):
                 line_points = [r for r in group if getattr(r.workload, fixed) == value]
@@ -563,16 +918,22 @@ def write_plots(directory: Path, results: Sequence[Measurement], title: str) -> 
                     memory = [(x, r.peak_extra_bytes / 2**20) for x, r in points if r.peak_extra_bytes is not None]
                     if memory:
                         memory_axes.plot(*zip(*memory), marker="o", label=name)
-                dtype_name = str(dtype).removeprefix("torch.")
+                floors = sorted({(getattr(r.workload, axis), r.floor_s) for r in line_points if r.floor_s is not None})
+                if floors:
+                    floor_label = "floor (cuBLAS GEMMs)" if path_name == "linear" else "floor (bytes / copy bandwidth)"
+                    time_axes.plot([x for x, _ in floors], [f * 1e3 for _, f in floors], "k--", label=floor_label)
                 for axes, ylabel in ((time_axes, "median time (ms)"), (memory_axes, "peak extra memory (MiB)")):
                     axes.set_xlabel("tokens" if axis == "tokens" else "vocabulary size")
                     axes.set_ylabel(ylabel)
                     axes.grid(True, alpha=0.3)
                 time_axes.legend(fontsize="small")
-                figure.suptitle(f"{title}: {direction}, {dtype_name}, {fixed} {value}, ignored {ignored:.0%}")
+                hidden_text = "" if hidden_size is None else f"H {hidden_size}, "
+                figure.suptitle(f"{title}: {path_name} path, {direction}, {_dtype_name(dtype)}, {hidden_text}"
+                                f"{fixed} {value}, ignored {ignored:.0%}")
                 figure.tight_layout()
-                path = directory / (f"{direction.replace('+', '_')}-{dtype_name}-ignored{round(ignored * 100)}"
-                                    f"-vs_{axis}-{fixed}{value}.png")
+                hidden_part = "" if hidden_size is None else f"-H{hidden_size}"
+                path = directory / (f"{path_name}-{direction.replace('+', '_')}-{_dtype_name(dtype)}{hidden_part}"
+                                    f"-ignored{round(ignored * 100)}-vs_{axis}-{fixed}{value}.png")
                 figure.savefig(path, dpi=120)
                 plt.close(figure)
                 written.append(path)

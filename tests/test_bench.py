@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,170 @@ def test_a_failing_implementation_is_reported_and_the_run_goes_on(monkeypatch, c
     assert results[0].median_s > 0
     assert results[1].skipped.startswith("failed at fwd+bwd 256x32000") and "kernel exploded" in results[1].skipped
     assert "not run: broken: failed at" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused linear path's workloads, floors and checks, and the GPU session's record and report
+
+REPORT_SCRIPT = Path(__file__).resolve().parents[1] / "benches" / "report.py"
+LINEAR_MEASURED = ("reference", "prefopt-torch")
+
+
+def linear_implementation(name: str) -> bench.Implementation:
+    return next(i for i in bench.linear_implementations(CPU) if i.name == name)
+
+
+@pytest.mark.parametrize("bad", [{"hidden": 0}, {"vocab": 0}, {"ignored_fraction": -0.1}, {"direction": "bwd"}])
+def test_linear_workload_rejects_bad_fields(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        bench.LinearWorkload(**{"tokens": 8, "hidden": 4, "vocab": 16, **bad})
+
+
+def test_linear_workload_sizes_and_products():
+    workload = bench.LinearWorkload(10, 4, 100, torch.bfloat16, 0.5, "fwd+bwd")
+    assert (workload.ignored_rows, workload.scored_rows) == (5, 5)
+    assert workload.input_bytes == (10 + 100) * 4 * 2 and workload.logits_bytes == 10 * 100 * 2
+    assert workload.products() == bench.GEMM_PRODUCTS
+    assert bench.LinearWorkload(10, 4, 100, direction="fwd-nograd").products() == ("logits",)
+    assert workload.name() == "fwd+bwd 10x4x100 bfloat16 ignored=50%"
+
+
+def test_linear_inputs_follow_the_direction():
+    hidden, weight, labels = bench.make_inputs(bench.LinearWorkload(8, 4, 16, torch.float32, 0.25), CPU)
+    assert hidden.shape == (8, 4) and weight.shape == (16, 4) and hidden.requires_grad and weight.requires_grad
+    assert (labels[:2] == bench.IGNORE_INDEX).all() and (labels[2:] >= 0).all()
+    frozen = bench.make_inputs(bench.LinearWorkload(8, 4, 16, torch.float32, direction="fwd-nograd"), CPU)
+    assert not any(tensor.requires_grad for tensor in frozen)
+
+
+def test_gemm_seconds_times_every_product():
+    seconds = bench.gemm_seconds(bench.LinearWorkload(16, 8, 64, torch.float32), CPU, calls=2, warmup=1)
+    assert set(seconds) == set(bench.GEMM_PRODUCTS) and all(s > 0 for s in seconds.values())
+
+
+@pytest.mark.parametrize("direction", bench.LINEAR_DIRECTIONS)
+@pytest.mark.parametrize("name", LINEAR_MEASURED)
+def test_measure_times_the_linear_path_against_its_gemms(name, direction):
+    workload = bench.LinearWorkload(24, 16, 300, torch.float32, 0.5, direction)
+    gemms = {"logits": 1.0, "grad_hidden": 2.0, "grad_weight": 4.0}
+    implementation = linear_implementation(name)
+    result = bench.measure(implementation, workload, CPU, calls=2, warmup=1, gemms=gemms)
+    assert result.skipped is None and len(result.times_s) == 2 and result.median_s > 0
+    assert result.floor_s == (7.0 if direction == "fwd+bwd" else 1.0)
+    assert result.fraction_of_floor == pytest.approx(result.floor_s / result.median_s)
+    declared = (implementation.gemm_products or {}).get(direction)
+    assert result.method_gemm_s == (None if declared is None else sum(gemms[p] for p in declared))
+    assert name != "prefopt-torch" or result.method_gemm_s == (8.0 if direction == "fwd+bwd" else 1.0)
+
+
+def test_linear_peers_are_skipped_on_cpu_with_a_reason():
+    for implementation in bench.linear_implementations(CPU):
+        if implementation.name not in LINEAR_MEASURED:
+            assert implementation.unavailable, implementation.name
+
+
+@pytest.mark.parametrize("workload", [bench.Workload(8, 16, torch.float32, 0.25, "bwd"),
+                                      bench.LinearWorkload(8, 4, 16, torch.bfloat16, 0.5, "fwd-nograd")])
+def test_measurement_json_round_trip(workload):
+    measurement = bench.Measurement("x", workload, "cpu", median_s=0.5, times_s=[0.5], floor_s=0.25,
+                                    fraction_of_floor=0.5, method_gemm_s=0.3)
+    row = {**measurement.to_json(), "gpu": "ignored extra key"}
+    assert row["path"] == workload.path and row["dtype"] == str(workload.dtype).removeprefix("torch.")
+    assert bench.Measurement.from_json(json.loads(json.dumps(row))) == measurement
+
+
+def linear_result(name, median_s, peak, ignored=0.0, shape=(16384, 4096, 128256), method_gemm_s=None):
+    workload = bench.LinearWorkload(*shape, torch.bfloat16, ignored, "fwd+bwd")
+    return bench.Measurement(name, workload, "cuda", median_s=median_s, peak_extra_bytes=peak,
+                             method_gemm_s=method_gemm_s)
+
+
+def test_linear_checks_record_each_target_with_its_figures():
+    results = [
+        linear_result("prefopt-triton", 1.0, 100, method_gemm_s=0.9),
+        linear_result(bench.CCE, 1.5, 300),
+        linear_result(bench.CCE_EXACT, 0.9, 200),
+        linear_result(bench.LIGER_LINEAR, 3.0, 150),
+        # TRL not measured: its check is recorded as unknown, with the reason.
+        linear_result("prefopt-triton", 0.5, 80, ignored=0.5, method_gemm_s=0.5),
+        linear_result("prefopt-triton", 1.0, 100, shape=(4096, 2048, 32000)),
+    ]
+    checks = bench.linear_checks(results)
+    issue5 = {c["check"]: c for c in checks if c["issue5_shape"] and c["ignored_fraction"] == 0.0}
+    assert issue5["time <= Cut Cross-Entropy's (default: filters small gradients)"]["passed"] is True
+    assert issue5["time <= Cut Cross-Entropy's without filtering"]["passed"] is False
+    trl = issue5["time <= TRL's chunked log-prob function's"]
+    assert trl["passed"] is None and bench.TRL_CHUNKED in trl["note"]
+    liger = issue5["time <= 0.4 x Liger-Kernel's fused linear cross entropy"]
+    assert liger["bound"] == pytest.approx(1.2) and liger["passed"] is True
+    memory = issue5["peak extra memory <= the lowest peer's"]
+    assert (memory["value"], memory["bound"], memory["passed"]) == (100, 150, True)
+    gemm = issue5["time <= 1.25 x cuBLAS time of the products it performs"]
+    assert gemm["bound"] == pytest.approx(1.125) and gemm["passed"] is True
+    half = [c for c in checks if c["check"].startswith("time with half the rows ignored")]
+    assert len(half) == 1 and half[0]["bound"] == pytest.approx(0.55) and half[0]["passed"] is True
+    other_shape = [c for c in checks if not c["issue5_shape"]]
+    assert other_shape and all(c["passed"] is None for c in other_shape if "cuBLAS" in c["check"])
+
+
+def test_results_stem_names_date_and_device():
+    assert bench.results_stem({"device_name": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00"}) == "2026-12-01-h200"
+
+
+def test_bench_rows_are_recorded_as_they_end(tmp_path):
+    """PREFOPT_BENCH_RECORD: the environment, then one line per row with its reason when skipped."""
+    record = tmp_path / "records.jsonl"
+    command = [sys.executable, "-m", "pytest", str(REPORT_SCRIPT.parent / "test_linear_gpu.py"), "-q",
+               "-p", "no:cacheprovider", "-k", "fwd+bwd-16384x4096x128256-ignored0"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PREFOPT_BENCH_RECORD": str(record), "CUDA_VISIBLE_DEVICES": ""})
+    assert process.returncode == 0, process.stdout + process.stderr
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert lines[0]["kind"] == "environment" and lines[0]["command"].startswith("pytest ")
+    rows = lines[1:]
+    assert len(rows) == len(bench.LINEAR_IMPLEMENTATION_NAMES)
+    assert all(r["kind"] == "row" and r["outcome"] == "skipped" and r["reason"] == "needs a CUDA GPU" for r in rows)
+
+
+def write_records(path: Path) -> None:
+    """A record file like a GPU session's, measured on this CPU: two vocabularies, two ignored
+    fractions, the reference and prefopt-torch, one row skipped and one cut-off last line."""
+    lines = [{"kind": "environment", **bench.environment(CPU, "pytest benches/test_linear_gpu.py")}]
+    gemms = {"logits": 1e-4, "grad_hidden": 1e-4, "grad_weight": 1e-4}
+    for ignored in (0.0, 0.5):
+        for vocab in (200, 400):
+            workload = bench.LinearWorkload(16, 8, vocab, torch.float32, ignored)
+            for name in LINEAR_MEASURED:
+                result = bench.measure(linear_implementation(name), workload, CPU, calls=1, warmup=0, gemms=gemms)
+                lines.append({"kind": "row", "test": f"t[{workload.name()}-{name}]", "outcome": "passed",
+                              "reason": None, **result.to_json()})
+    lines.append({"kind": "row", "test": "t[absent]", "outcome": "skipped", "reason": "absent: not installed"})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"kind": "row", "te')
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path):
+    records, junit = tmp_path / "records.jsonl", tmp_path / "junit.xml"
+    write_records(records)
+    junit.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+                     '<testcase classname="tests.test_x" name="test_ok"/>'
+                     '<testcase classname="tests.test_x" name="test_bad"><failure message="no"/></testcase>'
+                     '<testcase classname="tests.test_x" name="test_gpu"><skipped/></testcase>'
+                     '</testsuite></testsuites>')
+    out = tmp_path / "results"
+    process = subprocess.run([sys.executable, str(REPORT_SCRIPT), "--out", str(out), "--stem", "run",
+                              "--junit", f"tests={junit}", str(records)], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert "not JSON" in process.stderr  # the cut-off last line is reported and left out
+    document = json.loads((out / "run.json").read_text())
+    assert document["environment"]["device"] == "cpu"
+    assert document["correctness"] == [{"suite": "tests", "file": "junit.xml", "passed": 1, "tests": 3, "failures": 1,
+                                        "errors": 0, "skipped": 1, "failed_tests": ["tests.test_x::test_bad"]}]
+    assert len(document["results"]) == 8
+    assert all(r["speedup_vs_reference"] > 0 for r in document["results"])
+    assert document["not_run"] == [{"test": "t[absent]", "outcome": "skipped", "reason": "absent: not installed"}]
+    summary = (out / "run.md").read_text()
+    assert "| tests | 1 | 1 | 0 | 1 |" in summary and "`tests.test_x::test_bad`" in summary
+    assert "| workload | reference | prefopt-torch |" in summary and "| 1 | skipped: absent: not installed |" in summary
+    if HAS_MATPLOTLIB:
+        names = sorted(p.name for p in (out / "run").glob("*.png"))
+        assert names == [f"linear-fwd_bwd-float32-H8-ignored{i}-vs_vocab-tokens16.png" for i in (0, 50)]
