@@ -18,6 +18,8 @@ entropy, mean logit (of z), log sum p^2 and is-top-1 (ties to the earlier token)
 - Gradients flow to hidden, weight and bias through logps, entropy, mean_logits and
   log_sum_sq_probs. The weight and bias gradients are accumulated in float32 and rounded to the
   parameter dtype once, at the end.
+- ``process_group``: the weight and bias are this rank's rows of an LM head sharded over the
+  vocabulary, hidden and labels are replicated (see ``prefopt.distributed``).
 
 Backends:
 
@@ -46,16 +48,20 @@ Backends:
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from . import _validation, chunked
+from . import _validation, chunked, distributed
 from ._types import STAT_NAMES, TokenStats
 from .backends import BackendUnavailableError, resolve_backend
-from .logprobs import reduce_sequences
-from .ops import NO_IGNORE_INDEX, dense_upstream, empty_stats_outputs
-from .reference import reference_token_stats
+from .logprobs import local_token_stats, reduce_sequences
+from .ops import (NO_IGNORE_INDEX, dense_upstream, empty_stats_outputs, logps_upstream, lse_label_gradient,
+                  shaped_stats)
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Tensor = torch.Tensor
 
@@ -244,6 +250,35 @@ def _triton_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_p
     return grad_hidden, grad_weight, grad_bias
 
 
+def _add_lse_label_gradient(hidden_2d: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, grad_lse: Tensor,
+                            ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
+                            grad_hidden: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+    """Adds the label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``)
+    to a backend's float32 sums: that column's logit gradient c, times logit_scale, reaches
+    grad_hidden as c * weight[label], grad_weight[label] as c * hidden and grad_bias[label] as c.
+    O(tokens * H) work and memory: one weight row per token."""
+    labels = labels.long()
+    scored = labels != ignore_index
+    columns = torch.where(scored, labels, 0)
+    compute_dtype = _compute_dtype(hidden_2d.dtype)
+    hidden_rows = hidden_2d.to(compute_dtype)
+    weight_rows = weight.index_select(0, columns).to(compute_dtype)
+    label_logits = None
+    if softcap is not None:
+        label_logits = (hidden_rows * weight_rows).sum(-1)
+        if bias is not None:
+            label_logits = label_logits + bias.index_select(0, columns).to(compute_dtype)
+        label_logits = label_logits * logit_scale
+    grad_x = lse_label_gradient(grad_lse.to(compute_dtype), scored, label_logits, temperature, softcap) * logit_scale
+    if grad_hidden is not None:
+        grad_hidden += (grad_x.unsqueeze(-1) * weight_rows).to(grad_hidden.dtype)
+    # index_put_ with accumulate sums repeated labels deterministically (index_add_ uses atomics on GPUs).
+    if grad_weight is not None:
+        grad_weight.index_put_((columns,), grad_x.unsqueeze(-1) * hidden_rows, accumulate=True)
+    if grad_bias is not None:
+        grad_bias.index_put_((columns,), grad_x, accumulate=True)
+
+
 def _implementation(backend: str):
     """(forward, backward) of a fused backend. forward(hidden [N, H], weight, bias, labels [N],
     outputs, ...) fills the [N] outputs; backward returns (grad_hidden [N, H], grad_weight
@@ -310,6 +345,7 @@ def linear_token_stats_backward_op(
     entropy: Tensor | None,
     log_sum_sq_probs: Tensor | None,
     grad_logps: Tensor,
+    grad_lse: Tensor | None,
     grad_entropy: Tensor | None,
     grad_mean_logits: Tensor | None,
     grad_log_sum_sq_probs: Tensor | None,
@@ -323,13 +359,18 @@ def linear_token_stats_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) in the shapes and dtypes of hidden, weight and bias;
-    one not needed (or a missing bias) is an empty tensor."""
+    one not needed (or a missing bias) is an empty tensor. ``grad_logps`` is g_logp - g_lse when
+    ``grad_lse`` is given (see ``prefopt.ops``)."""
     _, backward = _implementation(backend)
+    hidden_2d = _rows(hidden)
     grad_hidden, grad_weight, grad_bias = backward(
-        _rows(hidden), weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+        hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
         grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
         need_hidden, need_weight, need_bias and bias is not None,
     )
+    if grad_lse is not None:
+        _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
+                                logit_scale, grad_hidden, grad_weight, grad_bias)
     # Outputs of a custom operator may not alias one another: one fresh empty tensor each.
     return (
         hidden.new_empty(0) if grad_hidden is None else grad_hidden.to(hidden.dtype).view(hidden.shape),
@@ -339,9 +380,9 @@ def linear_token_stats_backward_op(
 
 
 @linear_token_stats_backward_op.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy, grad_mean_logits,
-      grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale, need_hidden, need_weight, need_bias,
-      backend):
+def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse, grad_entropy,
+      grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale, need_hidden,
+      need_weight, need_bias, backend):
     return (
         torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else hidden.new_empty(0),
@@ -355,21 +396,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs)
     ctx.hyperparameters = (ignore_index, temperature, softcap, logit_scale)
     ctx.backend = backend
+    # Outputs nobody differentiated arrive as None: without a gradient for the log-sum-exp the
+    # backward does no label-column work.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, grad_is_top1):
     hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs = ctx.saved_tensors
     grad_entropy = dense_upstream(grad_entropy)
     grad_log_sum_sq_probs = dense_upstream(grad_log_sum_sq_probs)
-    grad_logps = dense_upstream(grad_logps)
-    if grad_logps is None:
-        grad_logps = torch.zeros_like(lse)
+    grad_lse = dense_upstream(grad_lse)
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_hidden, grad_weight, grad_bias = torch.ops.prefopt.linear_token_stats_backward(
         hidden, weight, bias, labels, lse,
         entropy if grad_entropy is not None else None,
         log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
-        grad_logps, grad_entropy, dense_upstream(grad_mean_logits), grad_log_sum_sq_probs,
+        logps_upstream(dense_upstream(grad_logps), grad_lse, lse), grad_lse, grad_entropy,
+        dense_upstream(grad_mean_logits), grad_log_sum_sq_probs,
         *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend,
     )
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
@@ -394,6 +437,7 @@ def linear_token_stats(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     backend: str = "auto",
+    process_group: "ProcessGroup | None" = None,
 ) -> TokenStats:
     """``prefopt.token_stats`` of the logits ``logit_scale * (hidden @ weight.T + bias)``,
     without materializing them.
@@ -407,6 +451,14 @@ def linear_token_stats(
         temperature, softcap: z = softcap(x) / temperature, applied after ``logit_scale``.
         logit_scale: finite > 0, multiplies hidden @ weight.T + bias.
         backend: "auto", "triton", "torch" or "reference" (see the module docstring).
+        process_group: None, or the group whose ranks each hold a contiguous slice of the
+            vocabulary (in rank order, sizes may differ): ``weight`` [V_rank, H] and ``bias``
+            [V_rank] are this rank's rows, ``labels`` global ids in [0, sum of V_rank), and
+            ``hidden`` and ``labels`` are equal on every rank. Every rank gets the same outputs;
+            weight and bias receive their rows' gradient, and hidden the gradient through the
+            whole vocabulary (the ranks' parts, all-reduced in backward: identity forward,
+            all-reduce backward, as Megatron's tensor-parallel input). "is_top1" is not
+            available (see ``prefopt.distributed``).
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the labels'
@@ -419,28 +471,39 @@ def linear_token_stats(
     _validation.check_ignore_index(ignore_index)
     asked = _validation.check_stats(stats, STAT_NAMES)
     backend = _resolve(backend, hidden)
-    _validation.check_label_values(labels, weight.shape[0], ignore_index)
-    kernel_ignore_index = NO_IGNORE_INDEX if ignore_index is None else ignore_index
-    softcap = None if softcap is None else float(softcap)
+    options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
+               "logit_scale": float(logit_scale), "backend": backend}
+    if process_group is None:
+        _validation.check_label_values(labels, weight.shape[0], ignore_index)
+        kernel_ignore_index = NO_IGNORE_INDEX if ignore_index is None else ignore_index
+        result, _ = _local_linear_token_stats(hidden, weight, bias, labels, asked, kernel_ignore_index,
+                                              with_lse=False, **options)
+        return result
+    shard = distributed.vocab_shard(process_group, weight.shape[0], labels, ignore_index, asked, hidden.dtype,
+                                    what="weight and bias", hidden_size=hidden.shape[-1])
+    local, lse = _local_linear_token_stats(
+        distributed.replicated(hidden, shard), weight, bias, distributed.local_labels(labels, ignore_index, shard),
+        asked, distributed.LOCAL_IGNORE_INDEX, with_lse=True, **options)
+    return distributed.combine(local, lse, labels, ignore_index, shard)
 
+
+def _local_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                              asked: frozenset[str], ignore_index: int, *, temperature: float,
+                              softcap: float | None, logit_scale: float, backend: str,
+                              with_lse: bool) -> tuple[TokenStats, Tensor | None]:
+    """(TokenStats, lse) of checked inputs on one device, as ``prefopt.logprobs.local_token_stats``."""
     if backend == "reference":
         compute_dtype = _compute_dtype(hidden.dtype)
         logits = F.linear(hidden.to(compute_dtype), weight.to(compute_dtype),
                           None if bias is None else bias.to(compute_dtype)) * logit_scale
-        return reference_token_stats(logits, labels, ignore_index=kernel_ignore_index,
-                                     temperature=float(temperature), softcap=softcap, stats=asked)
+        return local_token_stats(logits, labels, asked, ignore_index, temperature=temperature, softcap=softcap,
+                                 inplace_backward=False, backend="reference", with_lse=with_lse)
     outputs = torch.ops.prefopt.linear_token_stats(
-        hidden, weight, bias, labels.reshape(-1), kernel_ignore_index, float(temperature), softcap,
-        float(logit_scale), "entropy" in asked, "mean_logits" in asked, "log_sum_sq_probs" in asked,
-        "is_top1" in asked, backend,
+        hidden, weight, bias, labels.reshape(-1), ignore_index, temperature, softcap, logit_scale,
+        "entropy" in asked, "mean_logits" in asked, "log_sum_sq_probs" in asked, "is_top1" in asked, backend,
     )
-    logps, _, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
-
-    def shaped(flat: Tensor, name: str) -> Tensor | None:
-        return flat.view(labels.shape) if name in asked else None
-
-    return TokenStats(logps.view(labels.shape), shaped(entropy, "entropy"), shaped(mean_logits, "mean_logits"),
-                      shaped(log_sum_sq_probs, "log_sum_sq_probs"), shaped(is_top1, "is_top1"))
+    result, lse = shaped_stats(outputs, labels.shape, asked)
+    return result, lse if with_lse else None
 
 
 def linear_token_logprobs(
@@ -455,9 +518,10 @@ def linear_token_logprobs(
     logit_scale: float = 1.0,
     return_entropy: bool = False,
     backend: str = "auto",
+    process_group: "ProcessGroup | None" = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(z)[label] per position, z = softcap(logit_scale * (hidden @ weight.T + bias)) /
-    temperature (see ``linear_token_stats`` for the arguments).
+    temperature (see ``linear_token_stats`` for the arguments, ``process_group`` included).
 
     Returns:
         logps [...] = labels.shape, float32, <= 0 (exactly 0 where the label is ignored); with
@@ -466,7 +530,7 @@ def linear_token_logprobs(
     result = linear_token_stats(
         hidden, weight, labels, bias=bias, stats=("entropy",) if return_entropy else (),
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        backend=backend,
+        backend=backend, process_group=process_group,
     )
     return (result.logps, result.entropy) if return_entropy else result.logps
 
@@ -484,9 +548,10 @@ def linear_sequence_logprobs(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     backend: str = "auto",
+    process_group: "ProcessGroup | None" = None,
 ) -> Tensor:
     """Per-sequence sum (``average=True``: mean over scored tokens) of the label log-probs, from
-    hidden states (see ``linear_token_stats`` for the arguments).
+    hidden states (see ``linear_token_stats`` for the arguments, ``process_group`` included).
 
     Args:
         hidden: [..., T, H]; labels: [..., T].
@@ -507,6 +572,6 @@ def linear_sequence_logprobs(
             raise ValueError(f"hidden: expected shape [..., T, H], got {tuple(hidden.shape)}")
     logps = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        logit_scale=logit_scale, backend=backend,
+        logit_scale=logit_scale, backend=backend, process_group=process_group,
     )
     return reduce_sequences(logps, labels, ignore_index, average, cu_seqlens)

@@ -14,16 +14,22 @@ Conventions shared by every function here:
 - ``inplace_backward=True`` writes the logits gradient into the logits buffer: no [tokens, V]
   gradient is allocated, and the caller promises not to read the logits after backward.
 - ``backend``: "auto", "triton", "cuda", "torch" or "reference" (see ``prefopt.backends``).
+- ``process_group``: the logits are this rank's slice of a vocabulary sharded over the group's
+  ranks, the labels global ids (see ``prefopt.distributed``); None for the whole vocabulary.
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import _validation, ops
+from . import _validation, distributed, ops
 from ._types import STAT_NAMES, TokenStats
 from .backends import resolve_backend
-from .reference import reference_token_stats
+from .reference import reference_token_stats, transformed_logits
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def token_stats(
@@ -36,6 +42,7 @@ def token_stats(
     softcap: float | None = None,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group: "ProcessGroup | None" = None,
 ) -> TokenStats:
     """Log-probs of ``labels`` and the per-token statistics named in ``stats``, in one pass.
 
@@ -48,6 +55,11 @@ def token_stats(
         softcap: None, or c > 0 for z = c * tanh(logits / c).
         inplace_backward: write the logits gradient over the logits.
         backend: "auto", "triton", "cuda", "torch" or "reference".
+        process_group: None, or the group whose ranks each hold a contiguous slice of the
+            vocabulary (in rank order, sizes may differ): ``logits`` [..., V_rank] is this rank's
+            slice, ``labels`` are global ids in [0, sum of V_rank), equal on every rank. Every
+            rank calls with the same arguments and gets the same outputs; its logits receive
+            their part of the gradient. "is_top1" is not available (see ``prefopt.distributed``).
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the
@@ -60,39 +72,56 @@ def token_stats(
     _validation.check_ignore_index(ignore_index)
     asked = _validation.check_stats(stats, STAT_NAMES)
     backend = resolve_backend(backend, logits.device)
-    _validation.check_label_values(labels, logits.shape[-1], ignore_index)
-    kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
+    options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
+               "inplace_backward": bool(inplace_backward), "backend": backend}
+    if process_group is None:
+        _validation.check_label_values(labels, logits.shape[-1], ignore_index)
+        kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
+        result, _ = local_token_stats(logits, labels, asked, kernel_ignore_index, with_lse=False, **options)
+        return result
+    shard = distributed.vocab_shard(process_group, logits.shape[-1], labels, ignore_index, asked, logits.dtype,
+                                    what="logits")
+    local, lse = local_token_stats(logits, distributed.local_labels(labels, ignore_index, shard), asked,
+                                    distributed.LOCAL_IGNORE_INDEX, with_lse=True, **options)
+    return distributed.combine(local, lse, labels, ignore_index, shard)
 
+
+def local_token_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    asked: frozenset[str],
+    ignore_index: int,
+    *,
+    temperature: float,
+    softcap: float | None,
+    inplace_backward: bool,
+    backend: str,
+    with_lse: bool,
+) -> tuple[TokenStats, torch.Tensor | None]:
+    """(TokenStats, lse) of checked inputs on one device: lse [...] is each row's differentiable
+    log-sum-exp (0 where ignored) when ``with_lse``, else None; ``ignore_index`` is an int."""
     if backend == "reference":
-        return reference_token_stats(
-            logits, labels, ignore_index=kernel_ignore_index, temperature=float(temperature),
-            softcap=softcap, stats=asked,
-        )
+        result = reference_token_stats(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                                       softcap=softcap, stats=asked)
+        if not with_lse:
+            return result, None
+        lse = torch.logsumexp(transformed_logits(logits, temperature, softcap), dim=-1)
+        return result, torch.where(labels != ignore_index, lse, 0.0)
     outputs = torch.ops.prefopt.token_stats(
         logits,
         labels.reshape(-1),
-        kernel_ignore_index,
-        float(temperature),
-        None if softcap is None else float(softcap),
+        ignore_index,
+        temperature,
+        softcap,
         "entropy" in asked,
         "mean_logits" in asked,
         "log_sum_sq_probs" in asked,
         "is_top1" in asked,
-        bool(inplace_backward),
+        inplace_backward,
         backend,
     )
-    logps, _, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
-
-    def shaped(flat: torch.Tensor, name: str) -> torch.Tensor | None:
-        return flat.view(labels.shape) if name in asked else None
-
-    return TokenStats(
-        logps.view(labels.shape),
-        shaped(entropy, "entropy"),
-        shaped(mean_logits, "mean_logits"),
-        shaped(log_sum_sq_probs, "log_sum_sq_probs"),
-        shaped(is_top1, "is_top1"),
-    )
+    result, lse = ops.shaped_stats(outputs, labels.shape, asked)
+    return result, lse if with_lse else None
 
 
 def token_logprobs(
@@ -105,11 +134,13 @@ def token_logprobs(
     return_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group: "ProcessGroup | None" = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(softcap(logits) / temperature)[label] for every position.
 
     Args:
         logits: [..., V] float logits; labels: [...] int64/int32 (see ``token_stats``).
+        process_group: vocabulary parallelism, as in ``token_stats``.
 
     Returns:
         logps [...] float32 (<= 0; exactly 0 where the label is ``ignore_index``), and with
@@ -118,7 +149,7 @@ def token_logprobs(
     result = token_stats(
         logits, labels, stats=("entropy",) if return_entropy else (), ignore_index=ignore_index,
         temperature=temperature, softcap=softcap, inplace_backward=inplace_backward,
-        backend=backend,
+        backend=backend, process_group=process_group,
     )
     return (result.logps, result.entropy) if return_entropy else result.logps
 
@@ -134,6 +165,7 @@ def sequence_logprobs(
     softcap: float | None = None,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group: "ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """Per-sequence sum (``average=True``: mean over scored tokens) of the label log-probs.
 
@@ -141,6 +173,7 @@ def sequence_logprobs(
         logits: [..., T, V] float logits; labels: [..., T] int64/int32.
         cu_seqlens: optional [S + 1] int32/int64 offsets of S sequences packed into one row:
             logits [1, total, V] or [total, V], labels [1, total] or [total].
+        process_group: vocabulary parallelism, as in ``token_stats``.
 
     Returns:
         float32 [...] (the last dimension reduced), or [S] with ``cu_seqlens``. A sequence with
@@ -158,7 +191,7 @@ def sequence_logprobs(
         raise ValueError(f"logits: expected shape [..., T, V], got {tuple(logits.shape)}")
     logps = token_logprobs(
         logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        inplace_backward=inplace_backward, backend=backend,
+        inplace_backward=inplace_backward, backend=backend, process_group=process_group,
     )
     return reduce_sequences(logps, labels, ignore_index, average, cu_seqlens)
 

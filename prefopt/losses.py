@@ -764,21 +764,24 @@ def kto_kl(
         policy_kl_logps, ref_kl_logps: ``[B]`` floating tensors (one dtype and device): summed
             log-probs of mismatched completions (prompt i paired with another example's
             completion) under the policy and the reference.
-        process_group: when given and ``torch.distributed`` is initialized, the per-rank means
-            are averaged across this group (an all-reduce, no host sync), as TRL's
-            ``gather_for_metrics(kl).mean()``. Pass ``torch.distributed.group.WORLD`` for all
-            ranks; with None the estimate stays local.
+        process_group: when given and ``torch.distributed`` is initialized, the mean is taken
+            over the examples of every rank of this group (one all-reduce of the sum and the
+            count, no host sync), whatever each rank's batch size. With equal batch sizes this
+            is TRL's ``gather_for_metrics(kl).mean()``, a mean of the ranks' means. Pass
+            ``torch.distributed.group.WORLD`` for all ranks; with None the estimate stays local.
 
     Returns:
-        max(0, mean(policy_kl_logps - ref_kl_logps)), averaged over the group, with no gradient.
+        max(0, mean(policy_kl_logps - ref_kl_logps)) over the group's examples, with no gradient.
     """
     _check_vector("policy_kl_logps", policy_kl_logps)
     _check_vector("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
-    kl = (policy_kl_logps - ref_kl_logps).detach().mean()
+    difference = (policy_kl_logps - ref_kl_logps).detach()
     if process_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # SUM then divide: ReduceOp.AVG exists only on some backends (not gloo).
-        torch.distributed.all_reduce(kl, op=torch.distributed.ReduceOp.SUM, group=process_group)
-        kl = kl / torch.distributed.get_world_size(process_group)
+        totals = torch.stack([difference.sum(), difference.new_tensor(difference.numel())])
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM, group=process_group)
+        kl = totals[0] / totals[1]
+    else:
+        kl = difference.mean()
     return kl.clamp(min=0.0)
 
 

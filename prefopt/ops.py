@@ -8,6 +8,15 @@
 - ``prefopt::token_stats_backward``: writes the logits gradient into a fresh tensor.
 - ``prefopt::token_stats_backward_``: writes it over the logits (``inplace_backward=True``).
 
+Every float output is differentiable, the log-sum-exp included: the vocabulary-parallel path
+(``prefopt.distributed``) combines the shards' log-sum-exps and differentiates through them.
+The kernels apply d log p_y / dz = onehot(y) - p; since d lse / dz = p,
+
+    g_logp (onehot - p) + g_lse p = (g_logp - g_lse) (onehot - p) + g_lse onehot,
+
+so the backward runs the kernels with g_logp - g_lse and then adds g_lse dz/dx at each row's
+label column (``lse_label_gradient``), an [N] gather and scatter.
+
 ``backend`` ("triton", "cuda" or "torch") selects the implementation; all follow the same contract.
 """
 
@@ -17,6 +26,7 @@ import torch
 
 from . import chunked
 from ._layout import row_blocks
+from ._types import TokenStats
 
 Tensor = torch.Tensor
 
@@ -51,6 +61,49 @@ def _optional(tensor: Tensor | None, rows: slice) -> Tensor | None:
     return None if tensor is None else tensor[rows]
 
 
+def lse_label_gradient(grad_lse: Tensor, scored: Tensor, label_logits: Tensor | None, temperature: float,
+                       softcap: float | None) -> Tensor:
+    """g_lse * dz/dx at each row's label column, 0 on unscored rows: the part of the log-sum-exp's
+    gradient that the kernels, run with g_logp - g_lse, leave out (see the module docstring).
+
+    Args:
+        grad_lse: [N] float upstream gradient of the log-sum-exp.
+        scored: [N] bool, False where the label is ignored.
+        label_logits: [N] raw logits x at the labels; read only with ``softcap`` (without it
+            dz/dx = 1 / temperature), so the caller may pass None then.
+    """
+    gradient = grad_lse / temperature
+    if softcap is not None:
+        gradient = gradient * (1.0 - torch.tanh(label_logits / softcap).square())
+    return torch.where(scored, gradient, 0.0)
+
+
+def _label_columns(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(index [..., 1] of each row's label column, 0 where ignored; scored [...] bool) for flat
+    labels [N] of logits [..., V]."""
+    labels = labels.reshape(logits.shape[:-1]).long()
+    scored = labels != ignore_index
+    return torch.where(scored, labels, 0).unsqueeze(-1), scored
+
+
+def _lse_gradient_at_labels(logits: Tensor, labels: Tensor, grad_lse: Tensor, ignore_index: int,
+                            temperature: float, softcap: float | None) -> tuple[Tensor, Tensor]:
+    """(label column index [..., 1], the gradient to add there [..., 1]); read from the logits,
+    so for an in-place backward it is taken before they are overwritten."""
+    index, scored = _label_columns(logits, labels, ignore_index)
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    label_logits = None if softcap is None else logits.gather(-1, index).squeeze(-1).to(compute_dtype)
+    gradient = lse_label_gradient(grad_lse.view(scored.shape).to(compute_dtype), scored, label_logits,
+                                  temperature, softcap)
+    return index, gradient.unsqueeze(-1)
+
+
+def _add_at_labels(grad_logits: Tensor, index: Tensor, gradient: Tensor) -> None:
+    # Summed in the compute dtype and rounded once to the gradient's dtype.
+    total = grad_logits.gather(-1, index).to(gradient.dtype) + gradient
+    grad_logits.scatter_(-1, index, total.to(grad_logits.dtype))
+
+
 def empty_stats_outputs(like: Tensor, rows: int, with_entropy: bool, with_mean_logits: bool,
                         with_log_sum_sq_probs: bool, with_is_top1: bool) -> tuple[Tensor, ...]:
     """Uninitialized (logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1) on ``like``'s
@@ -62,6 +115,19 @@ def empty_stats_outputs(like: Tensor, rows: int, with_entropy: bool, with_mean_l
 
     return (output(True), output(True), output(with_entropy), output(with_mean_logits),
             output(with_log_sum_sq_probs), output(with_is_top1, torch.bool))
+
+
+def shaped_stats(outputs: tuple[Tensor, ...], shape: torch.Size, asked: frozenset[str]) -> tuple[TokenStats, Tensor]:
+    """(TokenStats, lse) of the labels' ``shape`` from an operator's flat outputs (the layout of
+    ``empty_stats_outputs``); fields not ``asked`` for are None."""
+    logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
+
+    def shaped(flat: Tensor, name: str) -> Tensor | None:
+        return flat.view(shape) if name in asked else None
+
+    stats = TokenStats(logps.view(shape), shaped(entropy, "entropy"), shaped(mean_logits, "mean_logits"),
+                       shaped(log_sum_sq_probs, "log_sum_sq_probs"), shaped(is_top1, "is_top1"))
+    return stats, lse.view(shape)
 
 
 @torch.library.custom_op("prefopt::token_stats", mutates_args=())
@@ -156,6 +222,7 @@ def token_stats_backward_op(
     entropy: Tensor | None,
     log_sum_sq_probs: Tensor | None,
     grad_logps: Tensor,
+    grad_lse: Tensor | None,
     grad_entropy: Tensor | None,
     grad_mean_logits: Tensor | None,
     grad_log_sum_sq_probs: Tensor | None,
@@ -164,11 +231,15 @@ def token_stats_backward_op(
     softcap: float | None,
     backend: str,
 ) -> Tensor:
-    """The logits gradient as a new contiguous tensor of the logits' shape and dtype."""
+    """The logits gradient as a new contiguous tensor of the logits' shape and dtype.
+    ``grad_logps`` is g_logp - g_lse when ``grad_lse`` is given (see the module docstring)."""
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _run_backward(logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps,
                   grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
                   temperature, softcap, backend)
+    if grad_lse is not None:
+        _add_at_labels(grad_logits, *_lse_gradient_at_labels(logits, labels, grad_lse, ignore_index,
+                                                             temperature, softcap))
     return grad_logits
 
 
@@ -185,6 +256,7 @@ def token_stats_backward_inplace_op(
     entropy: Tensor | None,
     log_sum_sq_probs: Tensor | None,
     grad_logps: Tensor,
+    grad_lse: Tensor | None,
     grad_entropy: Tensor | None,
     grad_mean_logits: Tensor | None,
     grad_log_sum_sq_probs: Tensor | None,
@@ -193,10 +265,14 @@ def token_stats_backward_inplace_op(
     softcap: float | None,
     backend: str,
 ) -> None:
-    """Overwrites the logits with their gradient."""
+    """Overwrites the logits with their gradient (``grad_logps`` as in token_stats_backward)."""
+    label_gradient = None if grad_lse is None else _lse_gradient_at_labels(
+        logits, labels, grad_lse, ignore_index, temperature, softcap)
     _run_backward(logits, logits, labels, lse, entropy, log_sum_sq_probs, grad_logps,
                   grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
                   temperature, softcap, backend)
+    if label_gradient is not None:
+        _add_at_labels(logits, *label_gradient)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -205,6 +281,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits, labels, lse, entropy, log_sum_sq_probs)
     ctx.hyperparameters = (ignore_index, temperature, softcap, backend)
     ctx.inplace_backward = inplace_backward
+    # Outputs nobody differentiated arrive as None, not as zeros: without a gradient for the
+    # log-sum-exp the backward does no label-column work.
+    ctx.set_materialize_grads(False)
+
+
+def logps_upstream(grad_logps: Tensor | None, grad_lse: Tensor | None, like: Tensor) -> Tensor:
+    """What the kernels take as the log-probs' upstream gradient: g_logp - g_lse (see the module
+    docstring), zeros when neither was differentiated. Both arguments are dense or None."""
+    if grad_lse is None:
+        return torch.zeros_like(like) if grad_logps is None else grad_logps
+    return -grad_lse if grad_logps is None else grad_logps - grad_lse
 
 
 def dense_upstream(grad: Tensor | None) -> Tensor | None:
@@ -222,15 +309,14 @@ def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_lo
     grad_entropy = dense_upstream(grad_entropy)
     grad_mean_logits = dense_upstream(grad_mean_logits)
     grad_log_sum_sq_probs = dense_upstream(grad_log_sum_sq_probs)
-    grad_logps = dense_upstream(grad_logps)
-    if grad_logps is None:
-        grad_logps = torch.zeros_like(lse)
+    grad_lse = dense_upstream(grad_lse)
     arguments = (
         labels,
         lse,
         entropy if grad_entropy is not None else None,
         log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
-        grad_logps,
+        logps_upstream(dense_upstream(grad_logps), grad_lse, lse),
+        grad_lse,
         grad_entropy,
         grad_mean_logits,
         grad_log_sum_sq_probs,

@@ -433,21 +433,20 @@ def test_kto_kl_mean_clamp_and_no_grad(dtype):
 
 
 def test_kto_kl_averages_across_the_group(monkeypatch):
-    # Simulated two-rank group: the other rank's local mean is -0.1.
+    # Simulated two-rank group: the other rank holds 3 examples summing to -0.3.
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     calls = []
 
     def fake_all_reduce(tensor, op=None, group=None):
         calls.append((op, group))
-        tensor.add_(-0.1)
+        tensor.add_(torch.tensor([-0.3, 3.0], dtype=tensor.dtype))
 
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     p = torch.tensor([-1.0, -2.0], dtype=torch.float64)
     q = torch.tensor([-1.5, -2.5], dtype=torch.float64)
     group = object()
-    assert kto_kl(p, q, process_group=group).item() == pytest.approx((0.5 - 0.1) / 2, rel=1e-12)
+    assert kto_kl(p, q, process_group=group).item() == pytest.approx((1.0 - 0.3) / 5, rel=1e-12)
     assert calls == [(dist.ReduceOp.SUM, group)]
     # Without a group the estimate stays local.
     assert kto_kl(p, q).item() == pytest.approx(0.5, rel=1e-12)
