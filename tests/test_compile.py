@@ -34,3 +34,52 @@ def test_fullgraph_compile_matches_eager(backend, compiler, inplace_backward):
     torch.testing.assert_close(compiled_loss, eager_loss)
     assert torch.equal(compiled_top1, eager_top1)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def _logits_functions(backend):
+    labels = random_labels((2, 6), 37)
+    index = labels.clamp(min=0)
+    return {
+        "token_logprobs": lambda x: prefopt.token_logprobs(x, labels, temperature=0.7, backend=backend),
+        "token_stats": lambda x: prefopt.token_stats(x, labels, stats=("log_sum_sq_probs",),
+                                                     backend=backend).log_sum_sq_probs,
+        "sequence_logprobs": lambda x: prefopt.sequence_logprobs(x, labels, backend=backend),
+        # TRL's signature: no backend argument, "auto" decides.
+        "selective_log_softmax": lambda x: prefopt.selective_log_softmax(x, index, 0.9, row_mask=labels != -100),
+    }
+
+
+def _linear_functions(backend, weight):
+    labels = random_labels((2, 6), 37)
+    return {
+        "linear_token_logprobs": lambda h: prefopt.linear_token_logprobs(h, weight, labels, softcap=3.0,
+                                                                         backend=backend),
+        "linear_sequence_logprobs": lambda h: prefopt.linear_sequence_logprobs(h, weight, labels, average=True,
+                                                                               backend=backend),
+    }
+
+
+@pytest.mark.parametrize("name", [*_logits_functions("torch"), *_linear_functions("torch", None)])
+def test_every_public_function_traces_fullgraph(backend, name):
+    """Each public log-prob function, compiled whole, gives eager's values and input gradient."""
+    generator = torch.Generator().manual_seed(3)
+    if name.startswith("linear_"):
+        if backend == "cuda":
+            pytest.skip("the fused linear path has no CUDA C++ kernels")
+        weight = torch.randn(37, 8, generator=generator).to(DEVICE)
+        function = _linear_functions(backend, weight)[name]
+        leaf_value = torch.randn(2, 6, 8, generator=generator).to(DEVICE)
+    else:
+        function = _logits_functions(backend)[name]
+        leaf_value = random_logits((2, 6, 37), torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
+    results = []
+    for run in (function, compiled):
+        leaf = leaf_value.clone().requires_grad_(True)
+        value = run(leaf)
+        (grad,) = torch.autograd.grad((value * torch.linspace(0.5, 1.5, value.numel()).view(value.shape)).sum(), leaf)
+        results.append((value, grad))
+    (eager_value, eager_grad), (compiled_value, compiled_grad) = results
+    torch.testing.assert_close(compiled_value, eager_value)
+    torch.testing.assert_close(compiled_grad, eager_grad)
