@@ -34,3 +34,13 @@ def test_readme_hidden_state_example_runs():
     namespace: dict = {}
     exec(compile(example.group(1), str(README), "exec"), namespace)
     assert namespace["lm_head"].weight.grad is not None and namespace["hidden"].grad is not None
+
+
+def test_readme_transformers_example_runs():
+    section = README.read_text().partition("\n## In TRL and Transformers\n")[2]
+    examples = re.findall(r"```python\n(.*?)```", section.partition("\n## ")[0], re.S)
+    assert len(examples) == 2, "README.md's TRL and Transformers section has two Python examples"
+    namespace: dict = {}
+    exec(compile(examples[1], str(README), "exec"), namespace)
+    assert namespace["stats"].logps.shape == (2, 15)
+    assert namespace["model"].lm_head.weight.grad is not None
