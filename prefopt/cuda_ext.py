@@ -1,6 +1,7 @@
 """The CUDA C++ backend: the kernels of ``csrc/``, built with ``torch.utils.cpp_extension`` (ninja)
-and registered as the torch operators ``prefopt::cuda_token_stats_forward`` and
-``prefopt::cuda_token_stats_backward`` by ``csrc/binding.cpp``.
+and registered as the torch operators ``prefopt::cuda_token_stats_forward``,
+``prefopt::cuda_token_stats_backward``, ``prefopt::cuda_preference_loss_forward`` and
+``prefopt::cuda_preference_loss_backward`` by ``csrc/binding.cpp``.
 
 - Built lazily the first time ``backend="cuda"`` runs, or ahead of time with
   ``python -m prefopt build``, into a cache directory per (torch, CUDA, Python, sources):
@@ -13,6 +14,8 @@ and registered as the torch operators ``prefopt::cuda_token_stats_forward`` and
 - ``token_stats_forward`` / ``token_stats_backward`` have exactly the signature and contract of
   ``prefopt.kernels.token_stats_forward`` / ``token_stats_backward`` (the Triton launchers):
   logits as [outer, inner, V] views with a contiguous last dimension, flat [rows] outputs.
+- ``preference_loss`` is one launch of the fused loss reduction of a family, forward or backward,
+  on the arguments of the operators of ``prefopt.fused_losses``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +37,7 @@ import torch
 from .backends import BackendUnavailableError
 
 EXTENSION_NAME = "prefopt_cuda"
-SOURCES = ("binding.cpp", "token_logprobs_fwd.cu", "token_logprobs_bwd.cu")
+SOURCES = ("binding.cpp", "token_logprobs_fwd.cu", "token_logprobs_bwd.cu", "preference_loss.cu")
 HEADERS = ("prefopt_csrc.h", "token_stats_common.cuh")
 ARCHITECTURES = ("80", "90")
 # -O3 with IEEE-accurate math: no --use_fast_math. The kernels call __expf where an approximate
@@ -46,6 +50,28 @@ NVCC_FLAGS = (
     "-gencode=arch=compute_90,code=compute_90",
 )
 CXX_FLAGS = ("-O3",)
+
+# The codes of prefopt_loss_family and prefopt_loss_type in csrc/prefopt_csrc.h.
+LOSS_FAMILY_CODES = {"dpo": 0, "kto": 1, "cpo": 2, "orpo": 3}
+LOSS_TYPE_CODES = {
+    "sigmoid": 0,
+    "robust": 1,
+    "hinge": 2,
+    "ipo": 3,
+    "exo_pair": 4,
+    "nca_pair": 5,
+    "bco_pair": 6,
+    "sppo_hard": 7,
+    "apo_zero": 8,
+    "apo_down": 9,
+    "discopop": 10,
+    "sigmoid_norm": 11,
+    "simpo": 12,
+    "kto": 13,
+    "apo_zero_unpaired": 14,
+}
+# Token counts the loss kernels read in their own dtype (both lengths in one of them).
+_TOKEN_COUNT_DTYPES = (torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _lock = threading.Lock()
 _loaded_library: str | None = None
@@ -268,3 +294,56 @@ def token_stats_backward(
         grad_mean_logits, grad_log_sum_sq_probs, int(ignore_index), float(temperature),
         None if softcap is None else float(softcap),
     )
+
+
+def _token_counts(
+    chosen_lengths: torch.Tensor | None, rejected_lengths: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The lengths as the kernels read them: as they are when both share a dtype the kernels take,
+    else in float64, which holds every count of any integer or floating dtype as the kernels
+    would round it (an extra elementwise op, only for such unusual inputs)."""
+    present = [t for t in (chosen_lengths, rejected_lengths) if t is not None]
+    if len({t.dtype for t in present}) <= 1 and all(t.dtype in _TOKEN_COUNT_DTYPES for t in present):
+        return chosen_lengths, rejected_lengths
+    return tuple(None if t is None else t.to(torch.float64) for t in (chosen_lengths, rejected_lengths))
+
+
+def preference_loss(
+    family: str,
+    tensors: Sequence[torch.Tensor | None],
+    config: Sequence,
+    outputs: Sequence[torch.Tensor] | None,
+    grads: Sequence[torch.Tensor | None] | None,
+) -> None:
+    """One launch of the fused loss reduction of ``family`` on the arguments of the operators of
+    ``prefopt.fused_losses``: ``tensors`` = (chosen, rejected, ref_chosen, ref_rejected, margin,
+    chosen_lengths, rejected_lengths, desirable, offset, nll), contiguous, [B] (offset 0-d, nll 0-d
+    or [B]) or None; ``config`` = (loss_types as "a,b", loss_weights, beta, label_smoothing,
+    discopop_tau, simpo_gamma, cpo_alpha, desirable_weight, undesirable_weight, offset_value,
+    reduction).
+
+    Forward when ``outputs`` = (loss 0-d, losses, chosen_rewards, rejected_rewards [B], metrics) is
+    given; backward when ``grads`` = (grad_loss 0-d, grad_losses [B], grad_chosen, grad_rejected,
+    grad_ref_chosen, grad_ref_rejected, grad_margin, grad_nll) is, each gradient shaped like its
+    input, or None where it is not wanted.
+    """
+    chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset, nll = (
+        tensors
+    )
+    (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha, desirable_weight,
+     undesirable_weight, offset_value, reduction) = config
+    chosen_lengths, rejected_lengths = _token_counts(chosen_lengths, rejected_lengths)
+    codes = [LOSS_TYPE_CODES[kind] for kind in loss_types.split(",") if kind]
+    # Only the DPO family weighs its types; the others have one type (or none) of weight 1.
+    weights = [float(w) for w in loss_weights] if family == "dpo" else [1.0] * len(codes)
+    arguments = (
+        chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset, nll,
+        LOSS_FAMILY_CODES[family], codes, weights,
+        float(beta), float(label_smoothing), float(discopop_tau), float(simpo_gamma), float(cpo_alpha),
+        float(desirable_weight), float(undesirable_weight), float(offset_value), reduction == "mean",
+    )
+    load()
+    if grads is None:
+        _ops().cuda_preference_loss_forward(*arguments, *outputs)
+    else:
+        _ops().cuda_preference_loss_backward(*arguments, *grads)

@@ -1,9 +1,12 @@
 """The fused preference-loss operators, registered with ``torch.library``.
 
-- ``prefopt::preference_loss``: one launch of the Triton kernel of a loss family computes the
+- ``prefopt::preference_loss``: one launch of the fused kernel of a loss family computes the
   per-example losses, the reduced loss, the rewards and the batch metrics.
 - ``prefopt::preference_loss_backward``: one launch computes the gradients with respect to every
   log-prob input (and the margin, and ORPO's NLL), recomputed from the inputs.
+
+``backend`` chooses the kernel: ``"triton"`` (``prefopt.kernels.preference_loss``) or ``"cuda"``
+(``csrc/preference_loss.cu`` through ``prefopt.cuda_ext``); both have the same contract.
 
 Both are opaque single operators to autograd, ``torch.compile(fullgraph=True)`` and CUDA graphs:
 nothing here reads a device value on the host. Families and the arguments each one reads:
@@ -58,14 +61,27 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
 # The dtypes the kernels read and write; float16 and bfloat16 are computed in float32.
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The backends with a fused loss kernel.
+FUSED_BACKENDS = ("triton", "cuda")
+
 
 def _launch(
+    backend: str,
     family: str,
     tensors: tuple[Tensor | None, ...],
     config: tuple,
     outputs: tuple[Tensor, ...] | None,
     grads: tuple[Tensor | None, ...] | None,
 ) -> None:
+    """Forward (``outputs`` given) or backward (``grads`` given, laid out as each backend's
+    launcher takes them) of one loss."""
+    if backend == "cuda":
+        from . import cuda_ext
+
+        cuda_ext.preference_loss(family, tensors, config, outputs, grads)
+        return
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
     from .kernels import preference_loss as kernels
 
     (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths,
@@ -121,6 +137,7 @@ def preference_loss_op(
     undesirable_weight: float,
     offset_value: float,
     reduction: str,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, losses, chosen_rewards, rejected_rewards, metrics): loss 0-d (the mean, or
     the sum for reduction "sum" and "none"), the others [B], metrics [len(METRIC_NAMES[family])],
@@ -137,7 +154,7 @@ def preference_loss_op(
                offset, nll)
     config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
               desirable_weight, undesirable_weight, offset_value, reduction)
-    _launch(family, tensors, config, outputs, None)
+    _launch(backend, family, tensors, config, outputs, None)
     return outputs
 
 
@@ -180,13 +197,18 @@ def preference_loss_backward_op(
     undesirable_weight: float,
     offset_value: float,
     reduction: str,
+    backend: str,
 ) -> list[Tensor]:
     """Gradients [chosen, rejected, ref_chosen, ref_rejected, margin, nll] from the upstream
     gradients of the reduced loss (0-d) and of ``losses`` ([B], dense); an input that is absent,
     or that the family does not differentiate, gets an empty tensor."""
-    grads = [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
+    differentiable = (chosen, rejected, ref_chosen, ref_rejected, margin, nll)
+    grads = [_grad_like(t, chosen) for t in differentiable]
     g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = grads
-    if family == "dpo":
+    if backend == "cuda":
+        # One layout for every family: a gradient for each present input.
+        launch_grads = (grad_loss, grad_losses, *(None if t is None else g for t, g in zip(differentiable, grads)))
+    elif family == "dpo":
         launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, g_ref_chosen, g_ref_rejected,
                         None if margin is None else g_margin)
     elif family == "kto":
@@ -199,7 +221,7 @@ def preference_loss_backward_op(
                offset, nll)
     config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
               desirable_weight, undesirable_weight, offset_value, reduction)
-    _launch(family, tensors, config, None, launch_grads)
+    _launch(backend, family, tensors, config, None, launch_grads)
     return grads
 
 
@@ -276,8 +298,10 @@ def fused_preference_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     reduction: str = "mean",
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """One loss of ``family`` through the fused operators, on already validated arguments.
+    """One loss of ``family`` through the fused operators of ``backend`` (one of
+    :data:`FUSED_BACKENDS`), on already validated arguments.
 
     ``offset`` is bco_pair's δ (dpo) or the KL reference point (kto): a float, or a 0-d tensor
     already in ``chosen``'s dtype and detached. Returns (loss, losses, chosen_rewards,
@@ -312,6 +336,7 @@ def fused_preference_loss(
         float(undesirable_weight),
         0.0 if offset_tensor is not None else float(offset),
         reduction,
+        backend,
     )
     named = dict(zip(METRIC_NAMES[family], metrics.unbind(0)))
     return (losses if reduction == "none" else loss), losses, chosen_rewards, rejected_rewards, named

@@ -15,12 +15,13 @@ Conventions shared by every function:
   vector ``losses``; with ``"none"`` the returned ``loss`` is ``losses`` itself.
 * Rewards are detached, as TRL logs them.
 * ``backend`` chooses who computes the loss: ``"reference"`` is the plain PyTorch below;
-  ``"triton"`` is one launch of the fused kernel of ``prefopt.fused_losses`` forward (losses,
-  reduced loss, rewards and metrics) and one backward; ``"auto"`` (default) takes the fused
-  kernel where the log-prob kernels would run Triton (CUDA tensors, or ``PREFOPT_BACKEND``) and
-  the reference elsewhere. Validation always runs first, on the host. The fused kernel covers
-  every type except ``aot`` and ``aot_unpaired``, which sort across the batch and stay on the
-  reference path (``"auto"`` routes them there; ``"triton"`` raises).
+  ``"triton"`` and ``"cuda"`` are one launch of the fused kernel of ``prefopt.fused_losses``
+  (Triton, or the CUDA C++ extension) forward (losses, reduced loss, rewards and metrics) and one
+  backward; ``"auto"`` (default) takes the fused kernel of the backend the log-prob kernels
+  would run (CUDA tensors, or ``PREFOPT_BACKEND``) and the reference elsewhere. Validation always
+  runs first, on the host. The fused kernels cover every type except ``aot`` and
+  ``aot_unpaired``, which sort across the batch and stay on the reference path (``"auto"`` routes
+  them there; ``"triton"`` and ``"cuda"`` raise).
 * ``return_metrics=True`` also returns the batch metrics as TRL logs them, a dict of 0-d device
   tensors (no host sync: the caller decides when to read them). Pairwise losses give
   ``rewards/chosen``, ``rewards/rejected`` (batch means of the rewards), ``rewards/accuracies``
@@ -86,7 +87,7 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
 KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
-LOSS_BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+LOSS_BACKENDS: tuple[str, ...] = ("auto", *fused_losses.FUSED_BACKENDS, "reference")
 
 # Types whose losses pair quantiles of the whole batch (a sort), not examples: no fused kernel.
 _SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
@@ -249,8 +250,8 @@ def _check_length_pair(
 
 
 def _resolve_backend(backend: object, like: torch.Tensor, unfused: str | None = None) -> str:
-    """"triton" or "reference" for a loss on ``like``'s device and dtype. ``unfused`` says why the
-    fused kernel cannot compute this call (None when it can)."""
+    """"triton", "cuda" or "reference" for a loss on ``like``'s device and dtype. ``unfused`` says
+    why no fused kernel can compute this call (None when one can)."""
     if not isinstance(backend, str) or backend not in LOSS_BACKENDS:
         raise ValueError(f"backend must be one of {list(LOSS_BACKENDS)} for the losses, got {backend!r}")
     if backend == "reference":
@@ -258,14 +259,15 @@ def _resolve_backend(backend: object, like: torch.Tensor, unfused: str | None = 
     if unfused is None and like.dtype not in fused_losses.FUSED_DTYPES:
         unfused = f"the fused kernel reads {[str(d) for d in fused_losses.FUSED_DTYPES]}, got {like.dtype}"
     if backend == "auto":
-        # The log-prob dispatch decides (device, PREFOPT_BACKEND); a loss has only the Triton kernel
-        # and the reference, so its chunked "torch" answer means the reference here.
+        # The log-prob dispatch decides (device, PREFOPT_BACKEND); a loss has only the fused
+        # kernels and the reference, so its chunked "torch" answer means the reference here.
         chosen = resolve_backend("auto", like.device)
-        fusable = unfused is None and unavailable_reason("triton", like.device) is None
-        return "triton" if chosen in ("triton", "cuda") and fusable else "reference"
-    reason = unfused if unfused is not None else unavailable_reason("triton", like.device)
+        fusable = (chosen in fused_losses.FUSED_BACKENDS and unfused is None
+                   and unavailable_reason(chosen, like.device) is None)
+        return chosen if fusable else "reference"
+    reason = unfused if unfused is not None else unavailable_reason(backend, like.device)
     if reason is not None:
-        raise BackendUnavailableError(f"backend='triton' cannot compute this loss on {like.device.type}: {reason}")
+        raise BackendUnavailableError(f"backend={backend!r} cannot compute this loss on {like.device.type}: {reason}")
     return backend
 
 
@@ -491,7 +493,7 @@ def dpo_loss(
             hidden state: the running mean of all chosen and rejected rewards β·(log-ratio) seen
             so far, this batch included; current TRL uses 0. Pass it in to reproduce the former.
         discopop_tau: τ > 0 of ``discopop`` (TRL's default 0.05).
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring);
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see the module docstring);
             ``aot`` and ``aot_unpaired`` run on the reference path only.
         return_metrics: also return the batch metrics (see the module docstring).
 
@@ -558,7 +560,7 @@ def dpo_loss(
     )
     delta = _constant(bco_delta, policy_chosen_logps)
 
-    if backend == "triton":
+    if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
             "dpo",
             policy_chosen_logps,
@@ -575,6 +577,7 @@ def dpo_loss(
             label_smoothing=eps,
             discopop_tau=discopop_tau,
             reduction=reduction,
+            backend=backend,
         )
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
@@ -681,7 +684,7 @@ def kto_loss(
         desirable_weight, undesirable_weight: λ_D, λ_U >= 0.
         loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
         reduction: ``"mean"`` (over all B examples, TRL's), ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see the module docstring).
         return_metrics: also return the batch metrics (see the module docstring).
 
     With r = policy_logps - ref_logps, per example:
@@ -722,7 +725,7 @@ def kto_loss(
     backend = _resolve_backend(backend, policy_logps)
     reference_point = _constant(kl, policy_logps) if loss_type == "kto" else 0.0
 
-    if backend == "triton":
+    if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
             "kto",
             policy_logps,
@@ -735,6 +738,7 @@ def kto_loss(
             desirable_weight=desirable_weight,
             undesirable_weight=undesirable_weight,
             reduction=reduction,
+            backend=backend,
         )
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
@@ -822,7 +826,7 @@ def cpo_loss(
             ``ipo`` and ``simpo`` need both, because TRL feeds them per-token average log-probs;
             the NLL term needs ``chosen_lengths`` whenever ``cpo_alpha != 0``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see the module docstring).
         return_metrics: also return the batch metrics (see the module docstring; the
             ``logps/*`` means are of the summed log-prob inputs).
 
@@ -864,7 +868,7 @@ def cpo_loss(
     _check_reduction(reduction)
     backend = _resolve_backend(backend, policy_chosen_logps)
 
-    if backend == "triton":
+    if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
             "cpo",
             policy_chosen_logps,
@@ -877,6 +881,7 @@ def cpo_loss(
             simpo_gamma=simpo_gamma,
             cpo_alpha=cpo_alpha,
             reduction=reduction,
+            backend=backend,
         )
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
@@ -971,7 +976,7 @@ def orpo_loss(
             counts prompt tokens too). A ``[B]`` tensor: per-pair NLL. Same dtype and device as
             the log-probs; gradients flow into it.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see the module docstring).
         return_metrics: also return the batch metrics (see the module docstring).
 
     Per pair, with p_c = exp(c), p_r = exp(r):
@@ -1002,9 +1007,10 @@ def orpo_loss(
     _check_reduction(reduction)
     backend = _resolve_backend(backend, policy_chosen_logps)
 
-    if backend == "triton":
+    if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
-            "orpo", policy_chosen_logps, policy_rejected_logps, nll=chosen_nll, beta=beta, reduction=reduction
+            "orpo", policy_chosen_logps, policy_rejected_logps, nll=chosen_nll, beta=beta, reduction=reduction,
+            backend=backend,
         )
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 

@@ -3,13 +3,15 @@
 - Every csrc/*.cu compiles with nvcc for sm_80 and sm_90, with the extension's own flags, and
   ptxas reports no register spills in any kernel (skipped, with the reason, without nvcc).
 - The C ABI links into a plain C++ program, whose launchers reject bad arguments with
-  cudaErrorInvalidValue before touching a device, and plan split-V layouts as intended.
+  cudaErrorInvalidValue before touching a device, and plan split-V layouts as intended; the loss
+  codes of prefopt_csrc.h are the ones prefopt.cuda_ext sends.
 - csrc/binding.cpp compiles (syntax and types) against the installed torch headers.
 - The kernels' own source, compiled as C++ with csrc/testing/host_simulator.h, runs on the CPU
-  under every test of the correctness suite that takes a ``backend``, through the real Python path
-  (prefopt.ops -> prefopt.cuda_ext -> operators with binding.cpp's schemas -> C launchers). This
-  checks indexing, split-V, alignment, ignored rows and the math; it does not replace running the
-  compiled kernels on a GPU, where the main suite runs with backend="cuda" (tests/conftest.py).
+  under every test of the correctness suite that takes a ``backend`` (the log-prob tests and the
+  fused-loss tests), through the real Python path (prefopt.ops or prefopt.fused_losses ->
+  prefopt.cuda_ext -> operators with binding.cpp's schemas -> C launchers). This checks indexing,
+  split-V, alignment, ignored rows and the math; it does not replace running the compiled kernels
+  on a GPU, where the main suite runs with backend="cuda" (tests/conftest.py).
 """
 
 import concurrent.futures
@@ -29,7 +31,8 @@ import torch
 from conftest import DEVICE
 
 import prefopt
-from prefopt import backends, cuda_ext
+from prefopt import backends, cuda_ext, losses
+from prefopt.fused_losses import METRIC_NAMES
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -123,7 +126,13 @@ def compiled(tmp_path_factory):
 
 
 def test_there_are_kernel_sources():
-    assert {source.name for source in KERNEL_SOURCES} >= {"token_logprobs_fwd.cu", "token_logprobs_bwd.cu"}
+    assert {source.name for source in KERNEL_SOURCES} >= {"token_logprobs_fwd.cu", "token_logprobs_bwd.cu",
+                                                         "preference_loss.cu"}
+
+
+# The log-prob kernels, whose layouts count on four resident blocks per SM. The loss kernels run
+# as one block per launch and may use every register they need.
+RESIDENT_BLOCKS_SOURCES = ("token_logprobs_fwd.cu", "token_logprobs_bwd.cu")
 
 
 @needs_nvcc
@@ -145,11 +154,13 @@ def test_compiles_for_sm80_and_sm90_without_register_spills(compiled, source):
     for (name, arch), info in kernels.items():
         spills = (info.get("spill_stores"), info.get("spill_loads"))
         assert spills == (0, 0), f"{demangled(name)} on {arch} spills:\n{report}"
-        # __launch_bounds__(256, 4): four blocks resident per SM, which the split plans assume.
-        assert info.get("registers", 0) <= 64, f"{demangled(name)} on {arch}:\n{report}"
+        if source in RESIDENT_BLOCKS_SOURCES:
+            # __launch_bounds__(256, 4): four blocks resident per SM, which the split plans assume.
+            assert info.get("registers", 0) <= 64, f"{demangled(name)} on {arch}:\n{report}"
 
 
 ABI_DRIVER = r"""
+#include <cmath>
 #include <cstdio>
 #include <cuda_runtime_api.h>
 #include "prefopt_csrc.h"
@@ -213,9 +224,103 @@ int main() {
   EXPECT(prefopt_token_stats_forward_workspace_bytes(8, 1) == 0);
   EXPECT(prefopt_token_stats_forward_workspace_bytes(8, few) == 8u * few * 32u);
 
+  // Preference losses: well-formed calls of each family, then one defect at a time.
+  prefopt_preference_inputs dpo{};
+  dpo.chosen = dpo.rejected = dpo.ref_chosen = dpo.ref_rejected = fake;
+  prefopt_preference_config dpo_config{};
+  dpo_config.family = PREFOPT_FAMILY_DPO;
+  dpo_config.num_loss_types = 1;
+  dpo_config.loss_types[0] = PREFOPT_LOSS_SIGMOID;
+  dpo_config.loss_weights[0] = 1.0;
+  dpo_config.beta = 0.1;
+  dpo_config.discopop_tau = 0.05;
+  prefopt_preference_inputs kto{};
+  kto.chosen = kto.ref_chosen = fake;
+  kto.desirable = reinterpret_cast<const uint8_t*>(fake);
+  prefopt_preference_config kto_config = dpo_config;
+  kto_config.family = PREFOPT_FAMILY_KTO;
+  kto_config.loss_types[0] = PREFOPT_LOSS_KTO;
+  prefopt_preference_inputs cpo{};
+  cpo.chosen = cpo.rejected = cpo.chosen_lengths = cpo.rejected_lengths = fake;
+  cpo.lengths_dtype = PREFOPT_INT64;
+  prefopt_preference_config cpo_config = dpo_config;
+  cpo_config.family = PREFOPT_FAMILY_CPO;
+  cpo_config.loss_types[0] = PREFOPT_LOSS_SIMPO;
+  cpo_config.cpo_alpha = 1.0;
+  prefopt_preference_inputs orpo{};
+  orpo.chosen = orpo.rejected = orpo.nll = fake;
+  prefopt_preference_config orpo_config = dpo_config;
+  orpo_config.family = PREFOPT_FAMILY_ORPO;
+  orpo_config.num_loss_types = 0;
+
+  auto forward = [&](int dtype, int64_t n, const prefopt_preference_inputs* in, const prefopt_preference_config* k) {
+    return prefopt_preference_loss_forward(dtype, n, in, k, fake, fake, fake, fake, fake, nullptr);
+  };
+  auto backward = [&](const prefopt_preference_inputs& in, const prefopt_preference_config& k, void* grad_margin,
+                      void* grad_nll) {
+    return prefopt_preference_loss_backward(PREFOPT_FLOAT32, 8, &in, &k, fake, fake, fake, nullptr, nullptr, nullptr,
+                                            grad_margin, grad_nll, nullptr);
+  };
+  // Is the call refused once `change` is applied to a copy of the well-formed (in, k)?
+  auto refused = [&](const prefopt_preference_inputs& in, const prefopt_preference_config& k, auto change) {
+    prefopt_preference_inputs bad_in = in;
+    prefopt_preference_config bad_k = k;
+    change(bad_in, bad_k);
+    return forward(PREFOPT_FLOAT32, 8, &bad_in, &bad_k) == invalid;
+  };
+  using I = prefopt_preference_inputs;
+  using K = prefopt_preference_config;
+  EXPECT(forward(PREFOPT_INT64, 8, &dpo, &dpo_config) == invalid);
+  EXPECT(forward(17, 8, &dpo, &dpo_config) == invalid);
+  EXPECT(forward(PREFOPT_FLOAT32, 0, &dpo, &dpo_config) == invalid);
+  EXPECT(forward(PREFOPT_FLOAT32, 8, nullptr, &dpo_config) == invalid);
+  EXPECT(forward(PREFOPT_FLOAT32, 8, &dpo, nullptr) == invalid);
+  EXPECT(prefopt_preference_loss_forward(PREFOPT_FLOAT32, 8, &dpo, &dpo_config, fake, nullptr, fake, fake, fake,
+                                         nullptr) == invalid);
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.beta = 0.0; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.beta = std::nan(""); }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.family = 4; }));
+  EXPECT(refused(dpo, dpo_config, [](I& in, K&) { in.chosen = nullptr; }));
+  EXPECT(refused(dpo, dpo_config, [](I& in, K&) { in.ref_rejected = nullptr; }));
+  EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.desirable = kto.desirable; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.num_loss_types = 0; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.num_loss_types = PREFOPT_MAX_LOSS_TYPES + 1; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_SIMPO; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = -1; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_weights[0] = INFINITY; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_ROBUST; k.label_smoothing = 0.5; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_EXO_PAIR; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_DISCOPOP; k.discopop_tau = 0.0; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_SIGMOID_NORM; }));
+  EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.chosen_lengths = fake; in.lengths_dtype = PREFOPT_INT64; }));
+  EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.chosen_lengths = in.rejected_lengths = fake; in.lengths_dtype = 9; }));
+  EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.rejected = fake; }));
+  EXPECT(refused(kto, kto_config, [](I& in, K&) { in.desirable = nullptr; }));
+  EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.margin = fake; }));
+  EXPECT(refused(kto, kto_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_SIGMOID; }));
+  EXPECT(refused(cpo, cpo_config, [](I& in, K&) { in.chosen_lengths = nullptr; }));
+  EXPECT(refused(cpo, cpo_config, [](I& in, K&) { in.rejected_lengths = nullptr; }));
+  EXPECT(refused(cpo, cpo_config, [&](I& in, K&) { in.ref_chosen = fake; }));
+  EXPECT(refused(cpo, cpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_ROBUST; }));
+  EXPECT(refused(orpo, orpo_config, [](I&, K& k) { k.num_loss_types = 1; }));
+  EXPECT(refused(orpo, orpo_config, [](I& in, K&) { in.nll = nullptr; in.nll_is_vector = 1; }));
+  EXPECT(backward(dpo, dpo_config, fake, nullptr) == invalid);  // a margin gradient without a margin
+  EXPECT(backward(dpo, dpo_config, nullptr, fake) == invalid);  // an NLL gradient without an NLL
+  EXPECT(prefopt_preference_loss_backward(PREFOPT_FLOAT32, 8, &dpo, &dpo_config, nullptr, fake, fake, nullptr, nullptr,
+                                          nullptr, nullptr, nullptr, nullptr) == invalid);
+  EXPECT(prefopt_preference_loss_metric_count(PREFOPT_FAMILY_ORPO) == 9);
+  EXPECT(prefopt_preference_loss_metric_count(4) == 0);
+
   // A well-formed launch on a machine without a usable GPU returns an error, never crashes.
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    // Past the argument checks, only the launch itself fails.
+    auto launch_failed = [&](cudaError_t status) { return status != cudaSuccess && status != invalid; };
+    EXPECT(launch_failed(forward(PREFOPT_FLOAT32, 8, &dpo, &dpo_config)));
+    EXPECT(launch_failed(forward(PREFOPT_BFLOAT16, 8, &kto, &kto_config)));
+    EXPECT(launch_failed(forward(PREFOPT_FLOAT64, 8, &cpo, &cpo_config)));
+    EXPECT(launch_failed(forward(PREFOPT_FLOAT16, 8, &orpo, &orpo_config)));
+    EXPECT(launch_failed(backward(orpo, orpo_config, nullptr, fake)));
     EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
                                        out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
                                        nullptr) != cudaSuccess);
@@ -232,7 +337,7 @@ int main() {
 @needs_nvcc
 def test_c_abi_links_into_a_plain_program_and_rejects_bad_arguments(compiled, tmp_path):
     objects = []
-    for source in ("token_logprobs_fwd.cu", "token_logprobs_bwd.cu"):
+    for source in ("token_logprobs_fwd.cu", "token_logprobs_bwd.cu", "preference_loss.cu"):
         returncode, output, obj = compiled[source]
         assert returncode == 0, output
         objects.append(str(obj))
@@ -244,7 +349,9 @@ def test_c_abi_links_into_a_plain_program_and_rejects_bad_arguments(compiled, tm
     assert build.returncode == 0, build.stdout + build.stderr
     symbols = subprocess.run(["nm", "-g", str(executable)], capture_output=True, text=True).stdout
     for symbol in ("prefopt_token_stats_forward", "prefopt_token_stats_backward",
-                   "prefopt_token_stats_forward_splits", "prefopt_token_stats_forward_workspace_bytes"):
+                   "prefopt_token_stats_forward_splits", "prefopt_token_stats_forward_workspace_bytes",
+                   "prefopt_preference_loss_forward", "prefopt_preference_loss_backward",
+                   "prefopt_preference_loss_metric_count"):
         assert re.search(rf"\bT {symbol}$", symbols, re.M), f"{symbol} is not an exported C symbol"
     run = subprocess.run([str(executable)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -280,14 +387,33 @@ def test_binding_compiles_against_the_torch_headers(tmp_path):
 # The kernel source on the CPU.
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+COUNT_DTYPE_CODES = {**DTYPE_CODES, torch.int32: 4, torch.int64: 5}
 SCHEMAS = re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', (CSRC / "binding.cpp").read_text())
+MAX_LOSS_TYPES = 16
+
+
+class PreferenceInputs(ctypes.Structure):
+    """prefopt_preference_inputs of csrc/prefopt_csrc.h."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "margin",
+                                                      "chosen_lengths", "rejected_lengths")] + [
+        ("lengths_dtype", ctypes.c_int), ("desirable", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+        ("nll", ctypes.c_void_p), ("nll_is_vector", ctypes.c_int)]
+
+
+class PreferenceConfig(ctypes.Structure):
+    """prefopt_preference_config of csrc/prefopt_csrc.h."""
+
+    _fields_ = [("family", ctypes.c_int), ("num_loss_types", ctypes.c_int),
+                ("loss_types", ctypes.c_int * MAX_LOSS_TYPES), ("loss_weights", ctypes.c_double * MAX_LOSS_TYPES)] + [
+        (name, ctypes.c_double) for name in ("beta", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha",
+                                             "desirable_weight", "undesirable_weight", "offset_value")] + [
+        ("mean", ctypes.c_int)]
 
 
 @pytest.fixture(scope="module")
-def simulator(tmp_path_factory):
-    """The kernels of csrc/*.cu built as a CPU library (csrc/testing/host_simulator.h), with the
-    operators of binding.cpp registered under the namespace prefopt_sim, implemented as binding.cpp
-    implements them, on CPU tensors."""
+def simulator_library(tmp_path_factory) -> ctypes.CDLL:
+    """The kernels of csrc/*.cu built as a CPU library (csrc/testing/host_simulator.h)."""
     if DEVICE.type != "cpu":
         pytest.skip("a GPU is present: the compiled kernels run in the main suite instead")
     include = cuda_include_flags()
@@ -314,9 +440,46 @@ def simulator(tmp_path_factory):
     lib.prefopt_token_stats_forward_splits.argtypes = [c.c_int64, c.c_int64, c.c_int, c.c_int]
     lib.prefopt_token_stats_forward_workspace_bytes.restype = c.c_size_t
     lib.prefopt_token_stats_forward_workspace_bytes.argtypes = [c.c_int64, c.c_int]
+    loss_call = [c.c_int, c.c_int64, c.POINTER(PreferenceInputs), c.POINTER(PreferenceConfig)]
+    lib.prefopt_preference_loss_forward.restype = c.c_int
+    lib.prefopt_preference_loss_forward.argtypes = [*loss_call, *[c.c_void_p] * 6]
+    lib.prefopt_preference_loss_backward.restype = c.c_int
+    lib.prefopt_preference_loss_backward.argtypes = [*loss_call, *[c.c_void_p] * 9]
+    lib.prefopt_preference_loss_metric_count.restype = c.c_int
+    lib.prefopt_preference_loss_metric_count.argtypes = [c.c_int]
+    return lib
 
-    def pointer(tensor):
-        return None if tensor is None else tensor.data_ptr()
+
+def pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def describe_loss(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
+                  offset, nll, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
+                  cpo_alpha, desirable_weight, undesirable_weight, offset_value, mean):
+    """The C-ABI description of a loss call, from the operator's arguments (binding.cpp's
+    describe_loss, without its checks, which run where torch has CUDA)."""
+    lengths = chosen_lengths if chosen_lengths is not None else rejected_lengths
+    inputs = PreferenceInputs(
+        *map(pointer, (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths)),
+        -1 if lengths is None else COUNT_DTYPE_CODES[lengths.dtype], pointer(desirable), pointer(offset),
+        pointer(nll), int(nll is not None and nll.dim() == 1))
+    config = PreferenceConfig(
+        family, len(loss_types), (ctypes.c_int * MAX_LOSS_TYPES)(*loss_types),
+        (ctypes.c_double * MAX_LOSS_TYPES)(*loss_weights), beta, label_smoothing, discopop_tau, simpo_gamma,
+        cpo_alpha, desirable_weight, undesirable_weight, offset_value, int(mean))
+    return DTYPE_CODES[chosen.dtype], chosen.numel(), inputs, config
+
+
+LOSS_ARGUMENTS = 22  # the operators' arguments before their outputs (or upstream gradients)
+
+
+@pytest.fixture(scope="module")
+def simulator(simulator_library):
+    """The operators of binding.cpp registered under the namespace prefopt_sim, implemented as
+    binding.cpp implements them, on CPU tensors, with the simulated kernels. Yields the token-stats
+    forward (with an optional `splits`)."""
+    lib = simulator_library
 
     def forward(logits, labels, logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1, ignore_index,
                 temperature, softcap, splits=None):
@@ -346,13 +509,27 @@ def simulator(tmp_path_factory):
             H200_MULTIPROCESSORS, None)
         assert status == 0, f"cudaError {status}"
 
+    def loss_forward(*arguments):
+        dtype, n, inputs, config = describe_loss(*arguments[:LOSS_ARGUMENTS])
+        status = lib.prefopt_preference_loss_forward(dtype, n, inputs, config,
+                                                     *map(pointer, arguments[LOSS_ARGUMENTS:]), None)
+        assert status == 0, f"cudaError {status}"
+
+    def loss_backward(*arguments):
+        dtype, n, inputs, config = describe_loss(*arguments[:LOSS_ARGUMENTS])
+        status = lib.prefopt_preference_loss_backward(dtype, n, inputs, config,
+                                                      *map(pointer, arguments[LOSS_ARGUMENTS:]), None)
+        assert status == 0, f"cudaError {status}"
+
     # binding.cpp's own schema strings: the Python launchers of cuda_ext must call them correctly.
     library = torch.library.Library("prefopt_sim", "FRAGMENT")
-    assert len(SCHEMAS) == 2, SCHEMAS
+    assert len(SCHEMAS) == 4, SCHEMAS
     for schema in SCHEMAS:
         library.define("".join(re.findall(r'"([^"]*)"', schema)))
     library.impl("cuda_token_stats_forward", forward, "CPU")
     library.impl("cuda_token_stats_backward", backward, "CPU")
+    library.impl("cuda_preference_loss_forward", loss_forward, "CPU")
+    library.impl("cuda_preference_loss_backward", loss_backward, "CPU")
     yield forward
     library._destroy()
 
@@ -363,19 +540,24 @@ def cuda_on_cpu(simulator, monkeypatch):
     monkeypatch.setattr(cuda_ext, "_ops", lambda: torch.ops.prefopt_sim)
     monkeypatch.setattr(cuda_ext, "load", lambda verbose=False: "simulated")
     real_reason = backends.unavailable_reason
-    monkeypatch.setattr(backends, "unavailable_reason",
-                        lambda backend, device: None if backend == "cuda" else real_reason(backend, device))
+
+    def reason(backend, device):
+        return None if backend == "cuda" else real_reason(backend, device)
+
+    monkeypatch.setattr(backends, "unavailable_reason", reason)
+    monkeypatch.setattr(losses, "unavailable_reason", reason)
     return simulator
 
 
 def suite_cases():
     """Every test of the correctness suite that takes a ``backend`` (and no other fixture),
     expanded over its parametrizations, GPU-only tests excepted."""
+    import test_fused_losses
     import test_sequence_logprobs
     import test_token_logprobs
 
     cases = []
-    for module in (test_token_logprobs, test_sequence_logprobs):
+    for module in (test_token_logprobs, test_sequence_logprobs, test_fused_losses):
         for name, function in vars(module).items():
             if not name.startswith("test_") or not inspect.isfunction(function):
                 continue
@@ -418,6 +600,41 @@ def test_suite_on_the_kernel_source(cuda_on_cpu, function, arguments):
 
 def reference(logits, labels, **kwargs):
     return prefopt.token_stats(logits.double(), labels, backend="reference", **kwargs)
+
+
+def test_loss_codes_are_those_of_the_header():
+    header = (CSRC / "prefopt_csrc.h").read_text()
+    families = {name.lower(): int(code) for name, code in re.findall(r"PREFOPT_FAMILY_(\w+) = (\d+)", header)}
+    types = {name.lower(): int(code) for name, code in re.findall(r"PREFOPT_LOSS_(\w+) = (\d+)", header)}
+    assert families == cuda_ext.LOSS_FAMILY_CODES
+    assert types == cuda_ext.LOSS_TYPE_CODES
+    assert f"#define PREFOPT_MAX_LOSS_TYPES {MAX_LOSS_TYPES}" in header
+
+
+def test_loss_metric_counts_are_those_of_the_python_names(simulator_library):
+    for family, code in cuda_ext.LOSS_FAMILY_CODES.items():
+        assert simulator_library.prefopt_preference_loss_metric_count(code) == len(METRIC_NAMES[family]), family
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.float32, torch.bfloat16, torch.float64])
+def test_loss_token_counts_of_every_dtype(cuda_on_cpu, dtype):
+    """Lengths of any dtype (the fused-loss suite uses int64), read as they are or converted once;
+    mixed dtypes too. Zeros count as one token."""
+    generator = torch.Generator().manual_seed(5)
+    chosen, rejected, ref_chosen, ref_rejected = (-6 * torch.rand(9, 4, generator=generator, dtype=torch.float64)).T
+    counts = torch.randint(0, 40, (2, 9), generator=generator)
+    chosen_lengths, rejected_lengths = counts[0].to(dtype), counts[1]
+
+    def losses_of(backend):
+        dpo = prefopt.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=["ipo", "sigmoid_norm"],
+                               chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths.to(dtype),
+                               backend=backend)
+        cpo = prefopt.cpo_loss(chosen, rejected, loss_type="simpo", chosen_lengths=chosen_lengths,
+                               rejected_lengths=rejected_lengths, cpo_alpha=0.5, backend=backend)
+        return dpo.losses, cpo.losses
+
+    for fused, expected in zip(losses_of("cuda"), losses_of("reference")):
+        torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_every_output_is_written_and_ignored_rows_are_exact_zeros(cuda_on_cpu):

@@ -87,7 +87,7 @@ struct Block {
   }
   Barrier sync;
   std::vector<Barrier> warps;
-  std::vector<uint32_t> lanes;  // two buffers, alternating per shuffle
+  std::vector<uint64_t> lanes;  // two buffers, alternating per shuffle
   std::vector<int> phase;       // per thread: which buffer its next shuffle uses
 };
 
@@ -97,22 +97,22 @@ inline void sync_threads() { current_block->sync.wait(); }
 
 template <typename T>
 T shfl_down(unsigned /*mask*/, T value, int offset) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "32- and 64-bit shuffles only");
   Block& block = *current_block;
   const int t = static_cast<int>(thread_index.x);
   const int warp = t / 32, lane = t % 32;
   const int threads = static_cast<int>(block.phase.size());
   // Double-buffered: a lane writes this buffer again only two shuffles later, after every lane of
   // its warp has passed the next barrier, hence finished reading it.
-  uint32_t* buffer = block.lanes.data() + (block.phase[t] ^= 1) * threads;
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
+  uint64_t* buffer = block.lanes.data() + (block.phase[t] ^= 1) * threads;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
   buffer[t] = bits;
   block.warps[warp].wait();
   // As on the GPU: a lane whose source is outside the warp gets its own value back.
-  const uint32_t got = buffer[lane + offset < 32 ? t + offset : t];
+  const uint64_t got = buffer[lane + offset < 32 ? t + offset : t];
   T out;
-  std::memcpy(&out, &got, 4);
+  std::memcpy(&out, &got, sizeof(T));
   return out;
 }
 
