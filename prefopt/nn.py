@@ -40,9 +40,11 @@ metrics of :mod:`prefopt.losses` (``rewards/chosen``, ``rewards/rejected``,
 A mean over no tokens or no examples is NaN.
 
 ``backend`` is the log-prob backend (see :mod:`prefopt.backends`); the loss reduction runs the
-fused Triton kernel when it is ``"triton"`` (except for the loss types that sort over the batch,
-``aot`` and ``aot_unpaired``, which have none), the reference when it is ``"reference"``, and
-chooses as ``"auto"`` otherwise (the fused kernel on CUDA tensors).
+fused kernel of that backend when it is ``"triton"`` or ``"cuda"`` (except for the loss types that
+sort over the batch, ``aot`` and ``aot_unpaired``, which have none), the reference when it is
+``"reference"``, and chooses as ``"auto"`` otherwise (the fused kernel on CUDA tensors). The
+fused linear path has no CUDA C++ kernels: with an :class:`LMHeadInput`, ``"cuda"`` raises
+``BackendUnavailableError``; use ``"triton"`` or ``"auto"``.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ class _FromLogits(torch.nn.Module):
 
     @property
     def _loss_backend(self) -> str:
-        if self.backend == "reference" or (self.backend == "triton" and self._fusable):
+        if self.backend == "reference" or (self.backend in ("triton", "cuda") and self._fusable):
             return self.backend
         return "auto"
 
