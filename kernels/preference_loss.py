@@ -21,38 +21,29 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fused_losses import LOSS_TYPE_CODES
 from ._common import log1p
 
-# Loss-type codes, shared with the launchers below.
-_SIGMOID = tl.constexpr(0)
-_ROBUST = tl.constexpr(1)
-_HINGE = tl.constexpr(2)
-_IPO = tl.constexpr(3)
-_EXO_PAIR = tl.constexpr(4)
-_NCA_PAIR = tl.constexpr(5)
-_BCO_PAIR = tl.constexpr(6)
-_SPPO_HARD = tl.constexpr(7)
-_APO_ZERO = tl.constexpr(8)
-_APO_DOWN = tl.constexpr(9)
-_DISCOPOP = tl.constexpr(10)
-_SIGMOID_NORM = tl.constexpr(11)
-_SIMPO = tl.constexpr(12)
+# Loss-type codes, those of prefopt.fused_losses (the CUDA C++ kernels use the same).
+_SIGMOID = tl.constexpr(LOSS_TYPE_CODES["sigmoid"])
+_ROBUST = tl.constexpr(LOSS_TYPE_CODES["robust"])
+_HINGE = tl.constexpr(LOSS_TYPE_CODES["hinge"])
+_IPO = tl.constexpr(LOSS_TYPE_CODES["ipo"])
+_EXO_PAIR = tl.constexpr(LOSS_TYPE_CODES["exo_pair"])
+_NCA_PAIR = tl.constexpr(LOSS_TYPE_CODES["nca_pair"])
+_BCO_PAIR = tl.constexpr(LOSS_TYPE_CODES["bco_pair"])
+_SPPO_HARD = tl.constexpr(LOSS_TYPE_CODES["sppo_hard"])
+_APO_ZERO = tl.constexpr(LOSS_TYPE_CODES["apo_zero"])
+_APO_DOWN = tl.constexpr(LOSS_TYPE_CODES["apo_down"])
+_DISCOPOP = tl.constexpr(LOSS_TYPE_CODES["discopop"])
+_SIGMOID_NORM = tl.constexpr(LOSS_TYPE_CODES["sigmoid_norm"])
+_SIMPO = tl.constexpr(LOSS_TYPE_CODES["simpo"])
 
-DPO_KINDS = {
-    "sigmoid": 0,
-    "robust": 1,
-    "hinge": 2,
-    "ipo": 3,
-    "exo_pair": 4,
-    "nca_pair": 5,
-    "bco_pair": 6,
-    "sppo_hard": 7,
-    "apo_zero": 8,
-    "apo_down": 9,
-    "discopop": 10,
-    "sigmoid_norm": 11,
-}
-CPO_KINDS = {"sigmoid": 0, "hinge": 2, "ipo": 3, "simpo": 12}
+DPO_KINDS = {kind: LOSS_TYPE_CODES[kind] for kind in (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+    "discopop", "sigmoid_norm",
+)}
+CPO_KINDS = {kind: LOSS_TYPE_CODES[kind] for kind in ("sigmoid", "hinge", "ipo", "simpo")}
 
 _MAX_BLOCK = 1024
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailableError
+from .fused_losses import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
 
 EXTENSION_NAME = "prefopt_cuda"
 SOURCES = ("binding.cpp", "token_logprobs_fwd.cu", "token_logprobs_bwd.cu", "preference_loss.cu")
@@ -51,25 +52,6 @@ NVCC_FLAGS = (
 )
 CXX_FLAGS = ("-O3",)
 
-# The codes of prefopt_loss_family and prefopt_loss_type in csrc/prefopt_csrc.h.
-LOSS_FAMILY_CODES = {"dpo": 0, "kto": 1, "cpo": 2, "orpo": 3}
-LOSS_TYPE_CODES = {
-    "sigmoid": 0,
-    "robust": 1,
-    "hinge": 2,
-    "ipo": 3,
-    "exo_pair": 4,
-    "nca_pair": 5,
-    "bco_pair": 6,
-    "sppo_hard": 7,
-    "apo_zero": 8,
-    "apo_down": 9,
-    "discopop": 10,
-    "sigmoid_norm": 11,
-    "simpo": 12,
-    "kto": 13,
-    "apo_zero_unpaired": 14,
-}
 # Token counts the loss kernels read in their own dtype (both lengths in one of them).
 _TOKEN_COUNT_DTYPES = (torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

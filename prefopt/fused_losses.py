@@ -34,6 +34,17 @@ Tensor = torch.Tensor
 
 FAMILIES = ("dpo", "kto", "cpo", "orpo")
 
+# The codes both fused kernels give the families and the loss types: the Triton kernel's
+# constants and the enums of csrc/prefopt_csrc.h (tests/test_csrc.py holds the header to them).
+LOSS_FAMILY_CODES = {family: code for code, family in enumerate(FAMILIES)}
+LOSS_TYPE_CODES = {
+    kind: code
+    for code, kind in enumerate((
+        "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+        "apo_down", "discopop", "sigmoid_norm", "simpo", "kto", "apo_zero_unpaired",
+    ))
+}
+
 # The batch metrics each family's kernel writes, in its order; named as TRL logs them.
 _PAIR_METRICS = (
     "rewards/chosen",
