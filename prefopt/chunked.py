@@ -8,7 +8,7 @@ backend and the one ``"auto"`` picks where Triton cannot run.
 
 import torch
 
-from .reference import transformed_logits
+from .reference import chain_through_transform_, transformed_logits
 
 CHUNK_BYTES = 8 << 20
 
@@ -105,8 +105,5 @@ def token_stats_backward(
             inv_sum_sq = log_sum_sq_probs[chunk].neg().exp().unsqueeze(-1)
             g_sq = grad_log_sum_sq_probs[chunk].unsqueeze(-1)
             dz += (p * inv_sum_sq - 1.0).mul_(p).mul_(2.0 * g_sq)
-        if softcap is not None:
-            tanh = torch.tanh(x.to(dz.dtype) / softcap)
-            dz *= 1.0 - tanh.square_()
-        dz /= temperature
+        chain_through_transform_(dz, x, temperature, softcap)
         grad_logits[chunk] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)

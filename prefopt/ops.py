@@ -27,6 +27,7 @@ import torch
 from . import chunked
 from ._layout import row_blocks
 from ._types import TokenStats
+from .reference import chain_through_transform_
 
 Tensor = torch.Tensor
 
@@ -72,9 +73,7 @@ def lse_label_gradient(grad_lse: Tensor, scored: Tensor, label_logits: Tensor | 
         label_logits: [N] raw logits x at the labels; read only with ``softcap`` (without it
             dz/dx = 1 / temperature), so the caller may pass None then.
     """
-    gradient = grad_lse / temperature
-    if softcap is not None:
-        gradient = gradient * (1.0 - torch.tanh(label_logits / softcap).square())
+    gradient = chain_through_transform_(grad_lse.clone(), label_logits, temperature, softcap)
     return torch.where(scored, gradient, 0.0)
 
 

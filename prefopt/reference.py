@@ -20,6 +20,16 @@ def transformed_logits(logits: torch.Tensor, temperature: float, softcap: float 
     return x / temperature
 
 
+def chain_through_transform_(grad_z: torch.Tensor, logits: torch.Tensor, temperature: float,
+                             softcap: float | None) -> torch.Tensor:
+    """grad_x = grad_z * dz/dx for z = softcap(x) / T, written over ``grad_z`` (float32/64, any
+    shape ``logits`` broadcasts to): the backward of :func:`transformed_logits`, in place so a
+    chunk of gradients costs no second buffer."""
+    if softcap is not None:
+        grad_z *= 1.0 - torch.tanh(logits.to(grad_z.dtype) / softcap).square_()
+    return grad_z.div_(temperature)
+
+
 def reference_token_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
