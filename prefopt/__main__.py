@@ -167,9 +167,9 @@ def bench(arguments: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         parser.error(f"--json {arguments.json}: must be a file in an existing directory")
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         parser.error(f"--plot {arguments.plot}: exists and is not a directory")
-    unknown = sorted(set(arguments.impl or ()) - set(benchmarks.IMPLEMENTATION_NAMES))
+    unknown = sorted(set(arguments.impl or ()) - set(benchmarks.ALL_IMPLEMENTATION_NAMES))
     if unknown:
-        parser.error(f"--impl {unknown[0]!r}: unknown; choose from {', '.join(benchmarks.IMPLEMENTATION_NAMES)}")
+        parser.error(f"--impl {unknown[0]!r}: unknown; choose from {', '.join(benchmarks.ALL_IMPLEMENTATION_NAMES)}")
     command = shlex.join(["python", "-m", "prefopt", *(sys.argv[1:] if argv is None else argv)])
     try:
         benchmarks.run(quick=arguments.quick, names=arguments.impl, calls=arguments.calls, json_path=json_path,
@@ -189,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     check_parser.add_argument("--seed", type=int, default=0)
     commands.add_parser("build", help="compile the CUDA C++ extension (csrc/) ahead of time into its cache directory")
     bench_parser = commands.add_parser(
-        "bench", help="time and peak memory of the logits path on this machine, against the reference and peers")
+        "bench", help="time and peak memory of the logits path and the fused linear path on this machine, against "
+                      "the reference and peers")
     bench_parser.add_argument("--json", metavar="PATH", help="write the raw figures and the environment as JSON")
     bench_parser.add_argument("--plot", metavar="DIR", help="write PNG plots (needs matplotlib: prefopt[bench])")
     bench_parser.add_argument("--quick", action="store_true", help="one small workload: a smoke test")
     bench_parser.add_argument("--calls", type=_positive_int, default=None,
-                              help="timed calls per measurement (default 10 on a GPU, 5 on a CPU)")
+                              help="timed calls per measurement (default 10 on a GPU, 3 on a CPU)")
     bench_parser.add_argument("--impl", action="append", metavar="NAME",
-                              help="measure only this implementation (repeatable); the reference always runs")
+                              help="measure only this implementation (repeatable; of either path, on each path it "
+                                   "names one of); the reference always runs")
     arguments = parser.parse_args(argv)
     if arguments.command == "bench":
         return bench(arguments, bench_parser, argv)

@@ -1,7 +1,7 @@
 """Benchmarks: time, peak extra memory and fraction of the floor, for the logits path and the
 fused linear path.
 
-``python -m prefopt bench`` (see :func:`run`, the logits path) and ``pytest benches`` share this
+``python -m prefopt bench`` (see :func:`run`, both paths) and ``pytest benches`` share this
 module: the workloads (:class:`Workload`, :class:`LinearWorkload`), the implementations measured
 (prefopt's backends, the plain-PyTorch reference, ``torch.compile`` of it, and the peers where
 they import), the timers, the floors, the checks of issue 5 and the plots.
@@ -16,8 +16,9 @@ How each figure is measured:
 - peak extra memory: on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated just
   before the timed part of each call (inputs, and for ``"bwd"`` the forward's saved tensors),
   the maximum over the calls. On a CPU the peak resident memory of one forward+backward in a
-  fresh process (``benches/measure_memory.py``, run with ``MALLOC_MMAP_THRESHOLD_`` so glibc
-  returns freed blocks), which needs a source checkout.
+  fresh process (``benches/measure_memory.py`` for the logits path,
+  ``benches/measure_linear_memory.py`` for the fused linear path, run with
+  ``MALLOC_MMAP_THRESHOLD_`` so glibc returns freed blocks), which needs a source checkout.
 - floor of the logits path (GPU): the bytes a direction must move (read the scored rows of the
   logits once per pass, write the whole gradient once) over the copy bandwidth of the same GPU,
   measured in the same run by :func:`copy_bandwidth`.
@@ -64,8 +65,10 @@ LINEAR_DIRECTIONS = ("fwd+bwd", "fwd", "fwd-nograd")
 GEMM_PRODUCTS = ("logits", "grad_hidden", "grad_weight")
 IGNORE_INDEX = -100
 REFERENCE = "reference"
-# benches/measure_memory.py, next to the package in a source checkout.
-MEMORY_SCRIPT = Path(__file__).resolve().parents[1] / "benches" / "measure_memory.py"
+# The scripts measuring CPU memory in a fresh process, per path, next to the package in a source
+# checkout: each takes the arguments of Implementation.memory_script_args, then the shape.
+_BENCHES = Path(__file__).resolve().parents[1] / "benches"
+MEMORY_SCRIPTS = {"logits": _BENCHES / "measure_memory.py", "linear": _BENCHES / "measure_linear_memory.py"}
 
 # A function of one input set, (logits [N, V], labels [N]) for the logits path or (hidden [N, H],
 # weight [V, H], labels [N]) for the fused linear path, giving a per-token [N] tensor whose sum
@@ -193,8 +196,9 @@ class Implementation:
     name: str
     build: Callable[[], Candidate]
     unavailable: str | None = None
-    # The (backend, inplace) pair benches/measure_memory.py understands, for CPU memory.
-    memory_script_args: tuple[str, bool] | None = None
+    # For CPU memory, the arguments its path's memory script (MEMORY_SCRIPTS) takes before the
+    # shape: BACKEND INPLACE for the logits path, BACKEND for the fused linear path.
+    memory_script_args: tuple[str, ...] | None = None
     # Fused linear path: the matrix products (names in GEMM_PRODUCTS, on the scored rows) it
     # performs per direction, declared for prefopt's own backends only: a peer's internals are
     # not ours to state.
@@ -359,15 +363,15 @@ def implementations(device: torch.device) -> list[Implementation]:
     liger_reason = gpu_only or _peer_missing("liger_kernel")
     compile_reason = None if on_gpu else _COMPILE_ON_CPU
     return [
-        Implementation(REFERENCE, lambda: _reference_logprobs, memory_script_args=("reference", False)),
+        Implementation(REFERENCE, lambda: _reference_logprobs, memory_script_args=("reference", "0")),
         Implementation("torch.compile(reference)", _compiled_reference, unavailable=compile_reason),
         Implementation("prefopt-triton", _prefopt("triton"), unavailable=triton),
         Implementation("prefopt-triton-inplace", _prefopt("triton", inplace=True), unavailable=triton),
         Implementation("prefopt-triton-entropy", _prefopt("triton", entropy=True), unavailable=triton),
         Implementation("prefopt-cuda", _prefopt("cuda"), unavailable=unavailable_reason("cuda", device)),
-        Implementation("prefopt-torch", _prefopt("torch"), memory_script_args=("torch", False)),
+        Implementation("prefopt-torch", _prefopt("torch"), memory_script_args=("torch", "0")),
         Implementation("prefopt-torch-inplace", _prefopt("torch", inplace=True),
-                       memory_script_args=("torch", True)),
+                       memory_script_args=("torch", "1")),
         Implementation("trl-selective_log_softmax_and_entropy", _trl, unavailable=trl_reason),
         Implementation("liger-cross_entropy", _liger, unavailable=liger_reason),
     ]
@@ -472,14 +476,19 @@ def linear_implementations(device: torch.device) -> list[Implementation]:
         Implementation(TRL_CHUNKED, _trl_chunked, unavailable=gpu_only or _peer_missing("trl")),
         Implementation(LIGER_LINEAR, _liger_linear, unavailable=gpu_only or _peer_missing("liger_kernel")),
         Implementation(CCE_EXACT, _cut_cross_entropy(None), unavailable=cce_reason),
-        Implementation(REFERENCE, lambda: _explicit_logits_logprobs),
-        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=TORCH_LINEAR_PRODUCTS),
+        # The memory script's "reference" backend computes the same explicit logits (float32 on
+        # a CPU, the only dtype CPU memory is measured in).
+        Implementation(REFERENCE, lambda: _explicit_logits_logprobs, memory_script_args=("reference",)),
+        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=TORCH_LINEAR_PRODUCTS,
+                       memory_script_args=("torch",)),
         Implementation("torch.compile(reference)", lambda: _compiled(_explicit_logits_logprobs),
                        unavailable=None if on_gpu else _COMPILE_ON_CPU),
     ]
 
 
 LINEAR_IMPLEMENTATION_NAMES: tuple[str, ...] = tuple(i.name for i in linear_implementations(torch.device("cpu")))
+# What --impl accepts: the names of both paths (some name an implementation of each).
+ALL_IMPLEMENTATION_NAMES: tuple[str, ...] = tuple(dict.fromkeys((*IMPLEMENTATION_NAMES, *LINEAR_IMPLEMENTATION_NAMES)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,28 +496,44 @@ LINEAR_IMPLEMENTATION_NAMES: tuple[str, ...] = tuple(i.name for i in linear_impl
 
 
 def sweep(tokens: Sequence[int], vocabs: Sequence[int], pivot_tokens: int, pivot_vocab: int, *,
-          dtype: torch.dtype, ignored_fraction: float = 0.0, direction: str = "fwd+bwd") -> list[Workload]:
+          dtype: torch.dtype, ignored_fraction: float = 0.0, direction: str = "fwd+bwd",
+          hidden: int | None = None) -> list[Workload] | list[LinearWorkload]:
     """Every token count at ``pivot_vocab`` and every vocabulary size at ``pivot_tokens``, without
-    repeats: the two axes of the plots."""
+    repeats: the two axes of the plots. Logits-path workloads, or with ``hidden`` fused linear
+    ones at that hidden size."""
     shapes = [(t, pivot_vocab) for t in tokens] + [(pivot_tokens, v) for v in vocabs]
     unique = sorted(set(shapes), key=shapes.index)
-    return [Workload(t, v, dtype, ignored_fraction, direction) for t, v in unique]
+    if hidden is None:
+        return [Workload(t, v, dtype, ignored_fraction, direction) for t, v in unique]
+    return [LinearWorkload(t, hidden, v, dtype, ignored_fraction, direction) for t, v in unique]
 
 
-def default_workloads(device: torch.device, quick: bool = False) -> list[Workload]:
-    """The representative subset ``python -m prefopt bench`` runs.
+def default_workloads(device: torch.device, quick: bool = False) -> list[Workload | LinearWorkload]:
+    """The representative subset ``python -m prefopt bench`` runs, forward+backward: the logits
+    path's workloads, then the fused linear path's.
 
-    CPU: float32 (what the CPU path is for), a quarter of the rows ignored (the memory script's
-    prompt), 512-1024 tokens at V 32000 and V 32000-128256 at 512 tokens. GPU: bf16, 4096-16384 tokens at V 128256 and
-    V 32000-262144 at 8192 tokens. ``quick``: one small workload, a smoke test of the machinery.
+    CPU: float32 (what the CPU path is for), a quarter of the rows ignored (the memory scripts'
+    prompt); 512 tokens x V 128256, and 1024 tokens x H 256 x V 32000. One workload per path:
+    each row's memory figure costs a fresh process (about 4 s of CPU, mostly importing torch), and
+    the whole CPU run stays near half a minute.
+
+    GPU: bf16; 4096-16384 tokens at V 128256 and V 32000-262144 at 8192 tokens; H 4096 at 4096
+    and 16384 tokens x V 128256 and at 16384 tokens x V 262144 (one hidden size, so that the three
+    lie on the plots' two axes), and 16384 x 4096 x 128256 with half of the rows ignored.
+
+    ``quick``: one small workload of the logits path, a smoke test of the machinery (a fused
+    linear one would add two fresh memory processes on a CPU, 40% of its time, and the peers'
+    kernel compilations on a GPU).
     """
     if device.type == "cuda":
         if quick:
             return [Workload(4096, 32000, torch.bfloat16)]
-        return sweep((4096, 8192, 16384), (32000, 128256, 151936, 262144), 8192, 128256, dtype=torch.bfloat16)
+        return [*sweep((4096, 8192, 16384), (32000, 128256, 151936, 262144), 8192, 128256, dtype=torch.bfloat16),
+                *sweep((4096, 16384), (128256, 262144), 16384, 128256, dtype=torch.bfloat16, hidden=4096),
+                LinearWorkload(16384, 4096, 128256, torch.bfloat16, 0.5)]
     if quick:
         return [Workload(256, 32000, torch.float32, 0.25)]
-    return sweep((512, 1024), (32000, 128256), 512, 32000, dtype=torch.float32, ignored_fraction=0.25)
+    return [Workload(512, 128256, torch.float32, 0.25), LinearWorkload(1024, 256, 32000, torch.float32, 0.25)]
 
 
 def make_inputs(workload: Workload | LinearWorkload, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -624,21 +649,24 @@ def gemm_seconds(workload: LinearWorkload, device: torch.device, *, calls: int =
     return medians
 
 
-def measure_cpu_memory(workload: Workload, backend: str, inplace: bool) -> int:
+def measure_cpu_memory(workload: Workload | LinearWorkload, script_args: Sequence[str]) -> int:
     """Peak extra resident bytes of one float32 forward+backward of ``workload``'s shape, in a
-    fresh process by benches/measure_memory.py (a quarter of the rows ignored there)."""
+    fresh process by its path's memory script (MEMORY_SCRIPTS; a quarter of the rows ignored
+    there) given ``script_args`` (Implementation.memory_script_args), then the shape."""
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    arguments = [sys.executable, str(MEMORY_SCRIPT), backend, "1" if inplace else "0", str(workload.tokens),
-                 str(workload.vocab)]
+    shape = ((workload.tokens, workload.vocab) if isinstance(workload, Workload)
+             else (workload.tokens, workload.hidden, workload.vocab))
+    arguments = [sys.executable, str(MEMORY_SCRIPTS[workload.path]), *script_args, *map(str, shape)]
     result = subprocess.run(arguments, env=environment, capture_output=True, text=True, check=True)
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
 
 
-def cpu_memory_unavailable(workload: Workload) -> str | None:
+def cpu_memory_unavailable(workload: Workload | LinearWorkload) -> str | None:
     """Why the CPU memory figure of ``workload`` cannot be measured (None when it can): the
-    script measures float32 fwd+bwd with a quarter of the rows ignored, from a source checkout."""
-    if not MEMORY_SCRIPT.is_file():
-        return f"{MEMORY_SCRIPT} not found (CPU memory needs a source checkout)"
+    scripts measure float32 fwd+bwd with a quarter of the rows ignored, from a source checkout."""
+    script = MEMORY_SCRIPTS[workload.path]
+    if not script.is_file():
+        return f"{script} not found (CPU memory needs a source checkout)"
     if (workload.dtype, workload.direction, workload.ignored_fraction) != (torch.float32, "fwd+bwd", 0.25):
         return "CPU memory is measured for float32 fwd+bwd with 25% ignored rows only"
     return None
@@ -780,17 +808,27 @@ def _format_bytes(count: int | None) -> str:
     return f"{count / 2**20:,.1f} MiB" if count < 2**30 else f"{count / 2**30:,.2f} GiB"
 
 
+PATH_TITLES = {
+    "logits": "logits path: per-token log-probs from logits [tokens, V]",
+    "linear": "fused linear path: per-token log-probs from hidden [tokens, H] and LM-head weight [V, H]; "
+              "reference: logits = hidden @ weight.T, then log-softmax",
+}
+
+
 def format_table(results: Sequence[Measurement]) -> str:
-    """The measurements as a fixed-width text table, one row per implementation and workload;
-    skipped implementations are listed once each under the table with the reason."""
+    """The measurements as fixed-width text, one table per path (logits, fused linear) under its
+    title, one row per implementation and workload; each path's skipped implementations are
+    listed once each under its table with the reason."""
     header = ("implementation", "workload", "median time", "peak extra memory", "% of floor", "speed-up")
-    rows = [header]
-    skipped: dict[str, str] = {}
+    tables: dict[str, list[tuple[str, ...]]] = {}
+    skipped: dict[str, dict[str, str]] = {}
     for r in results:
+        path = r.workload.path
+        tables.setdefault(path, [])
         if r.skipped is not None:
-            skipped.setdefault(r.implementation, r.skipped)
+            skipped.setdefault(path, {}).setdefault(r.implementation, r.skipped)
             continue
-        rows.append((
+        tables[path].append((
             r.implementation,
             r.workload.name(),
             f"{r.median_s * 1e3:,.2f} ms" if r.median_s is not None else "-",
@@ -798,12 +836,19 @@ def format_table(results: Sequence[Measurement]) -> str:
             f"{r.fraction_of_floor:.1%}" if r.fraction_of_floor is not None else "-",
             f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference is not None else "-",
         ))
-    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines += [f"not run: {name}: {reason}" for name, reason in skipped.items()]
-    return "\n".join(lines)
+    # One set of widths for every table, so that the paths' columns line up.
+    widths = [max(len(row[k]) for row in (header, *(row for rows in tables.values() for row in rows)))
+              for k in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+
+    blocks = []
+    for path in sorted(tables, key=list(PATH_TITLES).index):
+        lines = [PATH_TITLES[path], line(header), "-" * len(line(header)), *map(line, tables[path])]
+        lines += [f"not run: {name}: {reason}" for name, reason in skipped.get(path, {}).items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _cpu_name() -> str:
@@ -944,71 +989,118 @@ def write_plots(directory: Path, results: Sequence[Measurement], title: str) -> 
 # The main job
 
 
+# Left out of the default run on a GPU, measured when --impl names them: (path, name) -> why.
+DEFAULT_RUN_LEAVES_OUT = {
+    ("linear", "torch.compile(reference)"): "left out of the default run (it compiles one graph per shape, minutes "
+                                            "in all); --impl 'torch.compile(reference)' measures it",
+}
+
+
+def chosen_implementations(device: torch.device, names: Sequence[str] | None = None) -> dict[str, list[Implementation]]:
+    """Per path ("logits", "linear"), the implementations :func:`run` measures on ``device``.
+
+    By default every one, those in DEFAULT_RUN_LEAVES_OUT marked unavailable with the reason.
+    With ``names``, those named and the reference (what the speed-ups are relative to), on each
+    path where any of them is named; a path none of them belongs to is left out.
+    """
+    chosen = {}
+    for path, candidates in (("logits", implementations(device)), ("linear", linear_implementations(device))):
+        if names is None:
+            chosen[path] = [dataclasses.replace(i, unavailable=DEFAULT_RUN_LEAVES_OUT[(path, i.name)])
+                            if i.unavailable is None and (path, i.name) in DEFAULT_RUN_LEAVES_OUT else i
+                            for i in candidates]
+        elif any(i.name in names for i in candidates):
+            chosen[path] = [i for i in candidates if i.name in names or i.name == REFERENCE]
+    return chosen
+
+
 def run(*, device: torch.device | None = None, quick: bool = False, names: Sequence[str] | None = None,
         calls: int | None = None, json_path: Path | None = None, plot_dir: Path | None = None,
         command: str | None = None, progress: TextIO | None = None, out: TextIO | None = None) -> list[Measurement]:
-    """``python -m prefopt bench``: measure the default subset on ``device`` (the GPU when there
-    is one), print the table to ``out`` and progress to ``progress``, and write ``json_path``
-    and the plots under ``plot_dir`` when given (``out``/``progress`` default to the current
-    sys.stdout/sys.stderr). ``names`` restricts the implementations; by
-    default every one that can run here. ``calls``: timed calls per measurement (default 10 on a
-    GPU, 5 on a CPU)."""
+    """``python -m prefopt bench``: measure the default subset of both paths on ``device`` (the
+    GPU when there is one), print the table to ``out`` and progress to ``progress``, and write
+    ``json_path`` and the plots under ``plot_dir`` when given (``out``/``progress`` default to
+    the current sys.stdout/sys.stderr). ``names`` restricts the implementations
+    (:func:`chosen_implementations`). ``calls``: timed calls per measurement (default 10 on a
+    GPU, 3 on a CPU, where one call of the largest workload takes about half a second)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out, progress = out or sys.stdout, progress or sys.stderr
     if plot_dir is not None:
         _pyplot()  # fail before measuring, not after
-    calls = calls or (10 if device.type == "cuda" else 5)
-    workloads = default_workloads(device, quick)
-    # The reference always runs: it is what the speed-ups are relative to.
-    chosen = [i for i in implementations(device) if names is None or i.name in (*names, REFERENCE)]
+    on_gpu = device.type == "cuda"
+    calls = calls or (10 if on_gpu else 3)
+    warmup = 2 if on_gpu else 1  # on a CPU one call warms the thread pools and the allocator
+    chosen = chosen_implementations(device, names)
+    plan = [(implementation, workload) for path, candidates in chosen.items() for implementation in candidates
+            for workload in default_workloads(device, quick) if workload.path == path]
     bandwidth = None
-    if device.type == "cuda":
-        print("measuring the copy bandwidth (the floor's ceiling) ...", file=progress, flush=True)
+    if on_gpu and "logits" in chosen:
+        print("measuring the copy bandwidth (the logits path's floor) ...", file=progress, flush=True)
         bandwidth = copy_bandwidth(device)
         print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", file=progress, flush=True)
+    gemms: dict[LinearWorkload, dict[str, float]] = {}  # the fused linear path's floors, measured on a GPU
     results: list[Measurement] = []
-    built: dict[str, Candidate | None] = {}  # each implementation built (compiled, loaded) once
-    total = len(workloads) * len(chosen)
-    for k, (implementation, workload) in enumerate(((i, w) for i in chosen for w in workloads), start=1):
-        print(f"[{k:>3}/{total}] {implementation.name:<40} {workload.name()}", file=progress, flush=True)
+    built: dict[tuple[str, str], Candidate | None] = {}  # each implementation built (compiled, loaded) once
+    for k, (implementation, workload) in enumerate(plan, start=1):
+        if on_gpu and isinstance(workload, LinearWorkload) and workload not in gemms:
+            print(f"measuring the cuBLAS time of the products of {workload.name()} (its floor) ...",
+                  file=progress, flush=True)
+            gemms[workload] = gemm_seconds(workload, device)
+            torch.cuda.empty_cache()
+        print(f"[{k:>3}/{len(plan)}] {workload.path:<6} {implementation.name:<40} {workload.name()}",
+              file=progress, flush=True)
+        key = (workload.path, implementation.name)
         try:
-            if implementation.name not in built:
-                built[implementation.name] = None if implementation.unavailable else implementation.build()
-            results.append(measure(implementation, workload, device, calls=calls,
-                                   candidate=built[implementation.name], bandwidth=bandwidth))
+            if key not in built:
+                built[key] = None if implementation.unavailable else implementation.build()
+            results.append(measure(implementation, workload, device, calls=calls, warmup=warmup,
+                                   candidate=built[key], bandwidth=bandwidth, gemms=gemms.get(workload)))
         except Exception as error:  # noqa: BLE001 - one failing peer must not end the run; it is reported
             failed = Measurement(implementation.name, workload, str(device))
             first_line = str(error).splitlines()[0] if str(error) else ""
             failed.skipped = f"failed at {workload.name()}: {type(error).__name__}: {first_line}"
             results.append(failed)
-    if device.type == "cpu":
+        if on_gpu:
+            torch.cuda.empty_cache()  # the next row may need the memory this one's allocator kept
+    if not on_gpu:
         _add_cpu_memory(results, chosen, progress)
     fill_speedups(results)
     print(format_table(results), file=out)
-    if device.type == "cpu":
+    if not on_gpu:
         print("time: median of perf_counter over calls; peak extra memory: resident memory of one fwd+bwd above "
-              "its inputs, in a fresh process (benches/measure_memory.py); floors are measured on GPUs only",
-              file=out)
+              "its inputs, in a fresh process (benches/measure_memory.py, benches/measure_linear_memory.py); "
+              "floors are measured on GPUs only", file=out)
     else:
-        print(f"time: median of CUDA events over calls on rotating inputs; memory: max_memory_allocated above the "
-              f"inputs; floor: bytes / measured copy bandwidth {bandwidth / 1e12:.2f} TB/s", file=out)
+        floors = []
+        if bandwidth is not None:
+            floors.append(f"logits path, bytes / measured copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+        if gemms:
+            floors.append("fused linear path, cuBLAS time of the products the direction needs on the scored rows "
+                          "(logits, hidden and weight gradients), measured in this run")
+        print("time: median of CUDA events over calls on rotating inputs; memory: max_memory_allocated above the "
+              f"inputs; floor: {'; '.join(floors)}", file=out)
     env = environment(device, command or shlex.join([sys.executable, "-m", "prefopt", "bench"]))
     if json_path is not None:
         write_json(json_path, results, env, bandwidth)
         print(f"wrote {json_path}", file=out)
     if plot_dir is not None:
-        for path in write_plots(plot_dir, results, env["device_name"]):
+        written = write_plots(plot_dir, results, env["device_name"])
+        for path in written:
             print(f"wrote {path}", file=out)
+        if not written:
+            print(f"no plots written to {plot_dir}: a plot needs two token counts or two vocabulary sizes of one "
+                  "path, and this run measured one workload per path (the GPU subset sweeps both)", file=out)
     return results
 
 
-def _add_cpu_memory(results: Sequence[Measurement], chosen: Sequence[Implementation], progress: TextIO) -> None:
+def _add_cpu_memory(results: Sequence[Measurement], chosen: Mapping[str, Sequence[Implementation]],
+                    progress: TextIO) -> None:
     """Fill the CPU memory figures, two fresh processes at a time (after the timings, so the
     processes do not share the cores with a timed call)."""
-    scripts = {i.name: i.memory_script_args for i in chosen}
+    scripts = {(path, i.name): i.memory_script_args for path, candidates in chosen.items() for i in candidates}
     jobs = []
     for r in results:
-        args = scripts.get(r.implementation)
+        args = scripts.get((r.workload.path, r.implementation))
         if r.skipped is None and args is not None:
             reason = cpu_memory_unavailable(r.workload)
             if reason is None:
@@ -1019,6 +1111,6 @@ def _add_cpu_memory(results: Sequence[Measurement], chosen: Sequence[Implementat
         return
     print(f"measuring peak memory in {len(jobs)} fresh processes ...", file=progress, flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        peaks = list(pool.map(lambda job: measure_cpu_memory(job[0].workload, *job[1]), jobs))
+        peaks = list(pool.map(lambda job: measure_cpu_memory(*job), ((r.workload, args) for r, args in jobs)))
     for (r, _), peak in zip(jobs, peaks):
         r.peak_extra_bytes, r.memory_method = peak, "peak resident memory (VmHWM) above the inputs, fresh process"

@@ -1,5 +1,5 @@
-"""`python -m prefopt bench` on a CPU: the table, --json, --plot, bad arguments; prefopt.bench's
-floor, speed-ups and timers."""
+"""`python -m prefopt bench` on a CPU: the tables of both paths, --json, --plot, --impl, bad
+arguments; prefopt.bench's floors, speed-ups, timers and plots."""
 
 import importlib.util
 import json
@@ -17,6 +17,9 @@ from prefopt.__main__ import main
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 CPU = torch.device("cpu")
 MEASURED = ("reference", "prefopt-torch", "prefopt-torch-inplace")
+# What the fused linear path measures on a CPU.
+LINEAR_MEASURED = ("reference", "prefopt-torch")
+MEASURED_BY_PATH = {"logits": MEASURED, "linear": LINEAR_MEASURED}
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +36,22 @@ def default_run(tmp_path_factory):
     return process, json_path, plot_dir
 
 
-def test_default_run_prints_a_table(default_run):
+def test_default_run_prints_a_table_per_path(default_run):
     process, _, _ = default_run
     assert process.returncode == 0, process.stderr
-    lines = process.stdout.splitlines()
-    assert lines[0].split()[:2] == ["implementation", "workload"] and "speed-up" in lines[0]
-    for workload in bench.default_workloads(CPU):
-        for name in MEASURED:
-            row = [line for line in lines if line.startswith(name + " ") and workload.name() in line]
-            assert len(row) == 1, f"no single table row for {name} at {workload.name()}"
-            assert row[0].rstrip().endswith("x") and " ms " in row[0]
-    assert any(line.startswith("not run: prefopt-triton: ") for line in lines)
+    blocks = process.stdout.split("\n\n")
+    assert [block.splitlines()[0] for block in blocks[:2]] == [bench.PATH_TITLES["logits"], bench.PATH_TITLES["linear"]]
+    workloads = bench.default_workloads(CPU)
+    assert {w.path for w in workloads} == {"logits", "linear"}
+    for block, path in zip(blocks, ("logits", "linear")):
+        lines = block.splitlines()
+        assert lines[1].split()[:2] == ["implementation", "workload"] and "speed-up" in lines[1]
+        for workload in (w for w in workloads if w.path == path):
+            for name in MEASURED_BY_PATH[path]:
+                row = [line for line in lines if line.startswith(name + " ") and workload.name() in line]
+                assert len(row) == 1, f"no single {path} row for {name} at {workload.name()}"
+                assert row[0].rstrip().endswith("x") and " ms " in row[0] and " MiB " in row[0]
+        assert any(line.startswith("not run: prefopt-triton: GPU only") for line in lines)
     assert "[  1/" in process.stderr, "no progress indication"
 
 
@@ -56,33 +64,52 @@ def test_json_holds_the_environment_and_the_raw_figures(default_run):
     assert document["device"] == "cpu" and document["torch"] == torch.__version__
     assert document["command"].startswith("python -m prefopt bench --json")
     measured = [r for r in document["results"] if r["skipped"] is None]
-    assert {r["implementation"] for r in measured} == set(MEASURED)
-    assert len(measured) == len(MEASURED) * len(bench.default_workloads(CPU))
+    for path, names in MEASURED_BY_PATH.items():
+        rows = [r for r in measured if r["path"] == path]
+        assert {r["implementation"] for r in rows} == set(names)
+        assert len(rows) == len(names) * sum(w.path == path for w in bench.default_workloads(CPU))
     for r in measured:
-        assert {"tokens", "vocab", "dtype", "direction", "ignored_fraction", "median_s", "times_s",
+        assert {"path", "tokens", "vocab", "dtype", "direction", "ignored_fraction", "median_s", "times_s",
                 "peak_extra_bytes", "speedup_vs_reference", "logits_bytes"} <= set(r)
         assert r["median_s"] == sorted(r["times_s"])[len(r["times_s"]) // 2] > 0
-        assert r["peak_extra_bytes"] > 0
-    # Peak memory measured per implementation, not the launching process's: the reference holds
-    # several [tokens, V] float32 tensors, the in-place torch backend only chunks.
+        assert r["peak_extra_bytes"] > 0 and r["speedup_vs_reference"] > 0
+        assert r["path"] == "logits" or r["hidden"] > 0
+    # Peak memory measured per implementation, not the launching process's: the references hold
+    # several [tokens, V] float32 tensors (the fused linear one computes the logits explicitly);
+    # the in-place torch backend only chunks, and the fused linear torch backend never holds the
+    # whole float32 logits.
     for r in measured:
         ratio = r["peak_extra_bytes"] / r["logits_bytes"]
         if r["implementation"] == "reference":
             assert ratio > 2.0, r
         elif r["implementation"] == "prefopt-torch-inplace" and r["logits_bytes"] >= 100 * 2**20:
             assert ratio < 0.5, r
+        elif r["implementation"] == "prefopt-torch" and r["path"] == "linear":
+            assert ratio < 1.0, r
     assert all(r["speedup_vs_reference"] == 1.0 for r in measured if r["implementation"] == "reference")
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[test]')")
-def test_plot_writes_png_files(default_run):
+def test_plot_on_one_workload_per_path_says_there_is_nothing_to_plot(default_run):
     process, _, plot_dir = default_run
     assert process.returncode == 0, process.stderr
-    pngs = sorted(plot_dir.glob("*.png"))
-    assert [p.name.split("-vs_")[1].split("-")[0] for p in pngs] == ["tokens", "vocab"]
+    assert not list(plot_dir.glob("*.png"))
+    assert f"no plots written to {plot_dir}: a plot needs two token counts or two vocabulary sizes" in process.stdout
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[test]')")
+def test_plots_draw_each_path_against_tokens_and_vocabulary(tmp_path):
+    workloads = [*bench.sweep((1, 2), (10, 20), 1, 10, dtype=torch.float32),
+                 *bench.sweep((1, 2), (10, 20), 1, 10, dtype=torch.float32, hidden=4)]
+    results = [bench.Measurement(name, w, "cpu", median_s=1e-3 * w.tokens, peak_extra_bytes=2**20 * w.vocab,
+                                 floor_s=1e-4 if w.path == "linear" else None)
+               for w in workloads for name in MEASURED_BY_PATH[w.path]]
+    pngs = bench.write_plots(tmp_path, results, "test device")
+    assert sorted(p.name for p in pngs) == [
+        "linear-fwd_bwd-float32-H4-ignored0-vs_tokens-vocab10.png", "linear-fwd_bwd-float32-H4-ignored0-vs_vocab-tokens1.png",
+        "logits-fwd_bwd-float32-ignored0-vs_tokens-vocab10.png", "logits-fwd_bwd-float32-ignored0-vs_vocab-tokens1.png"]
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"wrote {png}" in process.stdout
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
@@ -97,6 +124,35 @@ def test_bad_arguments_give_a_clear_error(arguments, message, capsys):
         main(["bench", *arguments])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_impl_accepts_the_names_of_either_path(monkeypatch):
+    chosen_names = []
+    monkeypatch.setattr(bench, "run", lambda **arguments: chosen_names.append(arguments["names"]))
+    assert main(["bench", "--impl", bench.TRL_CHUNKED, "--impl", "prefopt-torch-inplace"]) == 0
+    assert chosen_names == [[bench.TRL_CHUNKED, "prefopt-torch-inplace"]]
+
+
+def test_chosen_implementations_follow_the_names():
+    by_default = bench.chosen_implementations(CPU)
+    assert [i.name for i in by_default["logits"]] == list(bench.IMPLEMENTATION_NAMES)
+    assert [i.name for i in by_default["linear"]] == list(bench.LINEAR_IMPLEMENTATION_NAMES)
+    # A name of one path only leaves the other path out; the reference always runs.
+    linear_only = bench.chosen_implementations(CPU, [bench.LIGER_LINEAR])
+    assert {path: [i.name for i in chosen] for path, chosen in linear_only.items()} == {
+        "linear": [bench.LIGER_LINEAR, "reference"]}
+    both = bench.chosen_implementations(CPU, ["prefopt-torch"])
+    assert {path: [i.name for i in chosen] for path, chosen in both.items()} == {
+        "logits": ["reference", "prefopt-torch"], "linear": ["reference", "prefopt-torch"]}
+
+
+def test_compiling_the_linear_reference_is_left_out_of_the_default_gpu_run():
+    gpu = torch.device("cuda")
+    compiled = "torch.compile(reference)"
+    by_default = {i.name: i for i in bench.chosen_implementations(gpu)["linear"]}
+    assert by_default[compiled].unavailable == bench.DEFAULT_RUN_LEAVES_OUT[("linear", compiled)]
+    named = {i.name: i for i in bench.chosen_implementations(gpu, [compiled])["linear"]}
+    assert named[compiled].unavailable is None
 
 
 def test_plot_into_a_file_is_an_error(tmp_path, capsys):
@@ -131,6 +187,9 @@ def test_workload_rejects_bad_fields(bad):
 def test_sweep_covers_both_axes_without_repeats():
     workloads = bench.sweep((1, 2), (10, 20), 1, 10, dtype=torch.float32)
     assert [(w.tokens, w.vocab) for w in workloads] == [(1, 10), (2, 10), (1, 20)]
+    linear = bench.sweep((1, 2), (10, 20), 1, 10, dtype=torch.float32, hidden=4)
+    assert [(w.tokens, w.hidden, w.vocab) for w in linear] == [(1, 4, 10), (2, 4, 10), (1, 4, 20)]
+    assert all(isinstance(w, bench.LinearWorkload) for w in linear)
 
 
 @pytest.mark.parametrize("direction", bench.DIRECTIONS)
@@ -151,6 +210,22 @@ def test_unavailable_implementation_is_skipped_with_its_reason():
     assert "not run: absent: not here" in bench.format_table([result])
 
 
+def test_table_groups_the_rows_and_the_skipped_by_path():
+    logits, linear = bench.Workload(4, 8), bench.LinearWorkload(4, 2, 8)
+    results = [bench.Measurement("reference", linear, "cpu", median_s=2e-3, speedup_vs_reference=1.0),
+               bench.Measurement("reference", logits, "cpu", median_s=1e-3, speedup_vs_reference=1.0),
+               bench.Measurement("peer", logits, "cpu", skipped="GPU only"),
+               bench.Measurement("peer", linear, "cpu", skipped="not installed")]
+    logits_block, linear_block = bench.format_table(results).split("\n\n")
+    assert logits_block.splitlines()[0] == bench.PATH_TITLES["logits"]
+    assert logits.name() in logits_block and linear.name() not in logits_block
+    assert logits_block.endswith("not run: peer: GPU only")
+    assert linear_block.splitlines()[0] == bench.PATH_TITLES["linear"]
+    assert linear.name() in linear_block and linear_block.endswith("not run: peer: not installed")
+    # One set of column widths: the header lines of both tables are the same.
+    assert logits_block.splitlines()[1] == linear_block.splitlines()[1]
+
+
 def test_speedups_are_relative_to_the_reference_on_the_same_workload():
     small, large = bench.Workload(4, 8), bench.Workload(8, 8)
     results = [bench.Measurement("reference", small, "cpu", median_s=2.0),
@@ -168,6 +243,7 @@ def test_a_failing_implementation_is_reported_and_the_run_goes_on(monkeypatch, c
     chosen = [next(i for i in bench.implementations(CPU) if i.name == "reference"),
               bench.Implementation("broken", lambda: broken)]
     monkeypatch.setattr(bench, "implementations", lambda device: chosen)
+    monkeypatch.setattr(bench, "linear_implementations", lambda device: [])  # the logits path alone
     monkeypatch.setattr(bench, "_add_cpu_memory", lambda *args: None)  # no fresh processes here
     results = bench.run(device=CPU, quick=True, calls=1)
     assert [r.implementation for r in results] == ["reference", "broken"]
@@ -180,7 +256,6 @@ def test_a_failing_implementation_is_reported_and_the_run_goes_on(monkeypatch, c
 # The fused linear path's workloads, floors and checks, and the GPU session's record and report
 
 REPORT_SCRIPT = Path(__file__).resolve().parents[1] / "benches" / "report.py"
-LINEAR_MEASURED = ("reference", "prefopt-torch")
 
 
 def linear_implementation(name: str) -> bench.Implementation:
