@@ -31,12 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def available_backend(name: str) -> str:
+    """``name``, or skip the test with the reason that backend cannot run here."""
+    reason = unavailable_reason(name, DEVICE)
+    if reason is not None:
+        pytest.skip(f"backend {name!r}: {reason}")
+    return name
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request) -> str:
-    reason = unavailable_reason(request.param, DEVICE)
-    if reason is not None:
-        pytest.skip(f"backend {request.param!r}: {reason}")
-    return request.param
+    return available_backend(request.param)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ Shapes stay tiny: under TRITON_INTERPRET=1 each tl.dot is a numpy product per pr
 
 import pytest
 import torch
-from conftest import ALL_STATS, DEVICE, TOLERANCE, random_labels, relative_error
+from conftest import ALL_STATS, DEVICE, TOLERANCE, available_backend, random_labels, relative_error
 
 import prefopt
 from prefopt.backends import BackendUnavailableError, unavailable_reason
@@ -18,10 +18,7 @@ LINEAR_BACKENDS = ("triton", "torch", "reference")
 
 @pytest.fixture(params=LINEAR_BACKENDS)
 def backend(request) -> str:
-    reason = unavailable_reason(request.param, DEVICE)
-    if reason is not None:
-        pytest.skip(f"backend {request.param!r}: {reason}")
-    return request.param
+    return available_backend(request.param)
 
 
 def random_problem(leading, hidden_size, vocab_size, dtype, *, bias=True, ignored_fraction=0.3, seed=0):
