@@ -124,6 +124,14 @@ def _launch(
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
+def _empty_outputs(chosen: Tensor, family: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Uninitialized (loss, losses, chosen_rewards, rejected_rewards, metrics), the layout the
+    forward operator returns, real or fake."""
+    n = chosen.shape[0]
+    return (chosen.new_empty(()), chosen.new_empty(n), chosen.new_empty(n), chosen.new_empty(n),
+            chosen.new_empty(len(METRIC_NAMES[family])))
+
+
 @torch.library.custom_op("prefopt::preference_loss", mutates_args=())
 def preference_loss_op(
     chosen: Tensor,
@@ -153,14 +161,7 @@ def preference_loss_op(
     """Returns (loss, losses, chosen_rewards, rejected_rewards, metrics): loss 0-d (the mean, or
     the sum for reduction "sum" and "none"), the others [B], metrics [len(METRIC_NAMES[family])],
     all in ``chosen``'s dtype. Every tensor input is contiguous."""
-    n = chosen.shape[0]
-    outputs = (
-        chosen.new_empty(()),
-        chosen.new_empty(n),
-        chosen.new_empty(n),
-        chosen.new_empty(n),
-        chosen.new_empty(len(METRIC_NAMES[family])),
-    )
+    outputs = _empty_outputs(chosen, family)
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
                offset, nll)
     config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
@@ -172,9 +173,7 @@ def preference_loss_op(
 @preference_loss_op.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset,
       nll, family, *config):
-    n = chosen.shape[0]
-    return (chosen.new_empty(()), chosen.new_empty(n), chosen.new_empty(n), chosen.new_empty(n),
-            chosen.new_empty(len(METRIC_NAMES[family])))
+    return _empty_outputs(chosen, family)
 
 
 def _grad_like(t: Tensor | None, like: Tensor) -> Tensor:
