@@ -2,7 +2,8 @@
 //
 //   prefopt::cuda_token_stats_forward       (fills logps, lse and the asked-for statistics)
 //   prefopt::cuda_token_stats_backward      (writes the logits gradient; in place when grad_logits
-//                                            is the logits tensor itself)
+//                                            is the logits tensor itself; of one tile of columns
+//                                            of each row, given column_offset and softmax_size)
 //   prefopt::cuda_preference_loss_forward   (fills the loss, losses, rewards and metrics)
 //   prefopt::cuda_preference_loss_backward  (writes the gradients of the log-prob inputs)
 //
@@ -130,7 +131,8 @@ void cuda_token_stats_backward(const at::Tensor& logits, const at::Tensor& grad_
                                const std::optional<at::Tensor>& grad_entropy,
                                const std::optional<at::Tensor>& grad_mean_logits,
                                const std::optional<at::Tensor>& grad_log_sum_sq_probs, int64_t ignore_index,
-                               double temperature, std::optional<double> softcap) {
+                               double temperature, std::optional<double> softcap, int64_t column_offset,
+                               int64_t softmax_size) {
   check_logits(logits, "logits");
   check_logits(grad_logits, "grad_logits");
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type() &&
@@ -149,11 +151,14 @@ void cuda_token_stats_backward(const at::Tensor& logits, const at::Tensor& grad_
       optional_rows<const float>(grad_log_sum_sq_probs, logits, rows, "grad_log_sum_sq_probs", at::kFloat);
   TORCH_CHECK(grad_entropy_ptr == nullptr || entropy_ptr != nullptr, "prefopt: grad_entropy needs entropy");
   TORCH_CHECK(grad_sum_sq_ptr == nullptr || sum_sq_ptr != nullptr, "prefopt: grad_log_sum_sq_probs needs log_sum_sq_probs");
+  TORCH_CHECK(column_offset >= 0 && softmax_size >= column_offset + logits.size(2),
+              "prefopt: the logits' columns [", column_offset, ", ", column_offset + logits.size(2),
+              ") must lie in a softmax over ", softmax_size, " columns");
   if (rows == 0) return;
 
   const cudaError_t status = prefopt_token_stats_backward(
       logits.data_ptr(), grad_logits.data_ptr(), dtype_code(logits, "logits"), logits.size(0), logits.size(1), logits.size(2),
-      logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
+      column_offset, softmax_size, logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
       labels.scalar_type() == at::kLong, ignore_index, inverse_temperature(temperature), softcap_value(softcap),
       lse.data_ptr<float>(), entropy_ptr, sum_sq_ptr, grad_logps.data_ptr<float>(), grad_entropy_ptr, grad_mean_ptr,
       grad_sum_sq_ptr, multiprocessors(logits), c10::cuda::getCurrentCUDAStream().stream());
@@ -335,7 +340,7 @@ TORCH_LIBRARY_FRAGMENT(prefopt, m) {
       "cuda_token_stats_backward(Tensor logits, Tensor(a!) grad_logits, Tensor labels, Tensor lse, "
       "Tensor? entropy, Tensor? log_sum_sq_probs, Tensor grad_logps, Tensor? grad_entropy, "
       "Tensor? grad_mean_logits, Tensor? grad_log_sum_sq_probs, int ignore_index, float temperature, "
-      "float? softcap) -> ()");
+      "float? softcap, int column_offset, int softmax_size) -> ()");
   m.def(
       "cuda_preference_loss_forward(Tensor chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? margin, Tensor? chosen_lengths, Tensor? rejected_lengths, Tensor? desirable, Tensor? offset, "

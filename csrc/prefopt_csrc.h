@@ -71,10 +71,13 @@ cudaError_t prefopt_token_stats_forward(
  * the logits themselves (in-place backward: every element is read before it is overwritten, by
  * the same thread).
  *   lse, grad_logps: float32 [rows], required. grad_entropy needs entropy, grad_log_sum_sq_probs
- *   needs log_sum_sq_probs; an upstream gradient that is NULL contributes nothing. */
+ *   needs log_sum_sq_probs; an upstream gradient that is NULL contributes nothing.
+ *   The view may be one tile of columns of each row: columns [column_offset, column_offset +
+ *   vocab_size) of a softmax over softmax_size columns, whose statistics (lse, entropy, ...) and
+ *   labels are those of the whole row. A whole row is column_offset = 0, softmax_size = vocab_size. */
 cudaError_t prefopt_token_stats_backward(
     const void* logits, void* grad_logits, int dtype, int64_t outer, int64_t inner,
-    int64_t vocab_size, int64_t stride_outer, int64_t stride_inner,
+    int64_t vocab_size, int64_t column_offset, int64_t softmax_size, int64_t stride_outer, int64_t stride_inner,
     int64_t grad_stride_outer, int64_t grad_stride_inner,
     const void* labels, int labels_are_int64, int64_t ignore_index,
     float inv_temperature, float softcap,

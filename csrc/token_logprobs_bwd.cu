@@ -18,6 +18,11 @@
 // coefficient) and the per-element work is one exp and four FMAs. Then dx_j = dz_j * dz/dx with
 // dz/dx = (1 - tanh^2(x / c)) / T under a softcap, 1 / T without.
 //
+// A launch may cover one tile of columns of each row, [column_offset, column_offset + vocab_size)
+// of a softmax over softmax_size columns (the fused linear path, which builds its logits a
+// vocabulary tile at a time): labels are columns of the whole row, so the label term lands in the
+// tile that holds the label, and A divides by the whole row's size.
+//
 // Layout: grid (rows, chunks): each block writes one contiguous chunk of one row. Chunks are
 // sized so that a few long rows still spread over every SM, and thousands of rows do not pay for
 // tiny blocks. 16-byte vector loads and stores when the logits row and the gradient row share
@@ -43,7 +48,9 @@ struct BackwardParams {
   int64_t grad_stride_outer;
   int64_t grad_stride_inner;
   int64_t ignore_index;
-  int vocab_size;
+  int64_t column_offset;  // the first column of the row this launch covers
+  float softmax_size;     // columns of the whole row, for A = g_mu / V
+  int vocab_size;         // columns this launch covers
   int labels_are_int64;
   int chunks;         // blocks per row (gridDim.y)
   int chunk_vectors;  // 16-byte vectors per chunk; the last chunk also takes the tail
@@ -99,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   const int64_t label = load_label(p.labels, p.labels_are_int64, row);
   const bool scored = label != p.ignore_index;
   if (scored) {
-    k.label = label;
+    k.label = label - p.column_offset;  // outside [0, vocab_size) when another tile holds the label
     k.lse = p.lse[row];
     k.g = p.grad_logps[row];
     k.b = -k.g;
@@ -108,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
       k.b -= g_entropy * p.entropy[row];
       k.d = -g_entropy;
     }
-    if (p.grad_mean_logits != nullptr) k.a = p.grad_mean_logits[row] / static_cast<float>(p.vocab_size);
+    if (p.grad_mean_logits != nullptr) k.a = p.grad_mean_logits[row] / p.softmax_size;
     if (p.grad_log_sum_sq_probs != nullptr) {
       const float g_sum_sq = p.grad_log_sum_sq_probs[row];
       k.b -= 2.f * g_sum_sq;
@@ -215,7 +222,7 @@ using namespace prefopt;
 
 extern "C" cudaError_t prefopt_token_stats_backward(
     const void* logits, void* grad_logits, int dtype, int64_t outer, int64_t inner,
-    int64_t vocab_size, int64_t stride_outer, int64_t stride_inner,
+    int64_t vocab_size, int64_t column_offset, int64_t softmax_size, int64_t stride_outer, int64_t stride_inner,
     int64_t grad_stride_outer, int64_t grad_stride_inner,
     const void* labels, int labels_are_int64, int64_t ignore_index,
     float inv_temperature, float softcap,
@@ -226,6 +233,9 @@ extern "C" cudaError_t prefopt_token_stats_backward(
   // Argument errors are reported before anything is launched (and without touching the device).
   const int width = vector_width(dtype);
   if (width == 0 || outer < 0 || inner < 0 || vocab_size < 1 || vocab_size > INT_MAX) return cudaErrorInvalidValue;
+  if (column_offset < 0 || softmax_size < vocab_size || column_offset > softmax_size - vocab_size) {
+    return cudaErrorInvalidValue;
+  }
   if (!(inv_temperature > 0.f) || !(softcap >= 0.f)) return cudaErrorInvalidValue;
   const int64_t rows = outer * inner;
   if (rows == 0) return cudaSuccess;
@@ -268,6 +278,8 @@ extern "C" cudaError_t prefopt_token_stats_backward(
   p.grad_stride_outer = grad_stride_outer;
   p.grad_stride_inner = grad_stride_inner;
   p.ignore_index = ignore_index;
+  p.column_offset = column_offset;
+  p.softmax_size = static_cast<float>(softmax_size);
   p.vocab_size = static_cast<int>(vocab_size);
   p.labels_are_int64 = labels_are_int64 ? 1 : 0;
   p.chunks = static_cast<int>(chunks);

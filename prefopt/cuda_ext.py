@@ -264,17 +264,24 @@ def token_stats_backward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    column_offset: int = 0,
+    softmax_size: int | None = None,
 ) -> None:
     """Write the logits gradient for one block of rows (contract of
-    ``prefopt.kernels.token_stats_backward``); ``grad_logits`` may be ``logits`` itself."""
-    outer, inner, _ = logits.shape
+    ``prefopt.kernels.token_stats_backward``); ``grad_logits`` may be ``logits`` itself.
+
+    The logits may be one tile of columns of each row: columns [column_offset, column_offset + V)
+    of a softmax over ``softmax_size`` columns (default V: whole rows), with labels and per-row
+    statistics of the whole rows."""
+    outer, inner, vocab_size = logits.shape
     if outer * inner == 0:
         return
     load()
     _ops().cuda_token_stats_backward(
         logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
         grad_mean_logits, grad_log_sum_sq_probs, int(ignore_index), float(temperature),
-        None if softcap is None else float(softcap),
+        None if softcap is None else float(softcap), int(column_offset),
+        vocab_size if softmax_size is None else int(softmax_size),
     )
 
 

@@ -198,19 +198,29 @@ int main() {
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, (1LL << 31), 35, 7, fake, 1, -100, 1.f, 0.f,
                                      out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
 
-  // backward(logits, grad, dtype, outer, inner, V, so, si, gso, gsi, labels, int64, ignore, inv_T,
-  //          softcap, lse, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
-  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+  // backward(logits, grad, dtype, outer, inner, V, column_offset, softmax_size, so, si, gso, gsi, labels,
+  //          int64, ignore, inv_T, softcap, lse, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
                                       out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == cudaSuccess);
-  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
                                       out, nullptr, nullptr, out, out, nullptr, nullptr, 132, nullptr) == invalid);
-  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
                                       out, nullptr, nullptr, out, nullptr, nullptr, out, 132, nullptr) == invalid);
-  EXPECT(prefopt_token_stats_backward(fake, nullptr, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+  EXPECT(prefopt_token_stats_backward(fake, nullptr, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
                                       out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
-  EXPECT(prefopt_token_stats_backward(fake, fake, -1, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+  EXPECT(prefopt_token_stats_backward(fake, fake, -1, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
                                       out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+  // A tile of columns must lie inside its softmax: [column_offset, column_offset + V) within softmax_size.
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 4, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
+                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      nullptr) == cudaSuccess);
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 5, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
+                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      nullptr) == invalid);
+  EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, -1, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
+                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      nullptr) == invalid);
 
   // Split-V plans on an H200 (132 SMs): thousands of rows are never split; a few rows of a
   // 262144 vocabulary are; tiny vocabularies cannot be.
@@ -324,7 +334,7 @@ int main() {
     EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
                                        out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
                                        nullptr) != cudaSuccess);
-    EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
+    EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
                                         out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                         nullptr) != cudaSuccess);
   }
@@ -434,7 +444,7 @@ def simulator_library(tmp_path_factory) -> ctypes.CDLL:
         *[c.c_void_p] * 6, c.c_void_p, c.c_int, c.c_void_p]
     lib.prefopt_token_stats_backward.restype = c.c_int
     lib.prefopt_token_stats_backward.argtypes = [
-        c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 7, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
+        c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 9, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
         *[c.c_void_p] * 7, c.c_int, c.c_void_p]
     lib.prefopt_token_stats_forward_splits.restype = c.c_int
     lib.prefopt_token_stats_forward_splits.argtypes = [c.c_int64, c.c_int64, c.c_int, c.c_int]
@@ -498,11 +508,12 @@ def simulator(simulator_library):
         assert status == 0, f"cudaError {status}"
 
     def backward(logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
-                 grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap):
+                 grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, column_offset,
+                 softmax_size):
         outer, inner, vocab_size = logits.shape
         status = lib.prefopt_token_stats_backward(
             logits.data_ptr(), grad_logits.data_ptr(), DTYPE_CODES[logits.dtype], outer, inner, vocab_size,
-            logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
+            column_offset, softmax_size, logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
             labels.dtype == torch.int64, ignore_index, 1.0 / temperature, 0.0 if softcap is None else softcap,
             lse.data_ptr(), pointer(entropy), pointer(log_sum_sq_probs), grad_logps.data_ptr(),
             pointer(grad_entropy), pointer(grad_mean_logits), pointer(grad_log_sum_sq_probs),
@@ -740,6 +751,27 @@ def test_gradient_view_with_a_different_alignment_than_the_logits(cuda_on_cpu):
     (expected,) = torch.autograd.grad(prefopt.token_logprobs(exact, labels, backend="reference").sum(), exact)
     assert float((grad[:, :-1].double() - expected).norm() / expected.norm()) <= 1e-2
     assert (grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_backward_of_column_tiles_is_that_of_whole_rows(simulator, dtype, softcap):
+    """The gradient of each tile of columns, launched alone with its column_offset and the whole
+    row's softmax_size, is bitwise that tile of the whole rows' gradient: the label term lands in
+    the tile that holds the label, the mean-logit term divides by the whole row."""
+    rows, vocab_size = 6, 1003
+    logits = (torch.randn(1, rows, vocab_size) * 3).to(dtype)
+    labels = torch.tensor([0, 1002, -100, 500, 333, 334])
+    logps, lse, entropy, log_sum_sq_probs = (torch.empty(rows) for _ in range(4))
+    simulator(logits, labels, logps, lse, entropy, None, log_sum_sq_probs, None, -100, 0.7, softcap)
+    upstream = [torch.randn(rows) for _ in range(4)]
+    arguments = (labels, lse, entropy, log_sum_sq_probs, *upstream, -100, 0.7, softcap)
+    whole = torch.empty_like(logits)
+    torch.ops.prefopt_sim.cuda_token_stats_backward(logits, whole, *arguments, 0, vocab_size)
+    for start, stop in ((0, 256), (256, 333), (333, 334), (334, 1003)):
+        tile = logits[:, :, start:stop].contiguous()
+        torch.ops.prefopt_sim.cuda_token_stats_backward(tile, tile, *arguments, start, vocab_size)
+        assert torch.equal(tile, whole[:, :, start:stop]), (start, stop)
 
 
 @pytest.fixture
