@@ -120,16 +120,16 @@ def markdown(document: dict, measurements: Sequence[bench.Measurement], stem: st
         for suite in document["correctness"]:
             lines += [f"- failed in {suite['suite']}: `{name}`" for name in suite["failed_tests"]]
     if document["linear_checks"]:
-        lines += ["", "## Fused linear path: issue 5's targets for prefopt-triton (forward+backward, bf16)", "",
+        lines += ["", "## Fused linear path: issue 5's targets for prefopt's GPU backends (forward+backward, bf16)", "",
                   "Recorded, not asserted. Issue 5 names 16384 x 4096 x 128256 and 16384 x 2048 x 248320 "
                   "(in bold).", "",
-                  "| workload | check | prefopt-triton | bound | result |", "|---|---|---:|---:|---|"]
+                  "| workload | implementation | check | value | bound | result |", "|---|---|---|---:|---:|---|"]
         ordered = sorted(document["linear_checks"], key=lambda c: not c["issue5_shape"])
         for check in ordered:
             shape = check["workload"].removeprefix("fwd+bwd ")
             shape = f"**{shape}**" if check["issue5_shape"] else shape
             result = {True: "pass", False: "FAIL", None: f"not known: {check['note']}"}[check["passed"]]
-            lines.append(f"| {shape} | {check['check']} | {_check_value(check, 'value')} | "
+            lines.append(f"| {shape} | {check['implementation']} | {check['check']} | {_check_value(check, 'value')} | "
                          f"{_check_value(check, 'bound')} | {result} |")
     titles = {"linear": ("Fused linear path", "the cuBLAS time of the products the direction needs on the scored rows"),
               "logits": ("Logits path", "bytes over the copy bandwidth measured in the same run")}

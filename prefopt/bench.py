@@ -444,9 +444,9 @@ def _cut_cross_entropy(filter_eps: str | None) -> Callable[[], Candidate]:
 
 _FORWARD_PRODUCTS = dict.fromkeys(("fwd", "fwd-nograd"), ("logits",))
 # The Triton backward is two kernels (grad_hidden over token tiles, grad_weight over vocabulary
-# tiles), each recomputing the logits; the torch backend recomputes them once per chunk.
+# tiles), each recomputing the logits; the cuda and torch backends recompute them once, tile by tile.
 TRITON_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "logits", "grad_weight")}
-TORCH_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "grad_weight")}
+RECOMPUTE_ONCE_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "grad_weight")}
 CCE = "cce-linear_cross_entropy"
 CCE_EXACT = "cce-linear_cross_entropy-exact"
 TRL_CHUNKED = "trl-chunked_logprob"
@@ -456,14 +456,14 @@ LINEAR_PEERS = (CCE, CCE_EXACT, TRL_CHUNKED, LIGER_LINEAR)
 
 def linear_implementations(device: torch.device) -> list[Implementation]:
     """The implementations of the fused linear path, each with the reason it cannot run on
-    tensors of ``device`` (None when it can): prefopt's triton and torch backends (there are no
-    CUDA C++ kernels for this path), the explicit-logits reference and torch.compile of it, TRL's
+    tensors of ``device`` (None when it can): prefopt's triton, cuda and torch backends, the
+    explicit-logits reference and torch.compile of it, TRL's
     chunked log-prob function (what its DPO and KTO trainers use), Liger-Kernel's fused linear
     cross entropy (reduction="none") and Apple's Cut Cross-Entropy (reduction="none"; its default
     filters small gradient entries, "-exact" does not).
 
     Ordered by what a run cut short needs first: prefopt-triton and the peers it is checked
-    against (:func:`linear_checks`), then the rest.
+    against (:func:`linear_checks`), prefopt-cuda (checked too), then the rest.
     """
     on_gpu = device.type == "cuda"
     gpu_only = None if on_gpu else "GPU only"
@@ -476,10 +476,12 @@ def linear_implementations(device: torch.device) -> list[Implementation]:
         Implementation(TRL_CHUNKED, _trl_chunked, unavailable=gpu_only or _peer_missing("trl")),
         Implementation(LIGER_LINEAR, _liger_linear, unavailable=gpu_only or _peer_missing("liger_kernel")),
         Implementation(CCE_EXACT, _cut_cross_entropy(None), unavailable=cce_reason),
+        Implementation("prefopt-cuda", _prefopt_linear("cuda"), gemm_products=RECOMPUTE_ONCE_LINEAR_PRODUCTS,
+                       unavailable=unavailable_reason("cuda", device) if on_gpu else "GPU only"),
         # The memory script's "reference" backend computes the same explicit logits (float32 on
         # a CPU, the only dtype CPU memory is measured in).
         Implementation(REFERENCE, lambda: _explicit_logits_logprobs, memory_script_args=("reference",)),
-        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=TORCH_LINEAR_PRODUCTS,
+        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=RECOMPUTE_ONCE_LINEAR_PRODUCTS,
                        memory_script_args=("torch",)),
         Implementation("torch.compile(reference)", lambda: _compiled(_explicit_logits_logprobs),
                        unavailable=None if on_gpu else _COMPILE_ON_CPU),
@@ -748,17 +750,19 @@ def fill_speedups(results: Sequence[Measurement]) -> None:
 
 # The two problems issue 5 names for the fused linear path: (tokens, hidden, vocab), bf16.
 ISSUE5_SHAPES = ((16384, 4096, 128256), (16384, 2048, 248320))
-CHECKED = "prefopt-triton"
+# prefopt's GPU backends of the fused linear path, each held to issue 5's targets.
+CHECKED = ("prefopt-triton", "prefopt-cuda")
 
 
 def linear_checks(results: Sequence[Measurement]) -> list[dict[str, object]]:
-    """Issue 5's targets for prefopt-triton, on every fused linear forward+backward measured:
+    """Issue 5's targets for prefopt-triton and prefopt-cuda (``CHECKED``), on every fused linear
+    forward+backward measured:
     time at most Cut Cross-Entropy's (default and exact, each a check), at most TRL's chunked
     log-prob function's, at most 0.4x Liger's fused linear cross entropy; peak extra memory at
     most the lowest peer's; time at most 1.25x the cuBLAS time of the products it performs; and
     with half the rows ignored, time at most 0.55x that of the same shape with every row valid.
 
-    Returns one dict per check: the workload, the check, ``value`` and ``bound`` (seconds or
+    Returns one dict per check: the implementation, the workload, the check, ``value`` and ``bound`` (seconds or
     bytes) and ``passed`` (None, with ``note`` saying why, when a figure is missing). Timing
     targets are recorded here, never asserted: they belong in benchmarks, not in tests.
     """
@@ -766,13 +770,13 @@ def linear_checks(results: Sequence[Measurement]) -> list[dict[str, object]]:
                 if isinstance(r.workload, LinearWorkload) and r.median_s is not None}
     checks: list[dict[str, object]] = []
     for (workload, name), subject in measured.items():
-        if name != CHECKED or workload.direction != "fwd+bwd":
+        if name not in CHECKED or workload.direction != "fwd+bwd":
             continue
 
         def add(check: str, value: float | int | None, bound: float | None, missing: str) -> None:
             known = value is not None and bound is not None
             checks.append({
-                "workload": workload.name(), "tokens": workload.tokens, "hidden": workload.hidden,
+                "implementation": name, "workload": workload.name(), "tokens": workload.tokens, "hidden": workload.hidden,
                 "vocab": workload.vocab, "ignored_fraction": workload.ignored_fraction,
                 "issue5_shape": (workload.tokens, workload.hidden, workload.vocab) in ISSUE5_SHAPES,
                 "check": check, "value": value, "bound": bound, "passed": value <= bound if known else None,
@@ -792,7 +796,7 @@ def linear_checks(results: Sequence[Measurement]) -> list[dict[str, object]]:
         add("time <= 1.25 x cuBLAS time of the products it performs", subject.median_s,
             None if subject.method_gemm_s is None else 1.25 * subject.method_gemm_s, "no cuBLAS timing in this run")
         if workload.ignored_fraction == 0.5:
-            all_valid = measured.get((dataclasses.replace(workload, ignored_fraction=0.0), CHECKED))
+            all_valid = measured.get((dataclasses.replace(workload, ignored_fraction=0.0), name))
             add("time with half the rows ignored <= 0.55 x all rows valid", subject.median_s,
                 None if all_valid is None else 0.55 * all_valid.median_s, "the all-valid workload was not measured")
     return checks

@@ -41,9 +41,20 @@ Backends:
   atomics. In bf16/fp16 the logits gradient is rounded to that dtype for its two products (tensor
   cores), which are summed in float32; grad_hidden is summed in a float32 [tokens, H] buffer.
   Token tiles whose rows are all ignored do no product and no host round trip.
-- "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path), "torch" elsewhere
-  and for float64. There are no CUDA C++ kernels for this path: backend="cuda" raises
-  ``BackendUnavailableError``.
+- "cuda": cuBLAS products and the CUDA C++ token-stats kernels of ``csrc/`` (bf16/fp16/fp32).
+  The logits exist one tile at a time, in float32 (bf16/fp16 operands on the tensor cores,
+  cuBLAS accumulating and writing float32), at most ``GEMM_TILE_BYTES`` whatever the number of
+  tokens. The forward runs over chunks of scored rows with whole-vocabulary logits, the kernels
+  turning each chunk into its per-row statistics. The backward runs over vocabulary tiles of all
+  scored rows: the kernel turns a tile's logits into their gradient in place, and each tile's
+  grad_weight rows come from one product over every scored token, so they are summed in float32
+  by cuBLAS and never across tiles; grad_hidden is summed over tiles in float32. 4 products in
+  all (the logits, their recomputation, the two gradients), no atomics: deterministic. The
+  logit_scale is folded into the kernels' temperature and softcap, so that the kernels give the
+  gradient of hidden @ weight.T + bias directly. Ignored rows are dropped as in "torch" (one
+  host round trip per call, to count them).
+- "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path, "cuda" included),
+  "torch" elsewhere and for float64.
 """
 
 import math
@@ -55,7 +66,7 @@ import torch.nn.functional as F
 
 from . import _validation, chunked, distributed
 from ._types import STAT_NAMES, TokenStats
-from .backends import BackendUnavailableError, resolve_backend
+from .backends import resolve_backend
 from .logprobs import local_token_stats, reduce_sequences
 from .ops import (NO_IGNORE_INDEX, dense_upstream, empty_stats_outputs, logps_upstream, lse_label_gradient,
                   shaped_stats)
@@ -109,18 +120,11 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
 
 
 def _resolve(backend: str, hidden: Tensor) -> str:
-    if backend == "cuda":
-        raise BackendUnavailableError(
-            "backend='cuda': the fused linear path has no CUDA C++ kernels; use 'triton', 'torch' or 'auto'"
-        )
     resolved = resolve_backend(backend, hidden.device)
-    # "auto" (or PREFOPT_BACKEND) may pick the CUDA C++ logits backend, which this path lacks.
-    if resolved == "cuda":
-        resolved = "triton"
-    if resolved == "triton" and hidden.dtype == torch.float64:
+    if resolved in ("triton", "cuda") and hidden.dtype == torch.float64:
         if backend == "auto":
             return "torch"
-        raise TypeError("hidden: backend='triton' takes bfloat16, float16 or float32, got torch.float64; "
+        raise TypeError(f"hidden: backend={resolved!r} takes bfloat16, float16 or float32, got torch.float64; "
                         "use backend='torch' or 'reference'")
     return resolved
 
@@ -152,32 +156,41 @@ def _chunk_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, logi
     return logits
 
 
-def _scored_row_chunks(labels: Tensor, ignore_index: int, vocab_size: int) -> list[Tensor]:
-    """The indices of the rows whose label is scored, in chunks of ``rows_per_chunk`` rows.
+def _scored_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    """The indices of the rows whose label is scored.
 
     Ignored rows never reach a matrix product, so a completion-only batch with long prompts pays
     only for its completion tokens. Counting them is one host round trip per call on a GPU; the
     Triton backend skips ignored tiles without it.
     """
-    scored = (labels != ignore_index).nonzero().squeeze(-1)
-    return list(scored.split(chunked.rows_per_chunk(vocab_size)))
+    return (labels != ignore_index).nonzero().squeeze(-1)
+
+
+def _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats) -> None:
+    """Fill ``outputs`` chunk by chunk of scored rows: ``chunk_stats(hidden_rows, labels, outputs)``
+    computes the statistics of one chunk; ignored rows give exact zeros (False for is_top1)."""
+    for output in outputs:
+        if output is not None:
+            output.zero_()
+    for rows in _scored_rows(labels, ignore_index).split(rows_per_chunk):
+        chunk_outputs = [None if output is None else output.new_empty(rows.shape) for output in outputs]
+        chunk_stats(hidden_2d.index_select(0, rows), labels.index_select(0, rows), chunk_outputs)
+        for output, chunk_output in zip(outputs, chunk_outputs):
+            if output is not None:
+                output.index_copy_(0, rows, chunk_output)
 
 
 def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
-    # Ignored rows give exact zeros (False for is_top1) and cost nothing.
-    for output in outputs:
-        if output is not None:
-            output.zero_()
-    for rows in _scored_row_chunks(labels, ignore_index, weight.shape[0]):
-        logits = _chunk_logits(hidden_2d.index_select(0, rows).to(compute_dtype), weight, bias, logit_scale, tiles)
-        chunk_outputs = [None if output is None else output.new_empty(rows.shape) for output in outputs]
-        chunked.token_stats_forward(logits, labels.index_select(0, rows), *chunk_outputs,
-                                    ignore_index=ignore_index, temperature=temperature, softcap=softcap)
-        for output, chunk_output in zip(outputs, chunk_outputs):
-            if output is not None:
-                output.index_copy_(0, rows, chunk_output)
+
+    def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
+        logits = _chunk_logits(hidden_rows.to(compute_dtype), weight, bias, logit_scale, tiles)
+        chunked.token_stats_forward(logits, chunk_labels, *chunk_outputs, ignore_index=ignore_index,
+                                    temperature=temperature, softcap=softcap)
+
+    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, chunked.rows_per_chunk(weight.shape[0]),
+                           chunk_stats)
 
 
 def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
@@ -196,7 +209,7 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
     def gathered(tensor, rows):
         return None if tensor is None else tensor.index_select(0, rows)
 
-    for rows in _scored_row_chunks(labels, ignore_index, weight.shape[0]):
+    for rows in _scored_rows(labels, ignore_index).split(chunked.rows_per_chunk(weight.shape[0])):
         hidden_rows = hidden_2d.index_select(0, rows).to(compute_dtype)
         logits = _chunk_logits(hidden_rows, weight, bias, logit_scale, tiles)
         # The logits buffer becomes d(outputs)/dx in place.
@@ -218,6 +231,106 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
         if grad_hidden is not None:
             grad_hidden.index_copy_(0, rows, grad_hidden_rows.to(grad_hidden.dtype))
     return grad_hidden, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- cuda backend
+
+# float32 logits of one tile: a chunk of rows x the vocabulary (forward), or every scored row x a
+# vocabulary tile (backward). Large enough that each product keeps the tensor cores busy (at V
+# 262144, 512 rows), bounded whatever the number of tokens.
+GEMM_TILE_BYTES = 512 << 20
+
+
+def _float32_product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b in float32. bf16/fp16 operands stay in their dtype on a GPU (tensor cores), cuBLAS
+    accumulating and writing float32; a CPU has no such product (there the CUDA kernels run only
+    under the host simulator of the tests), so operands are upcast."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _float32_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """hidden_rows @ weight.T + bias, [rows, V'] float32 (see ``_float32_product``)."""
+    if bias is None:
+        return _float32_product(hidden_rows, weight.T)
+    if hidden_rows.dtype == torch.float32:
+        return torch.addmm(bias, hidden_rows, weight.T)
+    if hidden_rows.is_cuda:
+        return torch.addmm(bias, hidden_rows, weight.T, out_dtype=torch.float32)
+    return torch.addmm(bias.float(), hidden_rows.float(), weight.T.float())
+
+
+def _kernel_transform(temperature: float, softcap: float | None, logit_scale: float) -> tuple[float, float | None]:
+    """The kernels' (temperature, softcap) that give z from y = hidden @ weight.T + bias, with
+    logit_scale s folded in: softcap_c(s y) / T = softcap_{c/s}(y) / (T / s), and s y / T = y / (T / s)
+    without a cap. The kernels' gradient is then that of y, which the products take."""
+    return temperature / logit_scale, None if softcap is None else softcap / logit_scale
+
+
+def _cuda_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
+    from . import cuda_ext
+
+    kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
+
+    def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
+        logits = _float32_logits(hidden_rows, weight, bias)
+        cuda_ext.token_stats_forward(logits.unsqueeze(0), chunk_labels, *chunk_outputs, ignore_index=ignore_index,
+                                     temperature=kernel_temperature, softcap=kernel_softcap)
+
+    rows_per_chunk = max(1, GEMM_TILE_BYTES // (4 * weight.shape[0]))
+    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats)
+
+
+def _cuda_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                   grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
+                   need_hidden, need_weight, need_bias):
+    from . import cuda_ext
+
+    vocab_size = weight.shape[0]
+
+    def float32_zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
+
+    grad_hidden = float32_zeros(*hidden_2d.shape) if need_hidden else None
+    grad_weight = float32_zeros(*weight.shape) if need_weight else None
+    grad_bias = float32_zeros(vocab_size) if need_bias else None
+    rows = _scored_rows(labels, ignore_index)
+    if rows.numel() == 0:
+        return grad_hidden, grad_weight, grad_bias
+
+    def gathered(tensor):
+        return None if tensor is None else tensor.index_select(0, rows)
+
+    hidden_rows = hidden_2d.index_select(0, rows)
+    row_arguments = [gathered(t) for t in (labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                                           grad_mean_logits, grad_log_sum_sq_probs)]
+    kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
+    grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden else None
+    columns = max(1, GEMM_TILE_BYTES // (4 * rows.numel()))
+    for start in range(0, vocab_size, columns):
+        tile = slice(start, start + columns)
+        grad_y = _float32_logits(hidden_rows, weight[tile], None if bias is None else bias[tile])
+        tile_view = grad_y.unsqueeze(0)
+        cuda_ext.token_stats_backward(tile_view, tile_view, *row_arguments, ignore_index=ignore_index,
+                                      temperature=kernel_temperature, softcap=kernel_softcap, column_offset=start,
+                                      softmax_size=vocab_size)
+        if grad_bias is not None:
+            grad_bias[tile] = grad_y.sum(0)
+        # The products take the gradient in the operands' dtype (as the Triton backend does).
+        operand = grad_y.to(weight.dtype)
+        if grad_weight is not None:
+            _float32_product(operand.T, hidden_rows, out=grad_weight[tile])
+        if grad_hidden_rows is not None:
+            grad_hidden_rows += _float32_product(operand, weight[tile])
+    if grad_hidden is not None:
+        grad_hidden.index_copy_(0, rows, grad_hidden_rows)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- triton backend
 
 
 def _triton_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
@@ -288,7 +401,9 @@ def _implementation(backend: str):
         return _torch_forward, _torch_backward
     if backend == "triton":
         return _triton_forward, _triton_backward
-    raise ValueError(f"backend: the fused linear operators run 'triton' or 'torch', got {backend!r}")
+    if backend == "cuda":
+        return _cuda_forward, _cuda_backward
+    raise ValueError(f"backend: the fused linear operators run 'triton', 'cuda' or 'torch', got {backend!r}")
 
 
 # ----------------------------------------------------------------------------- operators
@@ -450,7 +565,7 @@ def linear_token_stats(
         stats: any of "entropy", "mean_logits", "log_sum_sq_probs", "is_top1".
         temperature, softcap: z = softcap(x) / temperature, applied after ``logit_scale``.
         logit_scale: finite > 0, multiplies hidden @ weight.T + bias.
-        backend: "auto", "triton", "torch" or "reference" (see the module docstring).
+        backend: "auto", "triton", "cuda", "torch" or "reference" (see the module docstring).
         process_group: None, or the group whose ranks each hold a contiguous slice of the
             vocabulary (in rank order, sizes may differ): ``weight`` [V_rank, H] and ``bias``
             [V_rank] are this rank's rows, ``labels`` global ids in [0, sum of V_rank), and

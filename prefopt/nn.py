@@ -42,9 +42,7 @@ A mean over no tokens or no examples is NaN.
 ``backend`` is the log-prob backend (see :mod:`prefopt.backends`); the loss reduction runs the
 fused kernel of that backend when it is ``"triton"`` or ``"cuda"`` (except for the loss types that
 sort over the batch, ``aot`` and ``aot_unpaired``, which have none), the reference when it is
-``"reference"``, and chooses as ``"auto"`` otherwise (the fused kernel on CUDA tensors). The
-fused linear path has no CUDA C++ kernels: with an :class:`LMHeadInput`, ``"cuda"`` raises
-``BackendUnavailableError``; use ``"triton"`` or ``"auto"``.
+``"reference"``, and chooses as ``"auto"`` otherwise (the fused kernel on CUDA tensors).
 """
 
 from __future__ import annotations

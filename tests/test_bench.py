@@ -336,8 +336,13 @@ def test_linear_checks_record_each_target_with_its_figures():
         # TRL not measured: its check is recorded as unknown, with the reason.
         linear_result("prefopt-triton", 0.5, 80, ignored=0.5, method_gemm_s=0.5),
         linear_result("prefopt-triton", 1.0, 100, shape=(4096, 2048, 32000)),
+        linear_result("prefopt-cuda", 0.8, 90, method_gemm_s=0.7),
     ]
     checks = bench.linear_checks(results)
+    cuda = {c["check"]: c for c in checks if c["implementation"] == "prefopt-cuda"}
+    assert cuda["time <= 1.25 x cuBLAS time of the products it performs"]["bound"] == pytest.approx(0.875)
+    assert cuda["time <= Cut Cross-Entropy's without filtering"]["passed"] is True
+    checks = [c for c in checks if c["implementation"] == "prefopt-triton"]
     issue5 = {c["check"]: c for c in checks if c["issue5_shape"] and c["ignored_fraction"] == 0.0}
     assert issue5["time <= Cut Cross-Entropy's (default: filters small gradients)"]["passed"] is True
     assert issue5["time <= Cut Cross-Entropy's without filtering"]["passed"] is False

@@ -64,8 +64,6 @@ def test_every_public_function_traces_fullgraph(backend, name):
     """Each public log-prob function, compiled whole, gives eager's values and input gradient."""
     generator = torch.Generator().manual_seed(3)
     if name.startswith("linear_"):
-        if backend == "cuda":
-            pytest.skip("the fused linear path has no CUDA C++ kernels")
         weight = torch.randn(37, 8, generator=generator).to(DEVICE)
         function = _linear_functions(backend, weight)[name]
         leaf_value = torch.randn(2, 6, 8, generator=generator).to(DEVICE)

@@ -561,14 +561,15 @@ def cuda_on_cpu(simulator, monkeypatch):
 
 
 def suite_cases():
-    """Every test of the correctness suite that takes a ``backend`` (and no other fixture),
+    """Every test of the correctness suite that takes a ``backend`` (and no fixture but monkeypatch),
     expanded over its parametrizations, GPU-only tests excepted."""
     import test_fused_losses
+    import test_linear
     import test_sequence_logprobs
     import test_token_logprobs
 
     cases = []
-    for module in (test_token_logprobs, test_sequence_logprobs, test_fused_losses):
+    for module in (test_token_logprobs, test_sequence_logprobs, test_fused_losses, test_linear):
         for name, function in vars(module).items():
             if not name.startswith("test_") or not inspect.isfunction(function):
                 continue
@@ -592,7 +593,7 @@ def suite_cases():
                         value = (value,)
                     values.append(dict(zip(names, value)))
                 grids.append(values)
-            if set(parameters) - covered:
+            if set(parameters) - covered - {"monkeypatch"}:
                 continue  # needs another fixture
             for combination in itertools.product(*grids):
                 arguments = {key: value for part in combination for key, value in part.items()}
@@ -604,8 +605,10 @@ def suite_cases():
 
 
 @pytest.mark.parametrize(("function", "arguments"), suite_cases())
-def test_suite_on_the_kernel_source(cuda_on_cpu, function, arguments):
+def test_suite_on_the_kernel_source(cuda_on_cpu, monkeypatch, function, arguments):
     torch.manual_seed(0)
+    if "monkeypatch" in inspect.signature(function).parameters:
+        arguments = {**arguments, "monkeypatch": monkeypatch}
     function(backend="cuda", **arguments)
 
 

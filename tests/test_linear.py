@@ -13,7 +13,7 @@ from prefopt.backends import BackendUnavailableError, unavailable_reason
 from prefopt.linear import linear_sequence_logprobs, linear_token_logprobs, linear_token_stats
 
 DIFFERENTIABLE = ("logps", "entropy", "mean_logits", "log_sum_sq_probs")
-LINEAR_BACKENDS = ("triton", "torch", "reference")
+LINEAR_BACKENDS = ("triton", "cuda", "torch", "reference")
 
 
 @pytest.fixture(params=LINEAR_BACKENDS)
@@ -146,6 +146,15 @@ def test_every_row_ignored(backend):
         assert not grad.any()
 
 
+def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch):
+    """Tile budgets shrunk so that the tiled backends ("torch", "cuda") take many chunks of rows
+    and many vocabulary tiles, ragged at the ends; labels in every tile."""
+    monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
+    hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.bfloat16, seed=9)
+    check(hidden, weight, bias, labels, backend, softcap=5.0, logit_scale=0.5)
+
+
 def test_torch_backend_multiplies_only_scored_rows(monkeypatch):
     import prefopt.linear
 
@@ -264,11 +273,13 @@ def test_auto_and_unavailable_backends():
     chosen = "triton" if DEVICE.type == "cuda" else "torch"
     expected = linear_token_logprobs(hidden, weight, labels, backend=chosen)
     assert torch.equal(linear_token_logprobs(hidden, weight, labels), expected)
-    with pytest.raises(BackendUnavailableError, match="cuda"):
-        linear_token_logprobs(hidden, weight, labels, backend="cuda")
-    if unavailable_reason("triton", DEVICE) is None:
-        with pytest.raises(TypeError, match="hidden"):
-            linear_token_logprobs(hidden.double(), weight.double(), labels, backend="triton")
+    for backend in ("triton", "cuda"):
+        if unavailable_reason(backend, DEVICE) is None:
+            with pytest.raises(TypeError, match="hidden"):
+                linear_token_logprobs(hidden.double(), weight.double(), labels, backend=backend)
+        else:
+            with pytest.raises(BackendUnavailableError, match=backend):
+                linear_token_logprobs(hidden, weight, labels, backend=backend)
 
 
 def test_float64_reference_and_torch():

@@ -314,8 +314,6 @@ def test_reference_logits_get_no_gradient_and_inplace_backward_agrees(backend):
 
 @pytest.mark.parametrize("scores", ["logits", "lm_head"])
 def test_compile_fullgraph_dpo_step(backend, scores):
-    if scores == "lm_head" and backend == "cuda":
-        pytest.skip("the fused linear path has no CUDA C++ kernels")
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(15)
     head = torch.nn.Linear(16, VOCAB, bias=False).to(DEVICE)
