@@ -59,9 +59,6 @@ def _mixed_interpreter_state() -> bool:
     return _interpreted(_token_stats_fwd_kernel) != _interpreted(tl.cdiv)
 
 
-# A fact about this process, not about the traced values: torch.compile evaluates it once while
-# tracing instead of tracing into the import machinery.
-@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on tensors of ``device``, else the reason it cannot."""
     if backend in ("torch", "reference"):
@@ -92,6 +89,13 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return reason + "; set TRITON_INTERPRET=1 in the environment before Python starts to run them on CPU"
         return f"the Triton kernels run on CUDA devices, not on {device.type}"
     raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+# A fact about this process, not about the traced values: torch.compile evaluates it once while
+# tracing instead of tracing into the import machinery. This is what
+# torch.compiler.assume_constant_result does, but calling it imports torch._dynamo, which would add
+# over a second to every `import prefopt`; tests/test_backends.py checks that both agree.
+unavailable_reason._dynamo_marked_constant = True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -51,6 +51,26 @@ def test_triton_on_cpu_without_the_interpreter_says_why():
     assert "need a CUDA tensor" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
 
 
+def test_import_does_not_load_the_compiler():
+    """`import prefopt` stays cheap: torch._dynamo (over a second to import) is not loaded by it."""
+    script = "import sys, prefopt, prefopt.nn, prefopt.losses\nprint('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_backend_availability_is_a_constant_to_the_compiler():
+    """unavailable_reason carries the marker torch.compiler.assume_constant_result sets, without
+    the import of torch._dynamo that calling it costs."""
+    from prefopt.backends import unavailable_reason
+
+    def probe():
+        pass
+
+    marked = torch.compiler.assume_constant_result(probe)
+    markers = {name for name in vars(marked) if name.startswith("_dynamo")}
+    assert markers and all(getattr(unavailable_reason, name, None) == getattr(marked, name) for name in markers)
+
+
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     """The CLI as a user starts it: without the TRITON_INTERPRET that these tests set."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -61,7 +81,7 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess:
 def test_interpreter_chosen_after_triton_was_imported_says_why():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = (
-        "import os, torch, prefopt\n"
+        "import os, torch, triton, prefopt\n"  # as torch.compile would have imported Triton
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "try:\n"
         "    prefopt.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]), backend='triton')\n"
