@@ -12,6 +12,11 @@ and dx_j = dz_j * dz/dx (see ``_common.transform_logits_derivative``). Each prog
 block of one row, in the logits' dtype, either into a fresh gradient buffer or over the logits
 themselves (in-place backward). Rows whose label is ``ignore_index`` are not read and get exact
 zeros.
+
+A launch may cover one tile of columns of each row, [column_offset, column_offset + V) of a
+softmax over softmax_size columns (the fused linear path builds its logits a vocabulary tile at a
+time): the label term lands in the tile that holds the label, the mean term divides by the whole
+row's size.
 """
 
 import torch
@@ -41,6 +46,8 @@ def _token_stats_bwd_kernel(
     grad_stride_outer,
     grad_stride_inner,
     vocab_size,
+    column_offset,
+    softmax_size,
     ignore_index,
     inv_temperature,
     softcap,
@@ -71,14 +78,14 @@ def _token_stats_bwd_kernel(
     p = tl.exp(z - lse)
 
     g = tl.load(grad_logps_ptr + row)
-    dz = g * (tl.where(cols == label, 1.0, 0.0) - p)
+    dz = g * (tl.where(cols == label - column_offset, 1.0, 0.0) - p)
     if GRAD_ENTROPY:
         entropy = tl.load(entropy_ptr + row)
         g_entropy = tl.load(grad_entropy_ptr + row)
         # p_j = 0 for a -inf logit, whose (log p_j + entropy) is -inf: its term is 0.
         dz -= g_entropy * p * tl.where(p > 0.0, z - lse + entropy, 0.0)
     if GRAD_MEAN:
-        dz += tl.load(grad_mean_ptr + row) / vocab_size
+        dz += tl.load(grad_mean_ptr + row) / softmax_size
     if GRAD_SUM_SQ:
         sum_sq = tl.exp(tl.load(log_sum_sq_ptr + row))
         dz += tl.load(grad_log_sum_sq_ptr + row) * (2.0 * p * p / sum_sq - 2.0 * p)
@@ -106,6 +113,8 @@ def token_stats_backward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    column_offset: int = 0,
+    softmax_size: int | None = None,
 ) -> None:
     """Write the logits gradient for one block of rows.
 
@@ -114,7 +123,9 @@ def token_stats_backward(
     same program). labels: [outer * inner] int32/int64; lse, entropy, log_sum_sq_probs and the
     upstream gradients: [outer * inner] float32, contiguous. A gradient passed as None
     contributes nothing (entropy must be given with grad_entropy, log_sum_sq_probs with
-    grad_log_sum_sq_probs).
+    grad_log_sum_sq_probs). The logits may be one tile of columns of each row: columns
+    [column_offset, column_offset + V) of a softmax over ``softmax_size`` columns (default V:
+    whole rows), with labels and per-row statistics of the whole rows.
     """
     outer, inner, vocab_size = logits.shape
     rows = outer * inner
@@ -138,6 +149,8 @@ def token_stats_backward(
         grad_logits.stride(0),
         grad_logits.stride(1),
         vocab_size,
+        column_offset,
+        vocab_size if softmax_size is None else softmax_size,
         ignore_index,
         1.0 / temperature,
         1.0 if softcap is None else softcap,

@@ -443,10 +443,8 @@ def _cut_cross_entropy(filter_eps: str | None) -> Callable[[], Candidate]:
 
 
 _FORWARD_PRODUCTS = dict.fromkeys(("fwd", "fwd-nograd"), ("logits",))
-# The Triton backward is two kernels (grad_hidden over token tiles, grad_weight over vocabulary
-# tiles), each recomputing the logits; the cuda and torch backends recompute them once, tile by tile.
-TRITON_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "logits", "grad_weight")}
-RECOMPUTE_ONCE_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "grad_weight")}
+# prefopt's backward recomputes the logits once, tile by tile, for its two gradient products.
+PREFOPT_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "grad_weight")}
 CCE = "cce-linear_cross_entropy"
 CCE_EXACT = "cce-linear_cross_entropy-exact"
 TRL_CHUNKED = "trl-chunked_logprob"
@@ -471,17 +469,17 @@ def linear_implementations(device: torch.device) -> list[Implementation]:
     cce_reason = gpu_only or _peer_missing("cut_cross_entropy")
     return [
         Implementation("prefopt-triton", _prefopt_linear("triton"), unavailable=triton,
-                       gemm_products=TRITON_LINEAR_PRODUCTS),
+                       gemm_products=PREFOPT_LINEAR_PRODUCTS),
         Implementation(CCE, _cut_cross_entropy("high"), unavailable=cce_reason),
         Implementation(TRL_CHUNKED, _trl_chunked, unavailable=gpu_only or _peer_missing("trl")),
         Implementation(LIGER_LINEAR, _liger_linear, unavailable=gpu_only or _peer_missing("liger_kernel")),
         Implementation(CCE_EXACT, _cut_cross_entropy(None), unavailable=cce_reason),
-        Implementation("prefopt-cuda", _prefopt_linear("cuda"), gemm_products=RECOMPUTE_ONCE_LINEAR_PRODUCTS,
+        Implementation("prefopt-cuda", _prefopt_linear("cuda"), gemm_products=PREFOPT_LINEAR_PRODUCTS,
                        unavailable=unavailable_reason("cuda", device) if on_gpu else "GPU only"),
         # The memory script's "reference" backend computes the same explicit logits (float32 on
         # a CPU, the only dtype CPU memory is measured in).
         Implementation(REFERENCE, lambda: _explicit_logits_logprobs, memory_script_args=("reference",)),
-        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=RECOMPUTE_ONCE_LINEAR_PRODUCTS,
+        Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=PREFOPT_LINEAR_PRODUCTS,
                        memory_script_args=("torch",)),
         Implementation("torch.compile(reference)", lambda: _compiled(_explicit_logits_logprobs),
                        unavailable=None if on_gpu else _COMPILE_ON_CPU),

@@ -33,30 +33,32 @@ Backends:
   grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Rows whose
   label is ignored are dropped before any product (one host round trip per call on a GPU, to
   count them).
-- "triton": the fused kernels ``prefopt.kernels.linear_*`` (bf16/fp16/fp32). Logits tiles are
-  computed with tl.dot in registers and never stored; the forward runs over token tiles x
-  vocabulary splits and merges the splits' per-row states in split order, the backward as two
-  kernels (grad_hidden over token tiles, grad_weight and grad_bias over vocabulary
-  tiles), each recomputing the logits and owning its float32 accumulator rows: deterministic, no
-  atomics. In bf16/fp16 the logits gradient is rounded to that dtype for its two products (tensor
-  cores), which are summed in float32; grad_hidden is summed in a float32 [tokens, H] buffer.
-  Token tiles whose rows are all ignored do no product and no host round trip.
-- "cuda": cuBLAS products and the CUDA C++ token-stats kernels of ``csrc/`` (bf16/fp16/fp32).
-  The logits exist one tile at a time, in float32 (bf16/fp16 operands on the tensor cores,
-  cuBLAS accumulating and writing float32), at most ``GEMM_TILE_BYTES`` whatever the number of
-  tokens. The forward runs over chunks of scored rows with whole-vocabulary logits, the kernels
-  turning each chunk into its per-row statistics. The backward runs over vocabulary tiles of all
-  scored rows: the kernel turns a tile's logits into their gradient in place, and each tile's
-  grad_weight rows come from one product over every scored token, so they are summed in float32
-  by cuBLAS and never across tiles; grad_hidden is summed over tiles in float32. 4 products in
-  all (the logits, their recomputation, the two gradients), no atomics: deterministic. The
-  logit_scale is folded into the kernels' temperature and softcap, so that the kernels give the
-  gradient of hidden @ weight.T + bias directly. Ignored rows are dropped as in "torch" (one
-  host round trip per call, to count them).
+- "triton" and "cuda" (bf16/fp16/fp32): cuBLAS products, and the token-stats kernels of the
+  logits path (Triton's, or the CUDA C++ ones of ``csrc/``) on float32 logits tiles of at most
+  ``GEMM_TILE_BYTES`` whatever the number of tokens (bf16/fp16 operands on the tensor cores,
+  cuBLAS accumulating and writing float32).
+  - Forward: chunks of scored rows x the whole vocabulary, each turned into its rows' statistics.
+  - Backward: every scored row x a vocabulary tile, turned into its gradient in place, then the
+    two gradient products. Each tile's grad_weight rows come from one product over every scored
+    token, so they are summed in float32 by cuBLAS, never across tiles; grad_hidden is summed
+    over the tiles in float32. In bf16/fp16 the logits gradient is rounded to that dtype for the
+    products (tensor cores). 4 products in all (the logits, their recomputation, the two
+    gradients), no atomics: deterministic. The forward and the backward compute the logits with
+    the same products, so the backward's probabilities are those of the saved log-sum-exp.
+  - logit_scale is folded into the kernels' temperature and softcap, so that the kernels give
+    the gradient of hidden @ weight.T + bias directly.
+  - Ignored rows are dropped as in "torch" (one host round trip per call, to count them).
+  - Why not a kernel fused over the products: its forward's tl.dot tiles would need to match
+    cuBLAS in the backward bit for bit (or the backward's probabilities drift from the saved
+    log-sum-exp), and a fused backward must sum each program's grad_weight (or grad_hidden) slab
+    over every tile of the other dimension: a [128, H] float32 slab fits neither registers nor
+    shared memory, so it would travel to and from global memory once per tile, about a terabyte
+    at 16384 x 4096 x 128256, where cuBLAS reads each operand a few times.
 - "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path, "cuda" included),
   "torch" elsewhere and for float64.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -233,7 +235,7 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
     return grad_hidden, grad_weight, grad_bias
 
 
-# ----------------------------------------------------------------------------- cuda backend
+# ----------------------------------------------------------------------------- triton and cuda backends
 
 # float32 logits of one tile: a chunk of rows x the vocabulary (forward), or every scored row x a
 # vocabulary tile (backward). Large enough that each product keeps the tensor cores busy (at V
@@ -243,8 +245,8 @@ GEMM_TILE_BYTES = 512 << 20
 
 def _float32_product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b in float32. bf16/fp16 operands stay in their dtype on a GPU (tensor cores), cuBLAS
-    accumulating and writing float32; a CPU has no such product (there the CUDA kernels run only
-    under the host simulator of the tests), so operands are upcast."""
+    accumulating and writing float32; a CPU has no such product (the kernels reach CPU tensors
+    only through Triton's interpreter or the tests' host simulator), so operands are upcast."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
     if a.is_cuda:
@@ -270,25 +272,28 @@ def _kernel_transform(temperature: float, softcap: float | None, logit_scale: fl
     return temperature / logit_scale, None if softcap is None else softcap / logit_scale
 
 
-def _cuda_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
-    from . import cuda_ext
-
+def _tiled_forward(token_stats_forward, hidden_2d, weight, bias, labels, outputs, ignore_index, temperature,
+                   softcap, logit_scale):
+    """The forward of the "triton" and "cuda" backends: cuBLAS float32 logits of a chunk of
+    scored rows, turned into their statistics by ``token_stats_forward`` (the logits path's
+    launcher of that backend)."""
     kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
 
     def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
         logits = _float32_logits(hidden_rows, weight, bias)
-        cuda_ext.token_stats_forward(logits.unsqueeze(0), chunk_labels, *chunk_outputs, ignore_index=ignore_index,
-                                     temperature=kernel_temperature, softcap=kernel_softcap)
+        token_stats_forward(logits.unsqueeze(0), chunk_labels, *chunk_outputs, ignore_index=ignore_index,
+                            temperature=kernel_temperature, softcap=kernel_softcap)
 
     rows_per_chunk = max(1, GEMM_TILE_BYTES // (4 * weight.shape[0]))
     _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats)
 
 
-def _cuda_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
-                   grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
-                   need_hidden, need_weight, need_bias):
-    from . import cuda_ext
-
+def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs,
+                    grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature,
+                    softcap, logit_scale, need_hidden, need_weight, need_bias):
+    """The backward of the "triton" and "cuda" backends: cuBLAS float32 logits tiles of every
+    scored row x a vocabulary tile, which ``token_stats_backward`` (the logits path's launcher of
+    that backend, with its column_offset and softmax_size) turns into their gradient in place."""
     vocab_size = weight.shape[0]
 
     def float32_zeros(*shape: int) -> Tensor:
@@ -314,9 +319,9 @@ def _cuda_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pro
         tile = slice(start, start + columns)
         grad_y = _float32_logits(hidden_rows, weight[tile], None if bias is None else bias[tile])
         tile_view = grad_y.unsqueeze(0)
-        cuda_ext.token_stats_backward(tile_view, tile_view, *row_arguments, ignore_index=ignore_index,
-                                      temperature=kernel_temperature, softcap=kernel_softcap, column_offset=start,
-                                      softmax_size=vocab_size)
+        token_stats_backward(tile_view, tile_view, *row_arguments, ignore_index=ignore_index,
+                             temperature=kernel_temperature, softcap=kernel_softcap, column_offset=start,
+                             softmax_size=vocab_size)
         if grad_bias is not None:
             grad_bias[tile] = grad_y.sum(0)
         # The products take the gradient in the operands' dtype (as the Triton backend does).
@@ -327,39 +332,6 @@ def _cuda_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pro
             grad_hidden_rows += _float32_product(operand, weight[tile])
     if grad_hidden is not None:
         grad_hidden.index_copy_(0, rows, grad_hidden_rows)
-    return grad_hidden, grad_weight, grad_bias
-
-
-# ----------------------------------------------------------------------------- triton backend
-
-
-def _triton_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
-    from .kernels.linear_token_stats_fwd import linear_token_stats_forward
-
-    linear_token_stats_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap,
-                               logit_scale)
-
-
-def _triton_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
-                     grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
-                     need_hidden, need_weight, need_bias):
-    from .kernels.linear_grad_hidden import linear_grad_hidden
-    from .kernels.linear_grad_weight import linear_grad_weight
-
-    arguments = (hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
-                 grad_mean_logits, grad_log_sum_sq_probs)
-    options = {"ignore_index": ignore_index, "temperature": temperature, "softcap": softcap,
-               "logit_scale": logit_scale}
-
-    def float32_zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
-
-    grad_hidden = float32_zeros(*hidden_2d.shape) if need_hidden else None
-    grad_weight = float32_zeros(*weight.shape) if need_weight else None
-    grad_bias = float32_zeros(weight.shape[0]) if need_bias else None
-    if grad_hidden is not None:
-        linear_grad_hidden(*arguments, grad_hidden, **options)
-    linear_grad_weight(*arguments, grad_weight, grad_bias, **options)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -399,10 +371,13 @@ def _implementation(backend: str):
     rounded to the input's dtype by the caller."""
     if backend == "torch":
         return _torch_forward, _torch_backward
-    if backend == "triton":
-        return _triton_forward, _triton_backward
-    if backend == "cuda":
-        return _cuda_forward, _cuda_backward
+    if backend in ("triton", "cuda"):
+        if backend == "triton":
+            from . import kernels as row_kernels
+        else:
+            from . import cuda_ext as row_kernels
+        return (functools.partial(_tiled_forward, row_kernels.token_stats_forward),
+                functools.partial(_tiled_backward, row_kernels.token_stats_backward))
     raise ValueError(f"backend: the fused linear operators run 'triton', 'cuda' or 'torch', got {backend!r}")
 
 

@@ -1,7 +1,7 @@
 """The fused linear path against explicit float64 logits x = logit_scale * (hidden @ weight.T + bias):
 values of every statistic and the gradients of hidden, weight and bias, for every backend.
 
-Shapes stay tiny: under TRITON_INTERPRET=1 each tl.dot is a numpy product per program.
+Shapes stay small: under TRITON_INTERPRET=1 every kernel program runs as numpy code.
 """
 
 import pytest
