@@ -195,9 +195,9 @@ def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, tempe
                            chunk_stats)
 
 
-def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
-                    grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
-                    need_hidden, need_weight, need_bias):
+def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse,
+                    grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap,
+                    logit_scale, need_hidden, need_weight, need_bias):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
     # Ignored rows receive exact zeros and cost nothing.
@@ -232,6 +232,9 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                 grad_weight[tile].addmm_(grad_x[:, tile].T, hidden_rows)
         if grad_hidden is not None:
             grad_hidden.index_copy_(0, rows, grad_hidden_rows.to(grad_hidden.dtype))
+    if grad_lse is not None:
+        _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
+                                logit_scale, grad_hidden, grad_weight, grad_bias)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -289,18 +292,22 @@ def _tiled_forward(token_stats_forward, hidden_2d, weight, bias, labels, outputs
 
 
 def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs,
-                    grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature,
-                    softcap, logit_scale, need_hidden, need_weight, need_bias):
+                    grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
+                    temperature, softcap, logit_scale, need_hidden, need_weight, need_bias):
     """The backward of the "triton" and "cuda" backends: cuBLAS float32 logits tiles of every
     scored row x a vocabulary tile, which ``token_stats_backward`` (the logits path's launcher of
-    that backend, with its column_offset and softmax_size) turns into their gradient in place."""
+    that backend, with its column_offset and softmax_size) turns into their gradient in place.
+
+    grad_weight is written in the weight's dtype: each of its rows is one product over every
+    scored token, summed in float32 by cuBLAS and rounded once, so no float32 [V, H] copy is
+    needed. The log-sum-exp's label term goes into each tile's gradient before the products."""
     vocab_size = weight.shape[0]
 
     def float32_zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=torch.float32, device=weight.device)
 
     grad_hidden = float32_zeros(*hidden_2d.shape) if need_hidden else None
-    grad_weight = float32_zeros(*weight.shape) if need_weight else None
+    grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight else None
     grad_bias = float32_zeros(vocab_size) if need_bias else None
     rows = _scored_rows(labels, ignore_index)
     if rows.numel() == 0:
@@ -313,6 +320,11 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     row_arguments = [gathered(t) for t in (labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
                                            grad_mean_logits, grad_log_sum_sq_probs)]
     kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
+    label_columns = row_arguments[0].long()
+    label_gradient = None
+    if grad_lse is not None:
+        label_gradient = _label_column_gradient(hidden_rows, weight, bias, label_columns, grad_lse.index_select(0, rows),
+                                                temperature, softcap, logit_scale)
     grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden else None
     columns = max(1, GEMM_TILE_BYTES // (4 * rows.numel()))
     for start in range(0, vocab_size, columns):
@@ -322,12 +334,19 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
         token_stats_backward(tile_view, tile_view, *row_arguments, ignore_index=ignore_index,
                              temperature=kernel_temperature, softcap=kernel_softcap, column_offset=start,
                              softmax_size=vocab_size)
+        if label_gradient is not None:
+            # One column per row (no collisions): a gather and a scatter, deterministic.
+            local = label_columns - start
+            in_tile = (local >= 0) & (local < grad_y.shape[1])
+            index = torch.where(in_tile, local, 0).unsqueeze(1)
+            added = grad_y.gather(1, index) + torch.where(in_tile, label_gradient, 0.0).unsqueeze(1)
+            grad_y.scatter_(1, index, added)
         if grad_bias is not None:
             grad_bias[tile] = grad_y.sum(0)
-        # The products take the gradient in the operands' dtype (as the Triton backend does).
+        # The products take the gradient in the operands' dtype (tensor cores).
         operand = grad_y.to(weight.dtype)
         if grad_weight is not None:
-            _float32_product(operand.T, hidden_rows, out=grad_weight[tile])
+            torch.mm(operand.T, hidden_rows, out=grad_weight[tile])
         if grad_hidden_rows is not None:
             grad_hidden_rows += _float32_product(operand, weight[tile])
     if grad_hidden is not None:
@@ -335,26 +354,38 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     return grad_hidden, grad_weight, grad_bias
 
 
+def _label_column_gradient(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor,
+                           grad_lse: Tensor, temperature: float, softcap: float | None, logit_scale: float,
+                           scored: Tensor | None = None) -> Tensor:
+    """The label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``),
+    with respect to hidden @ weight.T + bias: [N] in the compute dtype, 0 where ``scored`` is False.
+    ``columns`` [N] int64 are valid label columns. O(tokens * H): one weight row per token."""
+    compute_dtype = _compute_dtype(hidden_rows.dtype)
+    label_logits = None
+    if softcap is not None:
+        weight_rows = weight.index_select(0, columns).to(compute_dtype)
+        label_logits = (hidden_rows.to(compute_dtype) * weight_rows).sum(-1)
+        if bias is not None:
+            label_logits = label_logits + bias.index_select(0, columns).to(compute_dtype)
+        label_logits = label_logits * logit_scale
+    if scored is None:
+        scored = torch.ones_like(columns, dtype=torch.bool)
+    return lse_label_gradient(grad_lse.to(compute_dtype), scored, label_logits, temperature, softcap) * logit_scale
+
+
 def _add_lse_label_gradient(hidden_2d: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, grad_lse: Tensor,
                             ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
                             grad_hidden: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
-    """Adds the label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``)
-    to a backend's float32 sums: that column's logit gradient c, times logit_scale, reaches
-    grad_hidden as c * weight[label], grad_weight[label] as c * hidden and grad_bias[label] as c.
-    O(tokens * H) work and memory: one weight row per token."""
+    """Adds ``_label_column_gradient`` c to the torch backend's float32 sums: it reaches
+    grad_hidden as c * weight[label], grad_weight[label] as c * hidden and grad_bias[label] as c."""
     labels = labels.long()
     scored = labels != ignore_index
     columns = torch.where(scored, labels, 0)
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     hidden_rows = hidden_2d.to(compute_dtype)
     weight_rows = weight.index_select(0, columns).to(compute_dtype)
-    label_logits = None
-    if softcap is not None:
-        label_logits = (hidden_rows * weight_rows).sum(-1)
-        if bias is not None:
-            label_logits = label_logits + bias.index_select(0, columns).to(compute_dtype)
-        label_logits = label_logits * logit_scale
-    grad_x = lse_label_gradient(grad_lse.to(compute_dtype), scored, label_logits, temperature, softcap) * logit_scale
+    grad_x = _label_column_gradient(hidden_rows, weight, bias, columns, grad_lse, temperature, softcap, logit_scale,
+                                    scored)
     if grad_hidden is not None:
         grad_hidden += (grad_x.unsqueeze(-1) * weight_rows).to(grad_hidden.dtype)
     # index_put_ with accumulate sums repeated labels deterministically (index_add_ uses atomics on GPUs).
@@ -368,7 +399,7 @@ def _implementation(backend: str):
     """(forward, backward) of a fused backend. forward(hidden [N, H], weight, bias, labels [N],
     outputs, ...) fills the [N] outputs; backward returns (grad_hidden [N, H], grad_weight
     [V, H], grad_bias [V]), each None where not needed and otherwise summed in float32, to be
-    rounded to the input's dtype by the caller."""
+    rounded to the input's dtype by the caller (or already rounded once, in that dtype)."""
     if backend == "torch":
         return _torch_forward, _torch_backward
     if backend in ("triton", "cuda"):
@@ -454,13 +485,10 @@ def linear_token_stats_backward_op(
     _, backward = _implementation(backend)
     hidden_2d = _rows(hidden)
     grad_hidden, grad_weight, grad_bias = backward(
-        hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+        hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse, grad_entropy,
         grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale,
         need_hidden, need_weight, need_bias and bias is not None,
     )
-    if grad_lse is not None:
-        _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
-                                logit_scale, grad_hidden, grad_weight, grad_bias)
     # Outputs of a custom operator may not alias one another: one fresh empty tensor each.
     return (
         hidden.new_empty(0) if grad_hidden is None else grad_hidden.to(hidden.dtype).view(hidden.shape),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import DEVICE, TOLERANCE, random_labels, random_logits, reference_stats, relative_error
 
+import prefopt
 from prefopt.backends import unavailable_reason
 from prefopt.linear import _local_linear_token_stats
 from prefopt.logprobs import local_token_stats
@@ -75,12 +76,17 @@ def test_logits_path_lse_alone(backend):
     assert relative_error(grad.cpu(), reference_grad) <= 1e-5
 
 
-@pytest.mark.parametrize("linear_backend", ["torch", "triton"])
+@pytest.mark.parametrize("linear_backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("temperature,softcap", TRANSFORMS)
-def test_linear_path(linear_backend, temperature, softcap):
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_linear_path(linear_backend, temperature, softcap, small_tiles, monkeypatch):
     reason = unavailable_reason(linear_backend, DEVICE)
     if reason is not None:
         pytest.skip(f"backend {linear_backend!r}: {reason}")
+    if small_tiles:
+        # Several chunks of rows and vocabulary tiles: each label's term lands in its own tile.
+        monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 29 * 3)
+        monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 29 * 3)
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(10, 8, generator=generator)
     weight = torch.randn(29, 8, generator=generator)
