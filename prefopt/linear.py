@@ -312,20 +312,22 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     rows = _scored_rows(labels, ignore_index)
     if rows.numel() == 0:
         return grad_hidden, grad_weight, grad_bias
+    # With every row scored (known on the host once counted), no row is gathered or scattered.
+    all_scored = rows.numel() == labels.numel()
 
     def gathered(tensor):
-        return None if tensor is None else tensor.index_select(0, rows)
+        return tensor if tensor is None or all_scored else tensor.index_select(0, rows)
 
-    hidden_rows = hidden_2d.index_select(0, rows)
+    hidden_rows = gathered(hidden_2d)
     row_arguments = [gathered(t) for t in (labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
                                            grad_mean_logits, grad_log_sum_sq_probs)]
     kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
     label_columns = row_arguments[0].long()
     label_gradient = None
     if grad_lse is not None:
-        label_gradient = _label_column_gradient(hidden_rows, weight, bias, label_columns, grad_lse.index_select(0, rows),
+        label_gradient = _label_column_gradient(hidden_rows, weight, bias, label_columns, gathered(grad_lse),
                                                 temperature, softcap, logit_scale)
-    grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden else None
+    grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden and not all_scored else grad_hidden
     columns = max(1, GEMM_TILE_BYTES // (4 * rows.numel()))
     for start in range(0, vocab_size, columns):
         tile = slice(start, start + columns)
@@ -349,7 +351,7 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
             torch.mm(operand.T, hidden_rows, out=grad_weight[tile])
         if grad_hidden_rows is not None:
             grad_hidden_rows += _float32_product(operand, weight[tile])
-    if grad_hidden is not None:
+    if grad_hidden is not None and not all_scored:
         grad_hidden.index_copy_(0, rows, grad_hidden_rows)
     return grad_hidden, grad_weight, grad_bias
 

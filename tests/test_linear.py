@@ -146,12 +146,14 @@ def test_every_row_ignored(backend):
         assert not grad.any()
 
 
-def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch):
-    """Tile budgets shrunk so that the tiled backends ("torch", "cuda") take many chunks of rows
-    and many vocabulary tiles, ragged at the ends; labels in every tile."""
+@pytest.mark.parametrize("ignored_fraction", [0.3, 0.0])
+def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch, ignored_fraction):
+    """Tile budgets shrunk so that the tiled backends take many chunks of rows and many vocabulary
+    tiles, ragged at the ends; labels in every tile; with ignored rows, and with none."""
     monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
-    hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.bfloat16, seed=9)
+    hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.bfloat16, seed=9,
+                                                  ignored_fraction=ignored_fraction)
     check(hidden, weight, bias, labels, backend, softcap=5.0, logit_scale=0.5)
 
 
