@@ -32,7 +32,7 @@ Backends:
   each chunk's logits, turns them into their gradient in place, and accumulates grad_hidden and
   grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Rows whose
   label is ignored are dropped before any product (one host round trip per call on a GPU, to
-  count them).
+  count them; none while a CUDA graph is captured, when every row is multiplied).
 - "triton" and "cuda" (bf16/fp16/fp32): cuBLAS products, and the token-stats kernels of the
   logits path (Triton's, or the CUDA C++ ones of ``csrc/``) on float32 logits tiles of at most
   ``GEMM_TILE_BYTES`` whatever the number of tokens (bf16/fp16 operands on the tensor cores,
@@ -47,7 +47,8 @@ Backends:
     the same products, so the backward's probabilities are those of the saved log-sum-exp.
   - logit_scale is folded into the kernels' temperature and softcap, so that the kernels give
     the gradient of hidden @ weight.T + bias directly.
-  - Ignored rows are dropped as in "torch" (one host round trip per call, to count them).
+  - Ignored rows are dropped as in "torch": one host round trip per call, to count them, except
+    while a CUDA graph is being captured, when every row is multiplied instead.
   - Why not a kernel fused over the products: its forward's tl.dot tiles would need to match
     cuBLAS in the backward bit for bit (or the backward's probabilities drift from the saved
     log-sum-exp), and a fused backward must sum each program's grad_weight (or grad_hidden) slab
@@ -158,13 +159,20 @@ def _chunk_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, logi
     return logits
 
 
+def _capturing(labels: Tensor) -> bool:
+    return labels.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _scored_rows(labels: Tensor, ignore_index: int) -> Tensor:
-    """The indices of the rows whose label is scored.
+    """The indices of the rows to multiply: those whose label is scored.
 
     Ignored rows never reach a matrix product, so a completion-only batch with long prompts pays
-    only for its completion tokens. Counting them is one host round trip per call on a GPU; the
-    Triton backend skips ignored tiles without it.
+    only for its completion tokens. Counting them is one host round trip per call on a GPU, which
+    a CUDA graph cannot hold: while one is being captured every row is multiplied instead (the
+    kernels give ignored rows their exact zeros), so a step with the fused LM head is capturable.
     """
+    if _capturing(labels):
+        return torch.arange(labels.numel(), device=labels.device)
     return (labels != ignore_index).nonzero().squeeze(-1)
 
 
@@ -312,7 +320,8 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     rows = _scored_rows(labels, ignore_index)
     if rows.numel() == 0:
         return grad_hidden, grad_weight, grad_bias
-    # With every row scored (known on the host once counted), no row is gathered or scattered.
+    # With every row multiplied (all scored, or a CUDA graph being captured), no row is gathered
+    # or scattered; the kernels zero the gradient of ignored rows.
     all_scored = rows.numel() == labels.numel()
 
     def gathered(tensor):
@@ -322,11 +331,13 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     row_arguments = [gathered(t) for t in (labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
                                            grad_mean_logits, grad_log_sum_sq_probs)]
     kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
-    label_columns = row_arguments[0].long()
+    row_labels = row_arguments[0].long()
+    scored = row_labels != ignore_index
+    label_columns = torch.where(scored, row_labels, -1)  # -1: in no tile
     label_gradient = None
     if grad_lse is not None:
-        label_gradient = _label_column_gradient(hidden_rows, weight, bias, label_columns, gathered(grad_lse),
-                                                temperature, softcap, logit_scale)
+        label_gradient = _label_column_gradient(hidden_rows, weight, bias, torch.where(scored, row_labels, 0),
+                                                gathered(grad_lse), temperature, softcap, logit_scale, scored)
     grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden and not all_scored else grad_hidden
     columns = max(1, GEMM_TILE_BYTES // (4 * rows.numel()))
     for start in range(0, vocab_size, columns):
@@ -358,10 +369,11 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
 
 def _label_column_gradient(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor,
                            grad_lse: Tensor, temperature: float, softcap: float | None, logit_scale: float,
-                           scored: Tensor | None = None) -> Tensor:
+                           scored: Tensor) -> Tensor:
     """The label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``),
     with respect to hidden @ weight.T + bias: [N] in the compute dtype, 0 where ``scored`` is False.
-    ``columns`` [N] int64 are valid label columns. O(tokens * H): one weight row per token."""
+    ``columns`` [N] int64 are valid columns (any, where not scored). O(tokens * H): one weight
+    row per token."""
     compute_dtype = _compute_dtype(hidden_rows.dtype)
     label_logits = None
     if softcap is not None:
@@ -370,8 +382,6 @@ def _label_column_gradient(hidden_rows: Tensor, weight: Tensor, bias: Tensor | N
         if bias is not None:
             label_logits = label_logits + bias.index_select(0, columns).to(compute_dtype)
         label_logits = label_logits * logit_scale
-    if scored is None:
-        scored = torch.ones_like(columns, dtype=torch.bool)
     return lse_label_gradient(grad_lse.to(compute_dtype), scored, label_logits, temperature, softcap) * logit_scale
 
 

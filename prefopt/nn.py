@@ -6,7 +6,9 @@ Each module takes the policy logits and the (already shifted) labels of a batch 
 the per-token log-probs, the vocabulary-mean logit and the entropy; the per-sequence sums come
 from its per-token output, and the loss runs through :mod:`prefopt.losses` (one fused launch
 each way where the Triton backend runs). Nothing synchronizes with the host: a step traces under
-``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
+``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph. (With an
+:class:`LMHeadInput`, counting the scored rows is one host round trip per call, which is skipped
+while a CUDA graph is captured: every row is multiplied then.)
 
 Wherever a module takes logits (the policy's, ``ref_logits``, KTO's ``kl_logits`` and
 ``ref_kl_logits``) it also takes an :class:`LMHeadInput` — the hidden states ``[rows, T, H]``

@@ -157,6 +157,64 @@ def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch, ignored_frac
     check(hidden, weight, bias, labels, backend, softcap=5.0, logit_scale=0.5)
 
 
+def test_rows_are_not_counted_while_a_cuda_graph_is_captured(backend, monkeypatch):
+    """Counting the scored rows is a host round trip, which a CUDA graph cannot hold: while one
+    is captured every row is multiplied instead, with the same results (exact zeros for ignored
+    rows), also over many tiles."""
+    if backend == "reference":
+        pytest.skip("the reference multiplies every row anyway")
+
+    def no_count(*args, **kwargs):
+        raise AssertionError("the scored rows were counted during a capture")
+
+    monkeypatch.setattr(prefopt.linear, "_capturing", lambda labels: True)
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_count)
+    monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
+    hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.float32, seed=10, ignored_fraction=0.5)
+    out, (grad_hidden, _, _) = check(hidden, weight, bias, labels, backend, softcap=5.0)
+    assert not out.logps[labels == -100].any() and not grad_hidden[labels == -100].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("linear_backend", ["triton", "cuda"])
+def test_cuda_graph_capture_of_forward_and_backward(linear_backend):
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    available_backend(linear_backend)
+    hidden, weight, bias, labels = random_problem((4, 64), 64, 1000, torch.bfloat16, seed=11, ignored_fraction=0.5)
+    static_hidden = hidden.clone().requires_grad_(True)
+    static_weight = weight.clone().requires_grad_(True)
+
+    def step():
+        logps = linear_sequence_logprobs(static_hidden, static_weight, labels, bias=bias, backend=linear_backend)
+        logps.sum().backward()
+        return logps
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: compile and load the kernels outside the capture
+        for _ in range(2):
+            static_hidden.grad = static_weight.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    static_hidden.grad = static_weight.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logps = step()
+    new_hidden = random_problem((4, 64), 64, 1000, torch.bfloat16, seed=12)[0]
+    with torch.no_grad():
+        static_hidden.copy_(new_hidden)
+    graph.replay()
+    eager_hidden = new_hidden.clone().requires_grad_(True)
+    eager_weight = weight.clone().requires_grad_(True)
+    eager = linear_sequence_logprobs(eager_hidden, eager_weight, labels, bias=bias, backend=linear_backend)
+    eager.sum().backward()
+    torch.testing.assert_close(logps, eager)
+    torch.testing.assert_close(static_hidden.grad, eager_hidden.grad)
+    torch.testing.assert_close(static_weight.grad, eager_weight.grad)
+
+
 def test_torch_backend_multiplies_only_scored_rows(monkeypatch):
     import prefopt.linear
 
