@@ -257,7 +257,8 @@ GEMM_TILE_BYTES = 512 << 20
 def _float32_product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b in float32. bf16/fp16 operands stay in their dtype on a GPU (tensor cores), cuBLAS
     accumulating and writing float32; a CPU has no such product (the kernels reach CPU tensors
-    only through Triton's interpreter or the tests' host simulator), so operands are upcast."""
+    only through Triton's interpreter or the tests' host simulator), so operands are upcast.
+    float32 operands follow torch's matmul precision setting (TF32 only where the user allows it)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
     if a.is_cuda:
