@@ -246,6 +246,35 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
     return grad_hidden, grad_weight, grad_bias
 
 
+def _add_lse_label_gradient(hidden_2d: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, grad_lse: Tensor,
+                            ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
+                            grad_hidden: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+    """Adds the label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``)
+    to the torch backend's float32 sums: that column's logit gradient c, times logit_scale, reaches
+    grad_hidden as c * weight[label], grad_weight[label] as c * hidden and grad_bias[label] as c.
+    O(tokens * H) work and memory: one weight row per token."""
+    labels = labels.long()
+    scored = labels != ignore_index
+    columns = torch.where(scored, labels, 0)
+    compute_dtype = _compute_dtype(hidden_2d.dtype)
+    hidden_rows = hidden_2d.to(compute_dtype)
+    weight_rows = weight.index_select(0, columns).to(compute_dtype)
+    label_logits = None
+    if softcap is not None:
+        label_logits = (hidden_rows * weight_rows).sum(-1)
+        if bias is not None:
+            label_logits = label_logits + bias.index_select(0, columns).to(compute_dtype)
+        label_logits = label_logits * logit_scale
+    grad_x = lse_label_gradient(grad_lse.to(compute_dtype), scored, label_logits, temperature, softcap) * logit_scale
+    if grad_hidden is not None:
+        grad_hidden += (grad_x.unsqueeze(-1) * weight_rows).to(grad_hidden.dtype)
+    # index_put_ with accumulate sums repeated labels deterministically (index_add_ uses atomics on GPUs).
+    if grad_weight is not None:
+        grad_weight.index_put_((columns,), grad_x.unsqueeze(-1) * hidden_rows, accumulate=True)
+    if grad_bias is not None:
+        grad_bias.index_put_((columns,), grad_x, accumulate=True)
+
+
 # ----------------------------------------------------------------------------- triton and cuda backends
 
 # float32 logits of one tile: a chunk of rows x the vocabulary (forward), or every scored row x a
@@ -333,28 +362,28 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
                                            grad_mean_logits, grad_log_sum_sq_probs)]
     kernel_temperature, kernel_softcap = _kernel_transform(temperature, softcap, logit_scale)
     row_labels = row_arguments[0].long()
-    scored = row_labels != ignore_index
-    label_columns = torch.where(scored, row_labels, -1)  # -1: in no tile
-    label_gradient = None
-    if grad_lse is not None:
-        label_gradient = _label_column_gradient(hidden_rows, weight, bias, torch.where(scored, row_labels, 0),
-                                                gathered(grad_lse), temperature, softcap, logit_scale, scored)
+    label_columns = torch.where(row_labels != ignore_index, row_labels, -1)  # -1: in no tile
+    grad_lse_rows = gathered(grad_lse)
     grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden and not all_scored else grad_hidden
     columns = max(1, GEMM_TILE_BYTES // (4 * rows.numel()))
     for start in range(0, vocab_size, columns):
         tile = slice(start, start + columns)
         grad_y = _float32_logits(hidden_rows, weight[tile], None if bias is None else bias[tile])
+        if grad_lse_rows is not None:
+            # The label column of the rows whose label is in this tile, read before it becomes a
+            # gradient (its logit is needed under a softcap).
+            local = label_columns - start
+            in_tile = (local >= 0) & (local < grad_y.shape[1])
+            index = torch.where(in_tile, local, 0).unsqueeze(1)
+            label_logits = None if softcap is None else grad_y.gather(1, index).squeeze(1) * logit_scale
         tile_view = grad_y.unsqueeze(0)
         token_stats_backward(tile_view, tile_view, *row_arguments, ignore_index=ignore_index,
                              temperature=kernel_temperature, softcap=kernel_softcap, column_offset=start,
                              softmax_size=vocab_size)
-        if label_gradient is not None:
+        if grad_lse_rows is not None:
             # One column per row (no collisions): a gather and a scatter, deterministic.
-            local = label_columns - start
-            in_tile = (local >= 0) & (local < grad_y.shape[1])
-            index = torch.where(in_tile, local, 0).unsqueeze(1)
-            added = grad_y.gather(1, index) + torch.where(in_tile, label_gradient, 0.0).unsqueeze(1)
-            grad_y.scatter_(1, index, added)
+            label_term = lse_label_gradient(grad_lse_rows, in_tile, label_logits, temperature, softcap) * logit_scale
+            grad_y.scatter_(1, index, grad_y.gather(1, index) + label_term.unsqueeze(1))
         if grad_bias is not None:
             grad_bias[tile] = grad_y.sum(0)
         # The products take the gradient in the operands' dtype (tensor cores).
@@ -366,46 +395,6 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     if grad_hidden is not None and not all_scored:
         grad_hidden.index_copy_(0, rows, grad_hidden_rows)
     return grad_hidden, grad_weight, grad_bias
-
-
-def _label_column_gradient(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor,
-                           grad_lse: Tensor, temperature: float, softcap: float | None, logit_scale: float,
-                           scored: Tensor) -> Tensor:
-    """The label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``),
-    with respect to hidden @ weight.T + bias: [N] in the compute dtype, 0 where ``scored`` is False.
-    ``columns`` [N] int64 are valid columns (any, where not scored). O(tokens * H): one weight
-    row per token."""
-    compute_dtype = _compute_dtype(hidden_rows.dtype)
-    label_logits = None
-    if softcap is not None:
-        weight_rows = weight.index_select(0, columns).to(compute_dtype)
-        label_logits = (hidden_rows.to(compute_dtype) * weight_rows).sum(-1)
-        if bias is not None:
-            label_logits = label_logits + bias.index_select(0, columns).to(compute_dtype)
-        label_logits = label_logits * logit_scale
-    return lse_label_gradient(grad_lse.to(compute_dtype), scored, label_logits, temperature, softcap) * logit_scale
-
-
-def _add_lse_label_gradient(hidden_2d: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, grad_lse: Tensor,
-                            ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
-                            grad_hidden: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
-    """Adds ``_label_column_gradient`` c to the torch backend's float32 sums: it reaches
-    grad_hidden as c * weight[label], grad_weight[label] as c * hidden and grad_bias[label] as c."""
-    labels = labels.long()
-    scored = labels != ignore_index
-    columns = torch.where(scored, labels, 0)
-    compute_dtype = _compute_dtype(hidden_2d.dtype)
-    hidden_rows = hidden_2d.to(compute_dtype)
-    weight_rows = weight.index_select(0, columns).to(compute_dtype)
-    grad_x = _label_column_gradient(hidden_rows, weight, bias, columns, grad_lse, temperature, softcap, logit_scale,
-                                    scored)
-    if grad_hidden is not None:
-        grad_hidden += (grad_x.unsqueeze(-1) * weight_rows).to(grad_hidden.dtype)
-    # index_put_ with accumulate sums repeated labels deterministically (index_add_ uses atomics on GPUs).
-    if grad_weight is not None:
-        grad_weight.index_put_((columns,), grad_x.unsqueeze(-1) * hidden_rows, accumulate=True)
-    if grad_bias is not None:
-        grad_bias.index_put_((columns,), grad_x, accumulate=True)
 
 
 def _implementation(backend: str):
