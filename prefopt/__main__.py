@@ -135,6 +135,9 @@ def build() -> int:
     from . import cuda_ext
     from .backends import BackendUnavailableError
 
+    toolkit, _ = cuda_ext.find_cuda_toolkit()
+    if toolkit is not None:
+        print(f"CUDA toolkit: {toolkit} (CUDA_HOME overrides it)")
     try:
         library = cuda_ext.build(verbose=True)
     except BackendUnavailableError as error:

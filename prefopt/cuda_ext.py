@@ -21,6 +21,7 @@ and registered as the torch operators ``prefopt::cuda_token_stats_forward``,
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib.util
 import os
@@ -103,14 +104,46 @@ def cache_directory() -> Path:
     return root / re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
-def _nvcc() -> str | None:
-    from torch.utils import cpp_extension
+# Where CUDA toolkits are installed when nvcc on PATH does not lead to one; the newest version first.
+STANDARD_TOOLKIT_PLACES = ("/usr/local/cuda", "/usr/local/cuda-*", "/opt/cuda")
 
-    if cpp_extension.CUDA_HOME:
-        candidate = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
-        if candidate.is_file():
-            return str(candidate)
-    return shutil.which("nvcc")
+
+def _is_cuda_toolkit(directory: Path) -> bool:
+    return (directory / "bin" / "nvcc").is_file() and (directory / "include" / "cuda_runtime.h").is_file()
+
+
+def _toolkit_version_key(directory: Path) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", directory.name))
+
+
+@functools.cache  # a fact about this machine; asked by every build and every dispatch to "cuda"
+def find_cuda_toolkit() -> tuple[Path | None, str | None]:
+    """The CUDA toolkit's root (the directory holding bin/nvcc and include/cuda_runtime.h), or
+    None and what to do about it.
+
+    ``CUDA_HOME`` (or ``CUDA_PATH``) wins when set. Otherwise the toolkit is looked for where
+    torch does not look: torch takes the parent of the directory of the first ``nvcc`` on PATH,
+    which is wrong when that nvcc is a wrapper or a link (``/usr/local/bin/nvcc`` gives
+    ``/usr/local``, which has no ``cuda_runtime.h``, and the build then fails on a missing header).
+    """
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(variable)
+        if value:
+            if _is_cuda_toolkit(Path(value)):
+                return Path(value), None
+            return None, (f"{variable}={value} is not a CUDA toolkit (it needs bin/nvcc and include/cuda_runtime.h): "
+                          f"set {variable} to the toolkit's root, e.g. /usr/local/cuda")
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates += [Path(nvcc).parent.parent, Path(os.path.realpath(nvcc)).parent.parent]
+    for pattern in STANDARD_TOOLKIT_PLACES:
+        candidates += sorted((Path(p) for p in glob.glob(pattern)), key=_toolkit_version_key, reverse=True)
+    for candidate in candidates:
+        if _is_cuda_toolkit(candidate):
+            return candidate, None
+    found = f" (the nvcc on PATH, {nvcc}, has no include/cuda_runtime.h beside it)" if nvcc else ""
+    return None, f"no CUDA toolkit was found{found}: install it, or set CUDA_HOME to its root"
 
 
 @functools.cache  # facts about this installation; asked on every dispatch to backend="cuda"
@@ -121,8 +154,9 @@ def build_unavailable_reason() -> str | None:
                 "CUDA build of torch")
     if source_directory() is None:
         return "the CUDA sources (csrc/) are not installed with this copy of prefopt"
-    if _nvcc() is None:
-        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
+    toolkit, missing = find_cuda_toolkit()
+    if toolkit is None:
+        return missing
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
@@ -160,6 +194,11 @@ def _compile_and_load(verbose: bool) -> str:
     sources = source_directory()
     directory = cache_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    toolkit, _ = find_cuda_toolkit()
+    if toolkit is not None:
+        # torch's own guess at import time may be wrong (see find_cuda_toolkit); the build reads
+        # this module global for nvcc and the toolkit's headers.
+        cpp_extension.CUDA_HOME = str(toolkit)
     # is_python_module=False: the library is loaded with torch.ops.load_library, and its
     # TORCH_LIBRARY_FRAGMENT registers the operators; there is no Python module to import.
     library = cpp_extension.load(

@@ -39,34 +39,23 @@ KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
 H200_MULTIPROCESSORS = 132
 
 
-def find_nvcc() -> str | None:
-    candidates = [cuda_ext._nvcc(), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")]
-    return next((c for c in candidates if c and os.path.isfile(c)), None)
-
-
-NVCC = find_nvcc()
+TOOLKIT, TOOLKIT_MISSING = cuda_ext.find_cuda_toolkit()
+NVCC = None if TOOLKIT is None else str(TOOLKIT / "bin" / "nvcc")
 
 
 @functools.cache
 def cuda_include_flags() -> tuple[str, ...] | None:
-    """-I flags for the CUDA toolkit headers when compiling with g++: asked of nvcc itself (nvcc
-    may be a wrapper script elsewhere on PATH), else the usual places."""
-    candidates: list[Path] = []
-    if NVCC is not None:
-        dry = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
-        listed = re.findall(r'INCLUDES="([^"]*)"', dry.stdout + dry.stderr)
-        candidates += [Path(path) for flags in listed for path in re.findall(r'"?-I"?\s*"?([^"\s]+)', flags)]
-        candidates.append(Path(NVCC).resolve().parent.parent / "include")
-    candidates.append(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include")
-    for include in candidates:
-        if (include / "cuda_runtime_api.h").is_file() and (include / "cuda_bf16.h").is_file():
-            flags = [f"-I{include}"]
-            if (include / "cccl").is_dir():
-                flags.append(f"-I{include / 'cccl'}")
-            return tuple(flags)
-    return None
+    """-I flags for the CUDA toolkit headers when compiling with g++ (the toolkit the extension's
+    build uses)."""
+    if TOOLKIT is None:
+        return None
+    include = TOOLKIT / "include"
+    flags = [f"-I{include}"]
+    if (include / "cccl").is_dir():
+        flags.append(f"-I{include / 'cccl'}")
+    return tuple(flags)
 
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (set CUDA_HOME or put nvcc on PATH)")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason=f"nvcc cannot be used: {TOOLKIT_MISSING}")
 
 
 def nvcc_flags() -> list[str]:
@@ -786,6 +775,7 @@ def fresh_extension_state(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_ext, "_loaded_library", None)
     monkeypatch.setattr(cuda_ext, "_build_failure", None)
     monkeypatch.setattr(cuda_ext, "build_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # the build sets it
     monkeypatch.setenv("PREFOPT_CACHE_DIR", str(tmp_path))
     return calls, lambda fake: monkeypatch.setattr(cpp_extension, "load", fake)
 
@@ -843,3 +833,61 @@ def test_cli_build_fails_with_a_clear_message_where_it_cannot_build():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "the CUDA C++ extension cannot be built: " + cuda_ext.build_unavailable_reason() in result.stderr
+
+
+def make_toolkit(root: Path, headers: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+@pytest.fixture
+def no_toolkit_set(monkeypatch, tmp_path):
+    """find_cuda_toolkit as on a machine whose only toolkits are the ones a test makes."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(cuda_ext, "STANDARD_TOOLKIT_PLACES", (str(tmp_path / "usr-local" / "cuda-*"),))
+    cuda_ext.find_cuda_toolkit.cache_clear()
+    yield monkeypatch
+    cuda_ext.find_cuda_toolkit.cache_clear()
+
+
+def test_toolkit_behind_a_wrapper_nvcc_is_found_where_toolkits_live(no_toolkit_set, tmp_path):
+    # /usr/local/bin/nvcc as a shell wrapper: torch would take /usr/local, which has no headers.
+    wrapper = make_toolkit(tmp_path / "wrapper", headers=False)
+    make_toolkit(tmp_path / "usr-local" / "cuda-9.2")
+    newest = make_toolkit(tmp_path / "usr-local" / "cuda-13.0")
+    no_toolkit_set.setenv("PATH", str(wrapper / "bin"))
+    assert cuda_ext.find_cuda_toolkit() == (newest, None)
+
+
+def test_toolkit_behind_a_linked_nvcc_is_its_target(no_toolkit_set, tmp_path):
+    toolkit = make_toolkit(tmp_path / "cuda-12.8")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    no_toolkit_set.setenv("PATH", str(tmp_path / "links"))
+    assert cuda_ext.find_cuda_toolkit() == (toolkit, None)
+
+
+def test_cuda_home_wins_and_a_wrong_one_is_named(no_toolkit_set, tmp_path):
+    toolkit = make_toolkit(tmp_path / "chosen")
+    make_toolkit(tmp_path / "usr-local" / "cuda-13.0")
+    no_toolkit_set.setenv("CUDA_HOME", str(toolkit))
+    assert cuda_ext.find_cuda_toolkit() == (toolkit, None)
+    cuda_ext.find_cuda_toolkit.cache_clear()
+    no_toolkit_set.setenv("CUDA_HOME", str(tmp_path))
+    root, missing = cuda_ext.find_cuda_toolkit()
+    assert root is None and f"CUDA_HOME={tmp_path} is not a CUDA toolkit" in missing
+
+
+def test_no_toolkit_says_which_variable_to_set(no_toolkit_set, tmp_path):
+    wrapper = make_toolkit(tmp_path / "wrapper", headers=False)
+    no_toolkit_set.setenv("PATH", str(wrapper / "bin"))
+    root, missing = cuda_ext.find_cuda_toolkit()
+    assert root is None
+    assert str(wrapper / "bin" / "nvcc") in missing and "set CUDA_HOME" in missing
