@@ -9,6 +9,7 @@ device; the ``PREFOPT_BACKEND`` environment variable, when set, replaces ``"auto
 import functools
 import importlib
 import os
+import re
 
 import torch
 
@@ -48,6 +49,28 @@ def triton_interpreting() -> bool:
     return _interpreted(_token_stats_fwd_kernel) and _interpreted(tl.cdiv)
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+@functools.cache
+def interpreter_numpy_conflict() -> str | None:
+    """Why Triton's interpreter cannot run prefopt's kernels with the installed NumPy, or None.
+
+    Triton 3.6's interpreter turns a loop bound held in a 1-element array into a Python int with
+    ``int(array)``, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"); Triton 3.7 squeezes the array first. Compiled kernels do not use NumPy.
+    """
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (it needs "
+                "NumPy < 2.4, or Triton >= 3.7): pip install 'numpy<2.4'")
+    return None
+
+
 def _mixed_interpreter_state() -> bool:
     """TRITON_INTERPRET=1 was set after Triton was imported (torch.compile imports it) but before
     prefopt's kernels were: they are interpreted, Triton's own library functions are not, and
@@ -79,7 +102,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
                 "before Python starts"
             )
         if triton_interpreting():
-            return None
+            return interpreter_numpy_conflict()
         if device.type == "cuda":
             return None
         if device.type == "cpu":

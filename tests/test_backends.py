@@ -106,3 +106,23 @@ def test_cli_check_passes():
     assert "all checks passed" in result.stdout
     assert "triton   float32" in result.stdout and "torch    float32" in result.stdout
     assert "FAIL" not in result.stdout
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "conflict"), [
+    ("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False), ("3.9.0+git1a2b", "2.5.0", False)])
+def test_triton_interpreter_and_numpy_versions(monkeypatch, triton_version, numpy_version, conflict):
+    import numpy
+    import triton
+
+    from prefopt import backends
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    backends.interpreter_numpy_conflict.cache_clear()
+    try:
+        reason = backends.interpreter_numpy_conflict()
+    finally:
+        backends.interpreter_numpy_conflict.cache_clear()
+    assert (reason is not None) == conflict
+    if conflict:
+        assert f"Triton {triton_version}" in reason and "pip install 'numpy<2.4'" in reason
