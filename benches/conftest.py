@@ -1,6 +1,8 @@
 """Shared set-up of ``pytest benches``.
 
-- Rows marked ``gpu`` are skipped, with the reason, where PyTorch sees no CUDA GPU.
+- Rows marked ``gpu`` are skipped, with the reason, where PyTorch sees no CUDA GPU; rows marked
+  ``headline`` are the ones benches/gpu_session.sh measures (``-m headline``).
+- ``PREFOPT_BENCH_CALLS=N`` sets the timed calls of every row (:func:`timed_calls`).
 - With ``PREFOPT_BENCH_RECORD=FILE`` in the environment, the session's environment (device,
   driver, versions, command) and then every row, as soon as it ends, are appended to FILE as
   one JSON line each: its test id, outcome, the reason when it was skipped or failed, and the
@@ -19,6 +21,18 @@ import torch
 from prefopt import bench
 
 RECORD_VARIABLE = "PREFOPT_BENCH_RECORD"
+CALLS_VARIABLE = "PREFOPT_BENCH_CALLS"
+
+
+def timed_calls(default: int) -> int:
+    """Timed calls per row: ``PREFOPT_BENCH_CALLS`` when set (benches/gpu_session.sh sets 5, to
+    fit the headline rows in one device call), else the file's ``default``."""
+    text = os.environ.get(CALLS_VARIABLE)
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{CALLS_VARIABLE}: expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def pytest_collection_modifyitems(config, items):

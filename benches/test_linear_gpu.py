@@ -21,6 +21,7 @@ in benches/report.py: recorded as passed or failed, never asserted here.
 import pytest
 import torch
 
+from conftest import timed_calls
 from prefopt import bench
 
 pytestmark = pytest.mark.gpu
@@ -29,8 +30,11 @@ TOKENS = (4096, 8192, 16384)
 HIDDEN_SIZES = (4096, 2048)
 VOCABS = (32000, 128256, 151936, 262144)
 PIVOT_TOKENS, PIVOT_VOCAB = 16384, 128256
-CALLS, WARMUP = 5, 2
+CALLS, WARMUP = timed_calls(default=5), 2
 DEVICE = torch.device("cuda")
+# The rows benches/gpu_session.sh measures first (-m headline): issue 5's two shapes, forward+backward,
+# every row scored, prefopt's GPU backends and the peers.
+HEADLINE_IMPLEMENTATIONS = ("prefopt-triton", "prefopt-cuda", bench.TRL_CHUNKED, bench.CCE, bench.LIGER_LINEAR)
 
 
 def shapes() -> list[tuple[int, int, int]]:
@@ -60,7 +64,14 @@ def row_id(workload: bench.LinearWorkload, name: str) -> str:
 
 # Workload-major: every implementation of a workload before the next workload, so a run cut
 # short has complete comparisons for the workloads it reached.
-ROWS = [pytest.param(w, name, id=row_id(w, name)) for w in workloads() for name in bench.LINEAR_IMPLEMENTATION_NAMES]
+def is_headline(workload: bench.LinearWorkload, name: str) -> bool:
+    shape = (workload.tokens, workload.hidden, workload.vocab)
+    return (shape in bench.ISSUE5_SHAPES and workload.direction == "fwd+bwd" and workload.ignored_fraction == 0.0
+            and name in HEADLINE_IMPLEMENTATIONS)
+
+
+ROWS = [pytest.param(w, name, id=row_id(w, name), marks=[pytest.mark.headline] if is_headline(w, name) else [])
+        for w in workloads() for name in bench.LINEAR_IMPLEMENTATION_NAMES]
 
 
 @pytest.fixture(scope="module")

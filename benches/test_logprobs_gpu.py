@@ -1,7 +1,8 @@
 """The logits path on a GPU: forward, backward and forward+backward of per-token log-probs.
 
-Workloads (bf16): 4096-32768 tokens at V 128256 and V 32000-262144 at 16384 tokens, every row
-scored or half of them ignored. Implementations: the plain-PyTorch reference, torch.compile of
+Workloads (bf16): the headline rows first (forward+backward at 16384 x 128256, 8192 x 262144 and
+512 x 128256, marked ``headline``), then 4096-32768 tokens at V 128256 and V 32000-262144 at 16384
+tokens, every row scored or half of them ignored. Implementations: the plain-PyTorch reference, torch.compile of
 it, prefopt's triton (also in place, and with the entropy), cuda and torch backends, TRL's
 `selective_log_softmax_and_entropy` and Liger's cross entropy (skipped with the reason when they
 cannot run). Timing, rotation of the inputs, memory and the floor are prefopt.bench's: median of
@@ -14,26 +15,45 @@ extra_info (pytest-benchmark's own time is the whole measurement, warm-up includ
 import pytest
 import torch
 
+from conftest import timed_calls
 from prefopt import bench
 
 pytestmark = pytest.mark.gpu
 
 TOKENS = (4096, 8192, 16384, 32768)
 VOCABS = (32000, 128256, 151936, 262144)
+# The rows benches/gpu_session.sh measures first (-m headline): forward+backward at the shapes the
+# kernel targets name, every row scored and half of them ignored, prefopt's GPU backends against the
+# reference and the peers.
+HEADLINE_SHAPES = ((16384, 128256), (8192, 262144), (512, 128256))
+HEADLINE_IMPLEMENTATIONS = ("prefopt-triton", "prefopt-triton-inplace", "prefopt-cuda", bench.REFERENCE,
+                            "trl-selective_log_softmax_and_entropy", "liger-cross_entropy")
+HEADLINE_WORKLOADS = [bench.Workload(tokens, vocab, torch.bfloat16, ignored, "fwd+bwd")
+                      for tokens, vocab in HEADLINE_SHAPES for ignored in (0.0, 0.5)]
 # forward+backward first, so that a run cut short (benches/gpu_session.sh caps each part) has it.
-WORKLOADS = [
+WORKLOADS = list(dict.fromkeys(HEADLINE_WORKLOADS + [
     workload
     for direction, ignored in [("fwd+bwd", 0.0), ("fwd+bwd", 0.5), ("fwd", 0.0), ("bwd", 0.0), ("fwd", 0.5),
                                ("bwd", 0.5)]
     for workload in bench.sweep(TOKENS, VOCABS, 16384, 128256, dtype=torch.bfloat16, ignored_fraction=ignored,
                                 direction=direction)
-]
-CALLS = 10
+]))
+CALLS = timed_calls(default=10)
 DEVICE = torch.device("cuda")
 
 
 def workload_id(workload: bench.Workload) -> str:
     return f"{workload.direction}-{workload.tokens}x{workload.vocab}-ignored{round(workload.ignored_fraction * 100)}"
+
+
+def is_headline(workload: bench.Workload, name: str) -> bool:
+    return workload in HEADLINE_WORKLOADS and name in HEADLINE_IMPLEMENTATIONS
+
+
+# Workload-major: every implementation of a workload before the next workload.
+ROWS = [pytest.param(workload, name, id=f"{workload_id(workload)}-{name}",
+                     marks=[pytest.mark.headline] if is_headline(workload, name) else [])
+        for workload in WORKLOADS for name in bench.IMPLEMENTATION_NAMES]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +72,7 @@ def candidates() -> dict[str, tuple[bench.Implementation, bench.Candidate | None
     return built
 
 
-@pytest.mark.parametrize("name", bench.IMPLEMENTATION_NAMES)
-@pytest.mark.parametrize("workload", WORKLOADS, ids=workload_id)
+@pytest.mark.parametrize(("workload", "name"), ROWS)
 def test_logits_path(benchmark, workload, name, candidates, copy_bandwidth):
     implementation, candidate = candidates[name]
     if implementation.unavailable is not None:
