@@ -3,18 +3,22 @@
     python benches/report.py --out DIR [--stem STEM] [--junit SUITE=FILE ...] RECORD.jsonl ...
 
 RECORD files are what ``pytest benches`` appends to with ``PREFOPT_BENCH_RECORD=FILE`` (see
-benches/conftest.py): an environment line per pytest session, then one line per row. Several
+benches/conftest.py): an environment line per pytest session, then one line per row; and what
+``benches/kernel_bench.py --record FILE`` appends: its run's environment and one line per kernel
+figure. Several
 files (sessions of one GPU, e.g. two device calls) merge; a row recorded twice keeps its last
 figures. ``--junit SUITE=FILE``: a pytest ``--junitxml`` file whose counts (and failing tests)
 go in the summary under SUITE. Writes, with STEM defaulting to ``<date>-<device>`` of the first
 session (prefopt.bench.results_stem):
 
-- DIR/STEM.json: the environment of each session, the correctness counts, every measured row
+- DIR/STEM.json: the environment of each session, the kernel microbenchmark's runs and figures
+  (``kernel_runs``, ``kernels``), the correctness counts, every measured row
   (raw figures, speed-up over the reference filled in), the DPO/KTO step rows, issue 5's checks
   (prefopt.bench.linear_checks: passed or failed, never asserted) and every row not run, with
   the reason;
 - DIR/STEM.md: the summary tables, stating the commands that produced them;
-- DIR/STEM/*.png: time and peak memory against tokens and vocabulary size (needs matplotlib).
+- DIR/STEM/*.png: time and peak memory against tokens and vocabulary size (needs matplotlib;
+  not with ``--no-plots``).
 
 Runs anywhere (no GPU needed), so rows fetched from a GPU machine can be merged later.
 """
@@ -34,10 +38,10 @@ MEASURED_PATHS = ("linear", "logits")
 STEP_PATHS = ("dpo-step", "kto-step")
 
 
-def read_records(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
-    """(environment lines, row lines) of the record files; a row recorded again replaces the
-    earlier one."""
-    environments, rows = [], {}
+def read_records(paths: Sequence[Path]) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(environment lines, row lines, kernel-run environment lines, kernel rows) of the record
+    files; a row recorded again replaces the earlier one, a kernel figure measured again too."""
+    environments, rows, kernel_environments, kernel_rows = [], {}, [], {}
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
@@ -53,7 +57,12 @@ def read_records(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
                 environments.append(record)
             elif kind == "row":
                 rows[record["test"]] = record
-    return environments, list(rows.values())
+            elif kind == "kernel-environment":
+                kernel_environments.append(record)
+            elif kind == "kernel":
+                key = tuple(record[k] for k in ("backend", "kernel", "variant", "tokens", "vocab"))
+                kernel_rows[key] = record
+    return environments, list(rows.values()), kernel_environments, list(kernel_rows.values())
 
 
 def junit_counts(suite: str, path: Path) -> dict[str, object]:
@@ -111,6 +120,20 @@ def markdown(document: dict, measurements: Sequence[bench.Measurement], stem: st
              f"Triton {env['triton']}, Python {env['python']}, prefopt {env['prefopt']}. Raw figures: `{stem}.json`; "
              f"plots: `{stem}/`. Produced by `bash benches/gpu_session.sh`, which ran:", ""]
     lines += [f"- `{session['command']}` ({session['date']})" for session in document["sessions"]]
+    if document["kernels"]:
+        lines += ["", "## Kernel microbenchmark (benches/kernel_bench.py)", ""]
+        for run in document["kernel_runs"]:
+            copy = run.get("copy_bandwidth_bytes_per_s")
+            copy_text = "no GPU: a smoke run, not a measurement" if copy is None else f"copy bandwidth {copy / 1e9:,.0f} GB/s"
+            lines.append(f"- `{run['command']}` ({run['date']}): {copy_text}; clocks before {run.get('clocks_before')}, "
+                         f"after {run.get('clocks_after')}")
+            lines += [f"- not run: {what}: {why}" for what, why in (run.get("skipped") or {}).items()]
+        lines += ["", "| backend | kernel | variant | tokens x vocab | median time | GB/s | of copy bandwidth |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for row in document["kernels"]:
+            fraction = "-" if row["fraction_of_copy"] is None else f"{row['fraction_of_copy']:.1%}"
+            lines.append(f"| {row['backend']} | {row['kernel']} | {row['variant']} | {row['tokens']} x {row['vocab']} | "
+                         f"{row['median_s'] * 1e6:,.1f} us | {row['bandwidth_bytes_per_s'] / 1e9:,.1f} | {fraction} |")
     if document["correctness"]:
         lines += ["", "## GPU correctness", "", "| suite | passed | failed | errors | skipped |",
                   "|---|---:|---:|---:|---:|"]
@@ -158,8 +181,8 @@ def markdown(document: dict, measurements: Sequence[bench.Measurement], stem: st
 
 def build(records: Sequence[Path], junit: Sequence[tuple[str, Path]]) -> tuple[dict, list[bench.Measurement]]:
     """The results document and the measurements of the two paths, from the record files."""
-    environments, rows = read_records(records)
-    if not environments:
+    environments, rows, kernel_environments, kernel_rows = read_records(records)
+    if not environments and not kernel_environments:
         raise SystemExit(f"report.py: no environment line in {', '.join(map(str, records))}: not a record file?")
     measured_rows = [r for r in rows if r["outcome"] == "passed" and r.get("path") in MEASURED_PATHS]
     measurements = [bench.Measurement.from_json(r) for r in measured_rows]
@@ -167,8 +190,10 @@ def build(records: Sequence[Path], junit: Sequence[tuple[str, Path]]) -> tuple[d
     for row, measurement in zip(measured_rows, measurements):
         row["speedup_vs_reference"] = measurement.speedup_vs_reference
     document = {
-        "environment": environments[0],
+        "environment": (environments or kernel_environments)[0],
         "sessions": environments,
+        "kernel_runs": kernel_environments,
+        "kernels": kernel_rows,
         "correctness": [junit_counts(suite, path) for suite, path in junit],
         "results": measured_rows,
         "steps": [r for r in rows if r["outcome"] == "passed" and r.get("path") in STEP_PATHS],
@@ -192,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stem", help="file name stem (default: <date>-<device> of the first session)")
     parser.add_argument("--junit", action="append", default=[], type=_junit_argument, metavar="SUITE=FILE",
                         help="a pytest --junitxml file to summarize (repeatable)")
+    parser.add_argument("--no-plots", action="store_true", help="write only STEM.json and STEM.md")
     arguments = parser.parse_args(argv)
     for path in [*arguments.records, *(path for _, path in arguments.junit)]:
         if not path.is_file():
@@ -203,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(document, indent=1) + "\n")
     markdown_path.write_text(markdown(document, measurements, stem))
     print(f"wrote {json_path}\nwrote {markdown_path}")
+    if arguments.no_plots:
+        return 0
     try:
         plots = bench.write_plots(arguments.out / stem, measurements, str(document["environment"]["device_name"]))
     except bench.MissingExtraError as error:

@@ -421,3 +421,32 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     if HAS_MATPLOTLIB:
         names = sorted(p.name for p in (out / "run").glob("*.png"))
         assert names == [f"linear-fwd_bwd-float32-H8-ignored{i}-vs_vocab-tokens16.png" for i in (0, 50)]
+
+
+KERNEL_BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benches" / "kernel_bench.py"
+
+
+def test_kernel_microbenchmark_smoke_run_and_its_report(tmp_path):
+    # Without a GPU the microbenchmark runs its code on a tiny shape through the interpreter: its
+    # rows are recorded as a smoke run, and the report shows them with the CUDA kernels' reason.
+    records = tmp_path / "records.jsonl"
+    run = subprocess.run([sys.executable, str(KERNEL_BENCH_SCRIPT), "--record", str(records), "--calls", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    environment, rows = lines[0], lines[1:]
+    assert environment["kind"] == "kernel-environment" and "cuda" in environment["skipped"]
+    variants = {(row["kernel"], row["variant"]) for row in rows}
+    assert variants == {("forward", "bf16,logps"), ("forward", "bf16,entropy"), ("forward", "bf16,all"),
+                        ("forward", "bf16,entropy,softcap"), ("backward", "bf16,logps"), ("backward", "bf16,entropy")}
+    assert all(row["smoke"] and row["backend"] == "triton" and row["median_s"] > 0 for row in rows)
+    out = tmp_path / "results"
+    report = subprocess.run([sys.executable, str(REPORT_SCRIPT), "--no-plots", "--out", str(out), "--stem", "run",
+                             str(records)], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert len(json.loads((out / "run.json").read_text())["kernels"]) == 6
+    assert not (out / "run").exists()
+    summary = (out / "run.md").read_text()
+    assert "## Kernel microbenchmark" in summary and "a smoke run, not a measurement" in summary
+    assert "| triton | backward | bf16,entropy | 5 x 300 |" in summary
+    assert f"not run: cuda: {environment['skipped']['cuda']}" in summary
