@@ -4,6 +4,7 @@ import argparse
 import os
 import platform
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -45,6 +46,7 @@ def info() -> int:
     return 0
 
 
+CHECKED_BACKENDS = ("triton", "cuda", "torch")
 _CHECK_PROBLEMS = (
     # (leading shape, vocabulary, dtype, temperature, softcap)
     ((3, 17), 7, torch.float32, 1.0, None),
@@ -60,15 +62,17 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / scale) if scale > 0 else float((out - ref).norm())
 
 
-def check(seed: int) -> int:
-    """Every backend that can run here against the float64 reference, forward and backward."""
+def check(seed: int, backends: Sequence[str] | None = None) -> int:
+    """Every backend that can run here (or those named) against the float64 reference, forward
+    and backward."""
     device = _default_device()
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         # The Triton kernels can run on the CPU through Triton's interpreter, which must be chosen
         # before Triton is first imported (importing prefopt already imports it, through
         # torch.compile's machinery): start again with it chosen.
         environment = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "prefopt", "check", "--seed", str(seed)], environment)
+        arguments = ["check", "--seed", str(seed), *(f"--backend={backend}" for backend in backends or ())]
+        os.execve(sys.executable, [sys.executable, "-m", "prefopt", *arguments], environment)
     from .backends import BACKENDS, unavailable_reason
     from .logprobs import token_logprobs
 
@@ -79,7 +83,7 @@ def check(seed: int) -> int:
     print("-" * len(header))
     failures = 0
     for backend in BACKENDS:
-        if backend == "reference":
+        if backend == "reference" or (backends and backend not in backends):
             continue
         reason = unavailable_reason(backend, device)
         if reason is not None:
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     check_parser = commands.add_parser(
         "check", help="every available backend against the float64 reference, forward and backward")
     check_parser.add_argument("--seed", type=int, default=0)
+    check_parser.add_argument("--backend", action="append", choices=CHECKED_BACKENDS,
+                              help="check only this backend (repeatable; default: every one that can run here)")
     commands.add_parser("build", help="compile the CUDA C++ extension (csrc/) ahead of time into its cache directory")
     bench_parser = commands.add_parser(
         "bench", help="time and peak memory of the logits path and the fused linear path on this machine, against "
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return info()
     if arguments.command == "build":
         return build()
-    return check(arguments.seed)
+    return check(arguments.seed, arguments.backend)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,15 @@ def test_cli_check_passes():
     assert "FAIL" not in result.stdout
 
 
+def test_cli_check_of_named_backends_only():
+    # Started without TRITON_INTERPRET, check re-executes itself with it: the names must survive that.
+    result = run_cli("check", "--backend", "torch")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "torch    float32" in result.stdout
+    assert "triton" not in result.stdout and "cuda" not in result.stdout
+    assert run_cli("check", "--backend", "reference").returncode == 2
+
+
 @pytest.mark.parametrize(("triton_version", "numpy_version", "conflict"), [
     ("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False), ("3.9.0+git1a2b", "2.5.0", False)])
 def test_triton_interpreter_and_numpy_versions(monkeypatch, triton_version, numpy_version, conflict):
