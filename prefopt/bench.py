@@ -223,6 +223,9 @@ class Measurement:
     # Fused linear path, prefopt's backends: the cuBLAS time of the products it performs.
     method_gemm_s: float | None = None
     speedup_vs_reference: float | None = None
+    # Interleaved runs (measure_interleaved): [lowest, highest] ratio of the reference's call to
+    # this one's within one round, the spread of the speed-up.
+    speedup_range: list[float] | None = None
     skipped: str | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -693,27 +696,11 @@ def measure(implementation: Implementation, workload: Workload | LinearWorkload,
         result.skipped = implementation.unavailable
         return result
     run = candidate if candidate is not None else implementation.build()
-    grad_mode = torch.no_grad if workload.direction == "fwd-nograd" else contextlib.nullcontext
     sets: list[tuple[torch.Tensor, ...]] = []
     try:
         sets = [make_inputs(workload, device, seed + k) for k in range(rotation_count(workload.input_bytes, device))]
-
-        def forward(i: int) -> torch.Tensor:
-            with grad_mode():
-                return run(*sets[i % len(sets)])
-
-        def backward(i: int, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            differentiable = [tensor for tensor in sets[i % len(sets)] if tensor.requires_grad]
-            return torch.autograd.grad(output, differentiable, torch.ones_like(output))
-
-        if workload.direction in ("fwd", "fwd-nograd"):
-            seconds, peak = time_calls(lambda i: None, lambda i, _: forward(i), calls=calls, warmup=warmup,
-                                       device=device)
-        elif workload.direction == "bwd":
-            seconds, peak = time_calls(forward, backward, calls=calls, warmup=warmup, device=device)
-        else:
-            seconds, peak = time_calls(lambda i: None, lambda i, _: backward(i, forward(i)), calls=calls,
-                                       warmup=warmup, device=device)
+        prepare, timed = _call_steps(run, workload, sets)
+        seconds, peak = time_calls(prepare, timed, calls=calls, warmup=warmup, device=device)
     except torch.cuda.OutOfMemoryError as error:
         result.skipped = f"out of GPU memory: {str(error).splitlines()[0]}"
         return result
@@ -723,6 +710,35 @@ def measure(implementation: Implementation, workload: Workload | LinearWorkload,
     result.median_s = statistics.median(seconds)
     if peak is not None:
         result.peak_extra_bytes, result.memory_method = peak, "torch.cuda.max_memory_allocated above the inputs"
+    _fill_floor(result, implementation, bandwidth, gemms)
+    return result
+
+
+def _call_steps(run: Candidate, workload: Workload | LinearWorkload, sets: Sequence[tuple[torch.Tensor, ...]]
+                ) -> tuple[Callable[[int], object], Callable[[int, object], object]]:
+    """The (prepare, timed) pair :func:`time_calls` takes for call i of ``run`` on input set
+    ``i % len(sets)``: a forward; a backward after an untimed forward; or both, timed together."""
+    grad_mode = torch.no_grad if workload.direction == "fwd-nograd" else contextlib.nullcontext
+
+    def forward(i: int) -> torch.Tensor:
+        with grad_mode():
+            return run(*sets[i % len(sets)])
+
+    def backward(i: int, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        differentiable = [tensor for tensor in sets[i % len(sets)] if tensor.requires_grad]
+        return torch.autograd.grad(output, differentiable, torch.ones_like(output))
+
+    if workload.direction in ("fwd", "fwd-nograd"):
+        return lambda i: None, lambda i, _: forward(i)
+    if workload.direction == "bwd":
+        return forward, backward
+    return lambda i: None, lambda i, _: backward(i, forward(i))
+
+
+def _fill_floor(result: Measurement, implementation: Implementation, bandwidth: float | None,
+                gemms: Mapping[str, float] | None) -> None:
+    """Set the floor of a timed ``result`` and its fraction (see :func:`measure`)."""
+    workload = result.workload
     if isinstance(workload, LinearWorkload):
         if gemms is not None:
             result.floor_s = sum(gemms[name] for name in workload.products())
@@ -734,7 +750,69 @@ def measure(implementation: Implementation, workload: Workload | LinearWorkload,
         result.floor_bytes = workload.floor_bytes()
         result.floor_s = result.floor_bytes / bandwidth
         result.fraction_of_floor = result.floor_s / result.median_s
-    return result
+
+
+def _failure(workload: Workload | LinearWorkload, error: Exception) -> str:
+    """The reason a measurement records when its implementation raised ``error``."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"failed at {workload.name()}: {type(error).__name__}: {first_line}"
+
+
+def measure_interleaved(chosen: Sequence[tuple[Implementation, Candidate]], workload: Workload | LinearWorkload,
+                        device: torch.device, *, min_calls: int, max_calls: int, budget_s: float, warmup: int = 1,
+                        seed: int = 0) -> list[Measurement]:
+    """Time every implementation of ``chosen`` (each with its built callable) on ``workload`` in
+    rounds: a round calls each of them once, starting one further along each round, so that a
+    change of machine load falls on all of them alike rather than on whichever ran then.
+
+    After ``warmup`` rounds, rounds go on until every implementation has ``min_calls`` timed
+    calls and the timed calls of all of them together took ``budget_s`` seconds, or until each
+    has ``max_calls``: the run time is bounded, and a fast machine gets more calls. Each
+    implementation has its own input set (``make_inputs`` with ``seed``), so one that writes
+    its gradient over the logits leaves the others' inputs alone. One that raises is recorded
+    as failed and leaves the rounds. Returns one measurement per implementation, in the order of
+    ``chosen``, with ``times_s`` in round order; when the reference is among them, each other's
+    ``speedup_range`` holds the lowest and highest per-round ratio of the reference's time to its
+    own. Floors are not set (a CPU has none here).
+    """
+    if not 1 <= min_calls <= max_calls:
+        raise ValueError(f"min_calls and max_calls must satisfy 1 <= min_calls <= max_calls, got {min_calls}, {max_calls}")
+    results = {i.name: Measurement(i.name, workload, str(device)) for i, _ in chosen}
+    steps = {}
+    for implementation, run in chosen:
+        sets = [make_inputs(workload, device, seed + k) for k in range(rotation_count(workload.input_bytes, device))]
+        steps[implementation.name] = _call_steps(run, workload, sets)
+    active = list(steps)
+    timed_s = 0.0
+    for round_index in range(warmup + max_calls):
+        timed_rounds = round_index - warmup
+        if not active or (timed_rounds >= min_calls and timed_s >= budget_s):
+            break
+        start = round_index % len(active)
+        for name in active[start:] + active[:start]:
+            prepare, timed = steps[name]
+            try:
+                (seconds,), _ = time_calls(lambda _, i=round_index: prepare(i), lambda _, p, i=round_index: timed(i, p),
+                                           calls=1, warmup=0, device=device)
+            except Exception as error:  # noqa: BLE001 - one failing implementation must not end the others' rounds
+                results[name].skipped = _failure(workload, error)
+                active.remove(name)
+                del steps[name]  # frees its inputs
+                continue
+            if timed_rounds >= 0:
+                results[name].times_s.append(seconds)
+                timed_s += seconds
+    for r in results.values():
+        if r.skipped is None:
+            r.median_s = statistics.median(r.times_s)
+    reference = results.get(REFERENCE)
+    for r in results.values():
+        if r is not reference and reference is not None and r.skipped is None and reference.times_s:
+            # Rounds are aligned: every implementation started in the first one, and one that
+            # failed stopped for good, so the shorter list is a prefix of the rounds.
+            ratios = [base / own for base, own in zip(reference.times_s, r.times_s)]
+            r.speedup_range = [min(ratios), max(ratios)]
+    return list(results.values())
 
 
 def fill_speedups(results: Sequence[Measurement]) -> None:
@@ -817,11 +895,34 @@ PATH_TITLES = {
 }
 
 
+def _time_cell(r: Measurement) -> str:
+    if r.median_s is None:
+        return "-"
+    cell = f"{r.median_s * 1e3:,.1f} ms"
+    if len(r.times_s) > 1:
+        cell += f" ({min(r.times_s) * 1e3:,.1f}-{max(r.times_s) * 1e3:,.1f})"
+    return cell
+
+
+def _speedup_cell(r: Measurement) -> str:
+    if r.speedup_vs_reference is None:
+        return "-"
+    cell = f"{r.speedup_vs_reference:.2f}x"
+    if r.speedup_range is not None:
+        cell += f" ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
+    return cell
+
+
 def format_table(results: Sequence[Measurement]) -> str:
     """The measurements as fixed-width text, one table per path (logits, fused linear) under its
-    title, one row per implementation and workload; each path's skipped implementations are
-    listed once each under its table with the reason."""
-    header = ("implementation", "workload", "median time", "peak extra memory", "% of floor", "speed-up")
+    title, one row per implementation and workload: timed calls, median time with the (min-max)
+    of the calls, peak extra memory, % of the floor (a column only when some row has a floor) and
+    speed-up over the reference, with the (min-max) of its per-round ratio when the calls were
+    interleaved. Each path's skipped implementations are listed once each under its table with
+    the reason."""
+    with_floor = any(r.fraction_of_floor is not None for r in results)
+    header = ("implementation", "workload", "calls", "median time (min-max)", "peak extra memory",
+              *(("% of floor",) if with_floor else ()), "speed-up (min-max)")
     tables: dict[str, list[tuple[str, ...]]] = {}
     skipped: dict[str, dict[str, str]] = {}
     for r in results:
@@ -830,13 +931,15 @@ def format_table(results: Sequence[Measurement]) -> str:
         if r.skipped is not None:
             skipped.setdefault(path, {}).setdefault(r.implementation, r.skipped)
             continue
+        floor = f"{r.fraction_of_floor:.1%}" if r.fraction_of_floor is not None else "-"
         tables[path].append((
             r.implementation,
             r.workload.name(),
-            f"{r.median_s * 1e3:,.2f} ms" if r.median_s is not None else "-",
+            str(len(r.times_s)) if r.times_s else "-",
+            _time_cell(r),
             _format_bytes(r.peak_extra_bytes),
-            f"{r.fraction_of_floor:.1%}" if r.fraction_of_floor is not None else "-",
-            f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference is not None else "-",
+            *((floor,) if with_floor else ()),
+            _speedup_cell(r),
         ))
     # One set of widths for every table, so that the paths' columns line up.
     widths = [max(len(row[k]) for row in (header, *(row for rows in tables.values() for row in rows)))
@@ -944,11 +1047,16 @@ def write_plots(directory: Path, results: Sequence[Measurement], title: str) -> 
     """PNG plots of median time and peak extra memory against tokens (one figure per vocabulary
     with at least two token counts) and against vocabulary size (one per token count with at
     least two vocabularies), one line per implementation and the floor dashed, for each path,
-    direction, dtype, ignored fraction and hidden size measured. Returns the files written."""
+    direction, dtype, ignored fraction and hidden size measured; and for each workload that lies
+    on no such line (a CPU run measures one per path), one bar chart of its implementations'
+    median time (min-max as error bars) and peak extra memory. ``directory`` is created only
+    when there is something to draw. Returns the files written."""
     plt = _pyplot()
-    directory.mkdir(parents=True, exist_ok=True)
     measured = [r for r in results if r.median_s is not None]
+    if measured:
+        directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    on_a_line: set[Workload | LinearWorkload] = set()
     for key in sorted({_plot_group(r.workload) for r in measured}, key=str):
         path_name, direction, dtype, ignored, hidden_size = key
         group = [r for r in measured if _plot_group(r.workload) == key]
@@ -957,6 +1065,7 @@ def write_plots(directory: Path, results: Sequence[Measurement], title: str) -> 
                 line_points = [r for r in group if getattr(r.workload, fixed) == value]
                 if len({getattr(r.workload, axis) for r in line_points}) < 2:
                     continue
+                on_a_line.update(r.workload for r in line_points)
                 figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
                 for name in dict.fromkeys(r.implementation for r in line_points):
                     points = sorted((getattr(r.workload, axis), r) for r in line_points if r.implementation == name)
@@ -984,7 +1093,36 @@ def write_plots(directory: Path, results: Sequence[Measurement], title: str) -> 
                 figure.savefig(path, dpi=120)
                 plt.close(figure)
                 written.append(path)
+    for workload in dict.fromkeys(r.workload for r in measured if r.workload not in on_a_line):
+        written.append(_bar_chart(plt, directory, [r for r in measured if r.workload == workload], title))
     return written
+
+
+def _bar_chart(plt: ModuleType, directory: Path, rows: Sequence[Measurement], title: str) -> Path:
+    """One workload's implementations side by side: median time with (min-max) error bars, and
+    peak extra memory (where measured). Returns the file written."""
+    workload = rows[0].workload
+    names = [r.implementation for r in rows]
+    medians = [r.median_s * 1e3 for r in rows]
+    below = [m - min(r.times_s or [r.median_s]) * 1e3 for m, r in zip(medians, rows)]
+    above = [max(r.times_s or [r.median_s]) * 1e3 - m for m, r in zip(medians, rows)]
+    figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    time_axes.bar(names, medians, yerr=[below, above], capsize=4)
+    time_axes.set_ylabel("median time (ms), min-max of the calls")
+    memory_axes.bar(names, [0 if r.peak_extra_bytes is None else r.peak_extra_bytes / 2**20 for r in rows])
+    memory_axes.set_ylabel("peak extra memory (MiB)")
+    for axes in (time_axes, memory_axes):
+        axes.tick_params(axis="x", labelrotation=20)
+        axes.grid(True, axis="y", alpha=0.3)
+    figure.suptitle(f"{title}: {workload.path} path, {workload.name()}")
+    figure.tight_layout()
+    shape = "x".join(str(size) for size in (workload.tokens, getattr(workload, "hidden", None), workload.vocab)
+                     if size is not None)
+    path = directory / (f"{workload.path}-{workload.direction.replace('+', '_')}-{_dtype_name(workload.dtype)}"
+                        f"-{shape}-ignored{round(workload.ignored_fraction * 100)}-bars.png")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1016,6 +1154,29 @@ def chosen_implementations(device: torch.device, names: Sequence[str] | None = N
     return chosen
 
 
+@dataclasses.dataclass(frozen=True)
+class CallBudget:
+    """How long a CPU run times one workload (:func:`measure_interleaved`): rounds until every
+    implementation has ``min_calls`` timed calls and the timed calls took ``seconds`` in all, or
+    until each has ``max_calls``."""
+
+    min_calls: int
+    max_calls: int
+    seconds: float
+
+
+# About 10 s per workload on an idle 2-core machine (7-8 rounds there); on a loaded one, 5 rounds
+# however long they take.
+CPU_CALLS = CallBudget(min_calls=5, max_calls=50, seconds=10.0)
+# --quick: a smoke test of the machinery, not a measurement.
+CPU_QUICK_CALLS = CallBudget(min_calls=3, max_calls=10, seconds=1.0)
+
+
+def _load_average() -> float | None:
+    """The one-minute load average (None where the OS has none): how busy the machine was."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def run(*, device: torch.device | None = None, quick: bool = False, names: Sequence[str] | None = None,
         calls: int | None = None, json_path: Path | None = None, plot_dir: Path | None = None,
         command: str | None = None, progress: TextIO | None = None, out: TextIO | None = None) -> list[Measurement]:
@@ -1023,75 +1184,153 @@ def run(*, device: torch.device | None = None, quick: bool = False, names: Seque
     GPU when there is one), print the table to ``out`` and progress to ``progress``, and write
     ``json_path`` and the plots under ``plot_dir`` when given (``out``/``progress`` default to
     the current sys.stdout/sys.stderr). ``names`` restricts the implementations
-    (:func:`chosen_implementations`). ``calls``: timed calls per measurement (default 10 on a
-    GPU, 3 on a CPU, where one call of the largest workload takes about half a second)."""
+    (:func:`chosen_implementations`).
+
+    On a GPU each implementation is timed alone, ``calls`` times (default 10) with CUDA events,
+    which measure the device and not the host's load. On a CPU the implementations of each
+    workload are timed in interleaved rounds (:func:`measure_interleaved`), so that machine load
+    falls on all of them alike: ``calls`` rounds when given, else rounds within CPU_CALLS's
+    budget (CPU_QUICK_CALLS with ``quick``). Progress lists only what runs here; what cannot is
+    listed once per path, with the reason, under the tables.
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out, progress = out or sys.stdout, progress or sys.stderr
     if plot_dir is not None:
         _pyplot()  # fail before measuring, not after
     on_gpu = device.type == "cuda"
-    calls = calls or (10 if on_gpu else 3)
-    warmup = 2 if on_gpu else 1  # on a CPU one call warms the thread pools and the allocator
+    load_before = _load_average()
     chosen = chosen_implementations(device, names)
-    plan = [(implementation, workload) for path, candidates in chosen.items() for implementation in candidates
-            for workload in default_workloads(device, quick) if workload.path == path]
+    workloads = [w for w in default_workloads(device, quick) if w.path in chosen]
+    runnable = sum(i.unavailable is None for w in workloads for i in chosen[w.path])
+    not_here = sorted({i.name for w in workloads for i in chosen[w.path] if i.unavailable is not None})
+    print(f"{runnable} measurements run here"
+          + (f"; not run here, each with its reason under the tables: {', '.join(not_here)}" if not_here else ""),
+          file=progress, flush=True)
     bandwidth = None
-    if on_gpu and "logits" in chosen:
-        print("measuring the copy bandwidth (the logits path's floor) ...", file=progress, flush=True)
-        bandwidth = copy_bandwidth(device)
-        print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", file=progress, flush=True)
-    gemms: dict[LinearWorkload, dict[str, float]] = {}  # the fused linear path's floors, measured on a GPU
-    results: list[Measurement] = []
-    built: dict[tuple[str, str], Candidate | None] = {}  # each implementation built (compiled, loaded) once
-    for k, (implementation, workload) in enumerate(plan, start=1):
-        if on_gpu and isinstance(workload, LinearWorkload) and workload not in gemms:
-            print(f"measuring the cuBLAS time of the products of {workload.name()} (its floor) ...",
-                  file=progress, flush=True)
-            gemms[workload] = gemm_seconds(workload, device)
-            torch.cuda.empty_cache()
-        print(f"[{k:>3}/{len(plan)}] {workload.path:<6} {implementation.name:<40} {workload.name()}",
-              file=progress, flush=True)
-        key = (workload.path, implementation.name)
-        try:
-            if key not in built:
-                built[key] = None if implementation.unavailable else implementation.build()
-            results.append(measure(implementation, workload, device, calls=calls, warmup=warmup,
-                                   candidate=built[key], bandwidth=bandwidth, gemms=gemms.get(workload)))
-        except Exception as error:  # noqa: BLE001 - one failing peer must not end the run; it is reported
-            failed = Measurement(implementation.name, workload, str(device))
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            failed.skipped = f"failed at {workload.name()}: {type(error).__name__}: {first_line}"
-            results.append(failed)
-        if on_gpu:
-            torch.cuda.empty_cache()  # the next row may need the memory this one's allocator kept
-    if not on_gpu:
+    if on_gpu:
+        results, bandwidth = _run_gpu(chosen, workloads, device, calls or 10, progress)
+    else:
+        budget = CPU_QUICK_CALLS if quick else CPU_CALLS
+        if calls is not None:
+            budget = CallBudget(min_calls=calls, max_calls=calls, seconds=0.0)
+        results = _run_cpu(chosen, workloads, device, budget, progress)
         _add_cpu_memory(results, chosen, progress)
     fill_speedups(results)
     print(format_table(results), file=out)
+    env = environment(device, command or shlex.join([sys.executable, "-m", "prefopt", "bench"]))
+    env["load_average_before"], env["load_average_after"] = load_before, _load_average()
     if not on_gpu:
-        print("time: median of perf_counter over calls; peak extra memory: resident memory of one fwd+bwd above "
-              "its inputs, in a fresh process (benches/measure_memory.py, benches/measure_linear_memory.py); "
-              "floors are measured on GPUs only", file=out)
+        print("time: perf_counter; each round calls every implementation of a workload once, in turn, starting one "
+              "further along each round; median and (min-max) over the timed calls. speed-up: the reference's "
+              "median over this one's, (min-max) of the same ratio within one round. peak extra memory: resident "
+              "memory of one fwd+bwd above its inputs, in a fresh process (benches/measure_memory.py, "
+              "benches/measure_linear_memory.py). Floors are measured on GPUs only.", file=out)
+        load = ("" if load_before is None else
+                f"; one-minute load average {load_before:.2f} before the run, {env['load_average_after']:.2f} after")
+        print(f"machine: {env['device_name']}, {os.cpu_count()} logical CPUs{load}", file=out)
     else:
         floors = []
         if bandwidth is not None:
             floors.append(f"logits path, bytes / measured copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-        if gemms:
+        if any(isinstance(r.workload, LinearWorkload) and r.floor_s is not None for r in results):
             floors.append("fused linear path, cuBLAS time of the products the direction needs on the scored rows "
                           "(logits, hidden and weight gradients), measured in this run")
-        print("time: median of CUDA events over calls on rotating inputs; memory: max_memory_allocated above the "
-              f"inputs; floor: {'; '.join(floors)}", file=out)
-    env = environment(device, command or shlex.join([sys.executable, "-m", "prefopt", "bench"]))
+        print("time: median and (min-max) of CUDA events over calls on rotating inputs; memory: max_memory_allocated "
+              f"above the inputs; floor: {'; '.join(floors) or 'none measured'}", file=out)
     if json_path is not None:
         write_json(json_path, results, env, bandwidth)
         print(f"wrote {json_path}", file=out)
     if plot_dir is not None:
-        written = write_plots(plot_dir, results, env["device_name"])
+        written = write_plots(plot_dir, results, str(env["device_name"]))
         for path in written:
             print(f"wrote {path}", file=out)
         if not written:
-            print(f"no plots written to {plot_dir}: a plot needs two token counts or two vocabulary sizes of one "
-                  "path, and this run measured one workload per path (the GPU subset sweeps both)", file=out)
+            print(f"no plots written: nothing was measured, so {plot_dir} was not created", file=out)
+    return results
+
+
+def _build(implementation: Implementation, workload: Workload | LinearWorkload,
+           built: dict[tuple[str, str], Candidate | Exception]) -> Candidate | Exception:
+    """The implementation's callable, built (compiled, loaded) once per path, or the error its
+    build raised (then reported as that implementation's failure on every workload)."""
+    key = (workload.path, implementation.name)
+    if key not in built:
+        try:
+            built[key] = implementation.build()
+        except Exception as error:  # noqa: BLE001 - one peer that does not load must not end the run
+            built[key] = error
+    return built[key]
+
+
+def _run_gpu(chosen: Mapping[str, Sequence[Implementation]], workloads: Sequence[Workload | LinearWorkload],
+             device: torch.device, calls: int, progress: TextIO) -> tuple[list[Measurement], float | None]:
+    """Each implementation alone on each workload, ``calls`` timed calls after two warm-ups, with
+    the floors measured in the same run; rows that cannot run here are recorded without a line
+    of progress. Returns the measurements and the copy bandwidth (bytes/s) when measured."""
+    plan = [(implementation, workload) for path, candidates in chosen.items() for implementation in candidates
+            for workload in workloads if workload.path == path]
+    runnable = sum(implementation.unavailable is None for implementation, _ in plan)
+    bandwidth = None
+    if "logits" in chosen:
+        print("measuring the copy bandwidth (the logits path's floor) ...", file=progress, flush=True)
+        bandwidth = copy_bandwidth(device)
+        print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", file=progress, flush=True)
+    gemms: dict[LinearWorkload, dict[str, float]] = {}  # the fused linear path's floors
+    results: list[Measurement] = []
+    built: dict[tuple[str, str], Candidate | Exception] = {}
+    k = 0
+    for implementation, workload in plan:
+        if implementation.unavailable is not None:
+            results.append(measure(implementation, workload, device, calls=calls))
+            continue
+        if isinstance(workload, LinearWorkload) and workload not in gemms:
+            print(f"measuring the cuBLAS time of the products of {workload.name()} (its floor) ...",
+                  file=progress, flush=True)
+            gemms[workload] = gemm_seconds(workload, device)
+            torch.cuda.empty_cache()
+        k += 1
+        print(f"[{k:>3}/{runnable}] {workload.path:<6} {implementation.name:<40} {workload.name()}",
+              file=progress, flush=True)
+        candidate = _build(implementation, workload, built)
+        try:
+            if isinstance(candidate, Exception):
+                raise candidate
+            results.append(measure(implementation, workload, device, calls=calls, warmup=2, candidate=candidate,
+                                   bandwidth=bandwidth, gemms=gemms.get(workload)))
+        except Exception as error:  # noqa: BLE001 - one failing peer must not end the run; it is reported
+            results.append(Measurement(implementation.name, workload, str(device), skipped=_failure(workload, error)))
+        torch.cuda.empty_cache()  # the next row may need the memory this one's allocator kept
+    return results, bandwidth
+
+
+def _run_cpu(chosen: Mapping[str, Sequence[Implementation]], workloads: Sequence[Workload | LinearWorkload],
+             device: torch.device, budget: CallBudget, progress: TextIO) -> list[Measurement]:
+    """Per workload, the implementations that run here in interleaved rounds within ``budget``,
+    one warm-up round first (it warms the thread pools and
+    the allocator); the others recorded as not run, with the reason."""
+    results: list[Measurement] = []
+    built: dict[tuple[str, str], Candidate | Exception] = {}
+    for k, workload in enumerate(workloads, start=1):
+        candidates = chosen[workload.path]
+        group, by_name = [], {}
+        for implementation in candidates:
+            candidate = None if implementation.unavailable else _build(implementation, workload, built)
+            if implementation.unavailable is not None:
+                by_name[implementation.name] = measure(implementation, workload, device, calls=1)
+            elif isinstance(candidate, Exception):
+                by_name[implementation.name] = Measurement(implementation.name, workload, str(device),
+                                                           skipped=_failure(workload, candidate))
+            else:
+                group.append((implementation, candidate))
+        print(f"[{k:>3}/{len(workloads)}] {workload.path:<6} {workload.name()}: "
+              f"{', '.join(i.name for i, _ in group)}, in interleaved rounds ...", file=progress, flush=True)
+        begin = time.perf_counter()
+        measured = measure_interleaved(group, workload, device, warmup=1, min_calls=budget.min_calls,
+                                       max_calls=budget.max_calls, budget_s=budget.seconds)
+        by_name.update((m.implementation, m) for m in measured)
+        print(f"          {max((len(m.times_s) for m in measured), default=0)} timed rounds in "
+              f"{time.perf_counter() - begin:.1f} s", file=progress, flush=True)
+        results += [by_name[i.name] for i in candidates]
     return results
 
 

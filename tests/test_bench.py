@@ -1,9 +1,11 @@
 """`python -m prefopt bench` on a CPU: the tables of both paths, --json, --plot, --impl, bad
 arguments; prefopt.bench's floors, speed-ups, timers and plots."""
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +52,15 @@ def test_default_run_prints_a_table_per_path(default_run):
             for name in MEASURED_BY_PATH[path]:
                 row = [line for line in lines if line.startswith(name + " ") and workload.name() in line]
                 assert len(row) == 1, f"no single {path} row for {name} at {workload.name()}"
-                assert row[0].rstrip().endswith("x") and " ms " in row[0] and " MiB " in row[0]
+                # Median time and speed-up, each with the (min-max) of the interleaved calls.
+                time_cell, speedup = re.search(r" ([\d,.]+ ms \([\d,.]+-[\d,.]+\)) .* ([\d.]+x.*)$", row[0]).groups()
+                assert " MiB " in row[0] and speedup.endswith("x" if name == "reference" else ")"), row[0]
         assert any(line.startswith("not run: prefopt-triton: GPU only") for line in lines)
-    assert "[  1/" in process.stderr, "no progress indication"
+    assert "[  1/2]" in process.stderr, "no progress indication"
+    # Progress names only what runs here; what cannot is named once, in one line.
+    assert "GPU only" not in process.stderr and process.stderr.count("prefopt-triton,") == 1
+    assert "liger-cross_entropy" not in "\n".join(l for l in process.stderr.splitlines() if l.startswith("["))
+    assert "load average" in process.stdout and "logical CPUs" in process.stdout
 
 
 def test_json_holds_the_environment_and_the_raw_figures(default_run):
@@ -62,6 +70,7 @@ def test_json_holds_the_environment_and_the_raw_figures(default_run):
     assert {"device", "device_name", "driver", "torch", "triton", "python", "date", "command",
             "copy_bandwidth_bytes_per_s", "results"} <= set(document)
     assert document["device"] == "cpu" and document["torch"] == torch.__version__
+    assert {"load_average_before", "load_average_after"} <= set(document)
     assert document["command"].startswith("python -m prefopt bench --json")
     measured = [r for r in document["results"] if r["skipped"] is None]
     for path, names in MEASURED_BY_PATH.items():
@@ -73,6 +82,10 @@ def test_json_holds_the_environment_and_the_raw_figures(default_run):
                 "peak_extra_bytes", "speedup_vs_reference", "logits_bytes"} <= set(r)
         assert r["median_s"] == sorted(r["times_s"])[len(r["times_s"]) // 2] > 0
         assert r["peak_extra_bytes"] > 0 and r["speedup_vs_reference"] > 0
+        assert len(r["times_s"]) >= bench.CPU_CALLS.min_calls
+        if r["implementation"] != "reference":
+            low, high = r["speedup_range"]
+            assert 0 < low <= high
         assert r["path"] == "logits" or r["hidden"] > 0
     # Peak memory measured per implementation, not the launching process's: the references hold
     # several [tokens, V] float32 tensors (the fused linear one computes the logits explicitly);
@@ -90,11 +103,21 @@ def test_json_holds_the_environment_and_the_raw_figures(default_run):
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[test]')")
-def test_plot_on_one_workload_per_path_says_there_is_nothing_to_plot(default_run):
+def test_plot_on_one_workload_per_path_draws_a_bar_chart_each(default_run):
     process, _, plot_dir = default_run
     assert process.returncode == 0, process.stderr
-    assert not list(plot_dir.glob("*.png"))
-    assert f"no plots written to {plot_dir}: a plot needs two token counts or two vocabulary sizes" in process.stdout
+    pngs = sorted(plot_dir.glob("*.png"))
+    assert [p.name for p in pngs] == ["linear-fwd_bwd-float32-1024x256x32000-ignored25-bars.png",
+                                      "logits-fwd_bwd-float32-512x128256-ignored25-bars.png"]
+    assert all(png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs)
+    assert all(f"wrote {png}" in process.stdout for png in pngs)
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[test]')")
+def test_plots_of_nothing_measured_create_no_directory(tmp_path):
+    skipped = [bench.Measurement("peer", bench.Workload(4, 8), "cpu", skipped="GPU only")]
+    assert bench.write_plots(tmp_path / "plots", skipped, "test device") == []
+    assert not (tmp_path / "plots").exists()
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install -e '.[test]')")
@@ -201,6 +224,87 @@ def test_measure_times_every_direction_on_cpu(name, direction):
     assert result.skipped is None and len(result.times_s) == 3 and result.median_s > 0
     assert result.floor_bytes == workload.floor_bytes()
     assert result.fraction_of_floor == pytest.approx(workload.floor_bytes() / 1e9 / result.median_s)
+
+
+def recording(name: str, calls: list) -> tuple[bench.Implementation, bench.Candidate]:
+    """An implementation whose callable records its name on every call."""
+    def candidate(logits, labels):
+        calls.append(name)
+        return logits.sum(-1)
+
+    return bench.Implementation(name, lambda: candidate), candidate
+
+
+FORWARD = bench.Workload(4, 8, torch.float32, direction="fwd")
+
+
+def test_interleaved_rounds_start_one_further_along_each_round():
+    calls = []
+    chosen = [recording(name, calls) for name in ("reference", "b", "c")]
+    results = bench.measure_interleaved(chosen, FORWARD, CPU, warmup=1, min_calls=3, max_calls=3, budget_s=0.0)
+    assert calls == ["reference", "b", "c", "b", "c", "reference", "c", "reference", "b", "reference", "b", "c"]
+    assert [r.implementation for r in results] == ["reference", "b", "c"]
+    assert all(len(r.times_s) == 3 and r.median_s == sorted(r.times_s)[1] for r in results)
+
+
+@pytest.mark.parametrize(("min_calls", "max_calls", "budget_s", "expected"), [
+    (2, 4, 0.0, 2),    # the budget is spent at once: the minimum
+    (2, 4, 1e9, 4),    # the budget is never spent: the maximum
+    (3, 3, 1e9, 3),
+])
+def test_interleaved_rounds_stop_at_the_budget_within_the_call_counts(min_calls, max_calls, budget_s, expected):
+    chosen = [recording(name, []) for name in ("reference", "b")]
+    results = bench.measure_interleaved(chosen, FORWARD, CPU, warmup=0, min_calls=min_calls, max_calls=max_calls,
+                                        budget_s=budget_s)
+    assert [len(r.times_s) for r in results] == [expected, expected]
+
+
+def test_interleaved_rejects_bad_call_counts():
+    with pytest.raises(ValueError, match="min_calls"):
+        bench.measure_interleaved([], FORWARD, CPU, min_calls=3, max_calls=2, budget_s=1.0)
+
+
+def test_interleaved_speedup_range_pairs_the_calls_of_one_round(monkeypatch):
+    # Call order with warmup=0: round 0 reference, b; round 1 b, reference; round 2 reference, b.
+    scripted = iter([4.0, 2.0, 1.0, 3.0, 6.0, 2.0])
+
+    def fake_time_calls(prepare, timed, *, calls, warmup, device):
+        timed(0, prepare(0))
+        return [next(scripted)], None
+
+    monkeypatch.setattr(bench, "time_calls", fake_time_calls)
+    reference, b = bench.measure_interleaved([recording(name, []) for name in ("reference", "b")], FORWARD, CPU,
+                                             warmup=0, min_calls=3, max_calls=3, budget_s=0.0)
+    assert reference.times_s == [4.0, 3.0, 6.0] and b.times_s == [2.0, 1.0, 2.0]
+    assert reference.speedup_range is None and b.speedup_range == [2.0, 3.0]
+    bench.fill_speedups([reference, b])
+    assert b.speedup_vs_reference == 2.0
+    assert "2.00x (2.00-3.00)" in bench.format_table([reference, b])
+
+
+def test_interleaved_failure_is_recorded_and_the_others_go_on():
+    calls = []
+    good = recording("reference", calls)
+
+    def broken(logits, labels):
+        if len(calls) >= 2:
+            raise RuntimeError("kernel exploded\nsecond line")
+        calls.append("broken")
+        return logits.sum(-1)
+
+    reference, failed = bench.measure_interleaved([good, (bench.Implementation("broken", lambda: broken), broken)],
+                                                  FORWARD, CPU, warmup=0, min_calls=4, max_calls=4, budget_s=0.0)
+    assert len(reference.times_s) == 4 and reference.skipped is None
+    assert failed.skipped == f"failed at {FORWARD.name()}: RuntimeError: kernel exploded"
+    assert failed.median_s is None and "not run: broken: failed at" in bench.format_table([reference, failed])
+
+
+def test_table_shows_the_floor_column_only_when_a_row_has_a_floor():
+    workload = bench.Workload(4, 8)
+    plain = bench.Measurement("reference", workload, "cpu", median_s=1e-3, times_s=[1e-3], speedup_vs_reference=1.0)
+    assert "% of floor" not in bench.format_table([plain])
+    floored = dataclasses.replace(plain, fraction_of_floor=0.5)
+    assert "% of floor" in bench.format_table([floored]) and "50.0%" in bench.format_table([floored])
 
 
 def test_unavailable_implementation_is_skipped_with_its_reason():
