@@ -554,3 +554,21 @@ def test_kernel_microbenchmark_smoke_run_and_its_report(tmp_path):
     assert "## Kernel microbenchmark" in summary and "a smoke run, not a measurement" in summary
     assert "| triton | backward | bf16,entropy | 5 x 300 |" in summary
     assert f"not run: cuda: {environment['skipped']['cuda']}" in summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The rest of the command line: help texts and what `check` covers
+
+
+def test_help_shows_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "python -m prefopt info, check, build and bench" in text and "``" not in text
+
+
+def test_check_covers_the_logits_and_linear_paths_and_the_losses(capsys):
+    assert main(["check", "--backend", "triton"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("triton ")]
+    assert {row[2] for row in rows} == {"logits", "linear", "dpo", "kto"}
+    assert all(row[-1] == "pass" for row in rows)
