@@ -17,6 +17,7 @@
 import concurrent.futures
 import ctypes
 import functools
+import importlib.util
 import inspect
 import itertools
 import os
@@ -891,3 +892,16 @@ def test_no_toolkit_says_which_variable_to_set(no_toolkit_set, tmp_path):
     root, missing = cuda_ext.find_cuda_toolkit()
     assert root is None
     assert str(wrapper / "bin" / "nvcc") in missing and "set CUDA_HOME" in missing
+
+
+def test_kernel_microbenchmark_drives_the_cuda_launchers(cuda_on_cpu):
+    # benches/kernel_bench.py calls the launchers directly, so only a run shows its arguments in
+    # the launchers' order: here through the simulated kernels, as on a GPU.
+    spec = importlib.util.spec_from_file_location("kernel_bench", CSRC.parent / "benches" / "kernel_bench.py")
+    kernel_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_bench)
+    rows = kernel_bench.measure_shape("cuda", 5, 300, torch.device("cpu"), calls=1, copy_bandwidth=None)
+    assert [(row["kernel"], row["variant"]) for row in rows] == [
+        ("forward", "bf16,logps"), ("forward", "bf16,entropy"), ("forward", "bf16,all"),
+        ("forward", "bf16,entropy,softcap"), ("backward", "bf16,logps"), ("backward", "bf16,entropy")]
+    assert all(row["backend"] == "cuda" and row["median_s"] > 0 and row["bytes"] > 0 for row in rows)
