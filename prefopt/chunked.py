@@ -46,8 +46,10 @@ def token_stats_forward(
             is_top1[chunk] = scored & (top.squeeze(-1) == label)
         label_z = z.gather(-1, torch.where(scored, label, 0).unsqueeze(-1)).squeeze(-1)
         m = z.gather(-1, top).squeeze(-1)
-        # A row of -inf logits has no finite maximum; shifting by 0 keeps its sums NaN-free.
-        m = torch.where(m > float("-inf"), m, 0.0)
+        # A row of -inf logits has no finite maximum; shifting by 0 keeps its sums NaN-free. A NaN
+        # logit wins the argmax: m stays NaN so that the whole row is NaN, as on every backend
+        # (the NaN column itself is scattered out of the sums below).
+        m = torch.where(m == float("-inf"), 0.0, m)
         shifted = z.sub_(m.unsqueeze(-1))
         # The maximum's own term exp(0) = 1 is kept out of the sums, s = 1 + r, so that a
         # peaked row keeps the relative precision of log s = log1p(r) (see the Triton kernel).

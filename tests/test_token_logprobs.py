@@ -285,3 +285,34 @@ def test_gpu_full_size_and_64_bit_offsets(backend, shape):
         (expected_grad,) = torch.autograd.grad(expected, x)
         assert abs(logps[b, t].item() - expected.item()) <= 1e-4 * abs(expected.item()) + 1e-5
         assert relative_error(grad[b, t], expected_grad) <= 1e-2
+
+
+NON_BOOL_STATS = ("logps", "entropy", "mean_logits", "log_sum_sq_probs")
+
+
+def stats_of_every_backend(logits, labels, backend, **kwargs):
+    """(the backend's TokenStats, the reference's) with every statistic asked for."""
+    return (prefopt.token_stats(logits, labels, stats=ALL_STATS, backend=backend, **kwargs),
+            prefopt.token_stats(logits.cpu(), labels.cpu(), stats=ALL_STATS, backend="reference", **kwargs))
+
+
+@pytest.mark.parametrize("nan_column", [1, 3])
+def test_nan_in_a_scored_row_gives_nan_in_that_row_only(backend, nan_column):
+    """A NaN logit anywhere in a scored row (the label's column or another) makes that row's
+    log-prob and statistics NaN on every backend; the other rows are what they are without it."""
+    clean = random_logits((4, 37), torch.float32)
+    labels = torch.tensor([0, 3, 5, -100], device=DEVICE)
+    poisoned = clean.clone()
+    poisoned[1, nan_column] = float("nan")
+    poisoned[3, 2] = float("nan")  # an ignored row: never read
+    for result in stats_of_every_backend(poisoned, labels, backend):
+        expected = prefopt.token_stats(clean.cpu(), labels.cpu(), stats=ALL_STATS, backend="reference")
+        for name in NON_BOOL_STATS:
+            value = getattr(result, name).cpu()
+            assert torch.isnan(value[1]), name
+            assert not torch.isnan(value[[0, 2, 3]]).any(), name
+            assert relative_error(value[[0, 2, 3]], getattr(expected, name)[[0, 2, 3]]) <= 1e-5, name
+            assert value[3] == 0, name
+    chosen = prefopt.sequence_logprobs(poisoned.view(2, 2, 37), labels.view(2, 2), backend=backend)
+    loss = prefopt.dpo_loss(chosen[:1], chosen[1:], torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE))
+    assert torch.isnan(loss.loss)
