@@ -228,7 +228,10 @@ __device__ __forceinline__ void write_ignored(const ForwardParams& p, int64_t ro
 
 __device__ __forceinline__ void finalize(const ForwardParams& p, int64_t row, int64_t label, const State& s,
                                          float label_z) {
-  const float log_s = log1pf(s.r);  // log s = log(1 + r), exact for tiny r
+  // log s = log(1 + r), exact for tiny r. A row with no finite logit (m = -inf) has no
+  // distribution: log s = NaN makes its log-prob, lse, entropy and log sum p^2 NaN, where
+  // fminf(NaN, 0) = 0 would have read as probability 1 (the same answer as every backend).
+  const float log_s = s.m == -INFINITY ? NAN : log1pf(s.r);
   // log1p(r) >= 0 and z_y <= m make every log-prob <= 0 by construction; the fminf keeps it so
   // even if the label's z were a last ulp above the maximum.
   p.logps[row] = fminf(label_z - s.m, 0.f) - log_s;

@@ -14,7 +14,9 @@ The maximum's own term exp(0) = 1 is kept out of the running sums r and r2: on a
 log p, the entropy and log sum p^2. When a block raises the maximum from m to m', earlier sums
 are rescaled by a = exp(m - m'): s <- a s (so r <- a (1 + r) - 1, the new maximum bringing the
 new 1), s2 <- a^2 s2, and t <- a (t + s (m - m')) because every earlier z_j - m shifts by m - m'.
-A row whose label is ``ignore_index`` runs zero iterations: it is never read, and all its
+A scored row with no finite logit (all -inf) has no distribution: its log-prob, lse, entropy and
+log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes every statistic of its row NaN,
+as on every backend. A row whose label is ``ignore_index`` runs zero iterations: it is never read, and all its
 outputs are 0. Only lse (float32, one per row) is kept for the backward pass.
 """
 
@@ -107,7 +109,9 @@ def _token_stats_fwd_kernel(
 
     # log1p(r) >= 0 and z_y <= m make every log-prob <= 0 by construction. The min() guards z_y
     # against a last-ulp difference between the scalar and the vector evaluation of the transform.
-    log_s = tl.where(scored, log1p(r), 0.0)
+    # A row with no finite logit (m = -inf) has no distribution: log s = NaN makes its log-prob,
+    # lse, entropy and log sum p^2 NaN, where min(NaN, 0) = 0 would have read as probability 1.
+    log_s = tl.where(scored, tl.where(m > neg_inf, log1p(r), float("nan")), 0.0)
     logp = tl.minimum(label_z - m, 0.0) - log_s
     tl.store(logps_ptr + row, tl.where(scored, logp, 0.0))
     tl.store(lse_ptr + row, tl.where(scored, m + log_s, 0.0))

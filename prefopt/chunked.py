@@ -46,16 +46,17 @@ def token_stats_forward(
             is_top1[chunk] = scored & (top.squeeze(-1) == label)
         label_z = z.gather(-1, torch.where(scored, label, 0).unsqueeze(-1)).squeeze(-1)
         m = z.gather(-1, top).squeeze(-1)
-        # A row of -inf logits has no finite maximum; shifting by 0 keeps its sums NaN-free. A NaN
-        # logit wins the argmax: m stays NaN so that the whole row is NaN, as on every backend
-        # (the NaN column itself is scattered out of the sums below).
-        m = torch.where(m == float("-inf"), 0.0, m)
+        # A row of -inf logits has no finite maximum; shifting by 0 keeps its sums NaN-free, and
+        # log s is NaN below (no distribution, as on every backend). A NaN logit wins the argmax:
+        # m stays NaN so that the whole row is NaN (the NaN column is scattered out of the sums).
+        no_finite_logit = m == float("-inf")
+        m = torch.where(no_finite_logit, 0.0, m)
         shifted = z.sub_(m.unsqueeze(-1))
         # The maximum's own term exp(0) = 1 is kept out of the sums, s = 1 + r, so that a
         # peaked row keeps the relative precision of log s = log1p(r) (see the Triton kernel).
         e_rest = shifted.exp().scatter_(-1, top, 0.0)
         r = e_rest.sum(-1)
-        log_s = r.log1p()
+        log_s = torch.where(no_finite_logit, float("nan"), r.log1p())
         logps[chunk] = torch.where(scored, label_z - m - log_s, 0.0)
         lse[chunk] = torch.where(scored, m + log_s, 0.0)
         if entropy is not None:

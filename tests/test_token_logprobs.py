@@ -316,3 +316,19 @@ def test_nan_in_a_scored_row_gives_nan_in_that_row_only(backend, nan_column):
     chosen = prefopt.sequence_logprobs(poisoned.view(2, 2, 37), labels.view(2, 2), backend=backend)
     loss = prefopt.dpo_loss(chosen[:1], chosen[1:], torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE))
     assert torch.isnan(loss.loss)
+
+
+def test_a_scored_row_with_no_finite_logit_is_nan_everywhere(backend):
+    """A scored row of only -inf logits has no distribution: its log-prob, entropy and log sum p^2
+    are NaN on every backend (never 0, which reads as probability 1); its mean logit is the plain
+    mean, -inf. Rows holding some -inf logits are ordinary rows."""
+    logits = random_logits((3, 9), torch.float32)
+    logits[1] = float("-inf")
+    logits[2, :4] = float("-inf")
+    labels = torch.tensor([2, 4, 6], device=DEVICE)
+    for result in stats_of_every_backend(logits, labels, backend):
+        for name in ("logps", "entropy", "log_sum_sq_probs"):
+            value = getattr(result, name).cpu()
+            assert torch.isnan(value[1]), name
+            assert torch.isfinite(value[[0, 2]]).all(), name
+        assert result.mean_logits[1] == float("-inf")
