@@ -26,7 +26,7 @@ import torch
 from . import _validation, distributed, ops
 from ._types import STAT_NAMES, TokenStats
 from .backends import resolve_backend
-from .reference import reference_token_stats, transformed_logits
+from .reference import reference_token_stats, scored_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -105,8 +105,9 @@ def local_token_stats(
                                        softcap=softcap, stats=asked)
         if not with_lse:
             return result, None
-        lse = torch.logsumexp(transformed_logits(logits, temperature, softcap), dim=-1)
-        return result, torch.where(labels != ignore_index, lse, 0.0)
+        scored = labels != ignore_index
+        lse = torch.logsumexp(scored_logits(logits, scored, temperature, softcap), dim=-1)
+        return result, torch.where(scored, lse, 0.0)
     outputs = torch.ops.prefopt.token_stats(
         logits,
         labels.reshape(-1),

@@ -30,6 +30,14 @@ def chain_through_transform_(grad_z: torch.Tensor, logits: torch.Tensor, tempera
     return grad_z.div_(temperature)
 
 
+def scored_logits(logits: torch.Tensor, scored: torch.Tensor, temperature: float,
+                  softcap: float | None) -> torch.Tensor:
+    """:func:`transformed_logits` of ``logits`` [..., V] with the rows where ``scored`` [...] is
+    False replaced by zeros before anything is computed: an ignored row is never read, so NaN or
+    inf there cannot reach its gradient (log_softmax's backward would give 0 * NaN = NaN)."""
+    return transformed_logits(torch.where(scored.unsqueeze(-1), logits, 0.0), temperature, softcap)
+
+
 def reference_token_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -40,9 +48,9 @@ def reference_token_stats(
     stats: frozenset[str],
 ) -> TokenStats:
     """TokenStats of ``logits`` [..., V] at ``labels`` [...], differentiable by autograd."""
-    z = transformed_logits(logits, temperature, softcap)
-    log_p = F.log_softmax(z, dim=-1)
     scored = labels != ignore_index
+    z = scored_logits(logits, scored, temperature, softcap)
+    log_p = F.log_softmax(z, dim=-1)
     safe_labels = torch.where(scored, labels, 0).long().unsqueeze(-1)
 
     def masked(value: torch.Tensor) -> torch.Tensor:

@@ -332,3 +332,23 @@ def test_a_scored_row_with_no_finite_logit_is_nan_everywhere(backend):
             assert torch.isnan(value[1]), name
             assert torch.isfinite(value[[0, 2]]).all(), name
         assert result.mean_logits[1] == float("-inf")
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_ignored_rows_holding_nan_or_inf_get_exact_zero_gradients(backend, softcap):
+    """An ignored row is never read, whatever it holds: its outputs and gradients are exact zeros
+    on every backend, the reference included, for every differentiable statistic."""
+    logits = random_logits((4, 11), torch.float32)
+    logits[1, 3] = float("nan")
+    logits[2] = float("inf")
+    logits[3, 0] = float("-inf")
+    labels = torch.tensor([4, -100, -100, -100], device=DEVICE)
+    for name in (backend, "reference"):
+        leaf = logits.clone().requires_grad_(True)
+        result = prefopt.token_stats(leaf, labels, stats=ALL_STATS, softcap=softcap, backend=name)
+        loss = sum(getattr(result, stat).sum() for stat in NON_BOOL_STATS)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert torch.isfinite(grad[0]).all(), name
+        assert (grad[1:] == 0).all(), name
+        for stat in NON_BOOL_STATS:
+            assert (getattr(result, stat)[1:] == 0).all(), (name, stat)
