@@ -132,7 +132,8 @@ def _check_scores(name: str, scores: object, labels: object, layout: str, labels
         hidden = scores.hidden
         if not isinstance(hidden, Tensor) or hidden.dim() != 3:
             shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
-            raise ValueError(f"{name}.hidden must be a tensor of shape {layout[:-2]}H], got {shape}")
+            # The layout names the logits' [..., V]; the hidden states end in H instead.
+            raise ValueError(f"{name}.hidden must be a tensor of shape {layout.replace('V]', 'H]')}, got {shape}")
         if not isinstance(labels, Tensor):
             raise TypeError(
                 f"{labels_name} must be a torch.Tensor of shape {tuple(hidden.shape[:-1])}, "

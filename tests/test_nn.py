@@ -292,6 +292,10 @@ def test_bad_lm_head_inputs():
             dpo(scores, scored_labels, ref_logps=ref_logps)
     with pytest.raises(ValueError, match="ref_logits.hidden"):
         dpo(LMHeadInput(hidden, weight), labels, ref_logits=LMHeadInput(hidden[:, 1:], weight))
+    # The expected layout reads as the logits' with H for V, whatever text follows the shape.
+    with pytest.raises(ValueError, match=r"^logits\.hidden must be a tensor of shape \[2B, T, H\] \(\[chosen; rejected\]\), "
+                                         r"got \(\d+, \d+\)$"):
+        dpo(LMHeadInput(hidden[0], weight), labels, ref_logps=ref_logps)
 
 
 # ----------------------------------------------------------------------------------------------
