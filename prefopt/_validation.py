@@ -37,6 +37,26 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         )
 
 
+def check_rows_do_not_overlap(logits: torch.Tensor, name: str = "logits") -> None:
+    """The rows of ``logits`` [..., V] lie in distinct memory, as an in-place gradient needs: where
+    rows share elements (an expanded view, stride 0) each row's gradient would overwrite another's.
+
+    Decided from the strides alone: sorted by stride, each dimension must step past everything the
+    smaller-stride dimensions span. That is exact for expanded and sliced views; a layout it cannot
+    prove disjoint is refused too.
+    """
+    span = 1
+    dims = sorted(((stride, size) for size, stride in zip(logits.shape, logits.stride()) if size > 1))
+    for stride, size in dims:
+        if stride < span:
+            raise ValueError(
+                f"{name}: inplace_backward=True needs rows that do not share memory, got shape "
+                f"{tuple(logits.shape)} with strides {tuple(logits.stride())} (an expanded or "
+                "overlapping view); pass a tensor with its own storage per row, or inplace_backward=False"
+            )
+        span += stride * (size - 1)
+
+
 def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str = "labels") -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")

@@ -70,6 +70,8 @@ def token_stats(
     _validation.check_labels(labels, logits)
     _validation.check_transform(temperature, softcap)
     _validation.check_ignore_index(ignore_index)
+    if inplace_backward:
+        _validation.check_rows_do_not_overlap(logits)
     asked = _validation.check_stats(stats, STAT_NAMES)
     backend = resolve_backend(backend, logits.device)
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),

@@ -352,3 +352,16 @@ def test_ignored_rows_holding_nan_or_inf_get_exact_zero_gradients(backend, softc
         assert (grad[1:] == 0).all(), name
         for stat in NON_BOOL_STATS:
             assert (getattr(result, stat)[1:] == 0).all(), (name, stat)
+
+
+def test_inplace_backward_refuses_rows_that_share_memory(backend):
+    """An in-place gradient into rows that share memory (an expanded view, stride 0) would be
+    wrong with no error: it is refused from the strides before any kernel runs, naming logits.
+    Disjoint views (a sliced sequence, a transposed batch) are accepted and exact."""
+    base = random_logits((1, 3, 13), torch.float32).requires_grad_(True)
+    labels = random_labels((4, 3), 13)
+    for shared in (base * 1).expand(4, 3, 13), (base * 1)[:, :1].expand(1, 3, 13):
+        with pytest.raises(ValueError, match=r"^logits: inplace_backward=True .*strides"):
+            prefopt.token_logprobs(shared, labels[: shared.shape[0]], inplace_backward=True, backend=backend)
+    full = random_logits((5, 4, 13), torch.float32)
+    check_against_reference(full[:, :-1].transpose(0, 1), random_labels((3, 5), 13), backend, inplace_backward=True)
