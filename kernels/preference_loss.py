@@ -225,6 +225,14 @@ def _log_odds(x, tiny):
 
 
 @triton.jit
+def _token_count(lengths_ptr, offs, valid, DTYPE: tl.constexpr):
+    """Completion token counts, at least 1 (TRL's clamp: an empty completion counts as one
+    token). A NaN stays NaN, as torch.clamp keeps it: tl.maximum would drop it and count 1."""
+    count = tl.load(lengths_ptr + offs, mask=valid, other=1).to(DTYPE)
+    return tl.where(count < 1.0, 1.0, count)
+
+
+@triton.jit
 def _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN: tl.constexpr, DTYPE: tl.constexpr):
     """Gradient reaching each example's loss: through ``losses`` and through the reduced loss."""
     g = tl.load(grad_losses_ptr + offs, mask=valid, other=0.0).to(DTYPE)
@@ -273,9 +281,8 @@ def _dpo_kernel(
         len_c = tl.full((BLOCK,), 1.0, DTYPE)
         len_r = tl.full((BLOCK,), 1.0, DTYPE)
         if HAS_LENGTHS:
-            # TRL's clamp: an empty completion counts as one token.
-            len_c = tl.maximum(tl.load(chosen_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
-            len_r = tl.maximum(tl.load(rejected_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            len_c = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
+            len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
         loss, dc, dr, dm = _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
                                       KINDS, HAS_LENGTHS, DTYPE)
         if BACKWARD:
@@ -401,7 +408,7 @@ def _cpo_kernel(
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < n
-            lengths = tl.maximum(tl.load(chosen_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            lengths = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
             total_tokens += tl.sum(tl.where(valid, lengths, 0.0), 0)
     zero = tl.zeros((), DTYPE)
     sum_loss = zero
@@ -421,8 +428,8 @@ def _cpo_kernel(
         len_c = tl.full((BLOCK,), 1.0, DTYPE)
         len_r = tl.full((BLOCK,), 1.0, DTYPE)
         if AVERAGED:
-            len_c = tl.maximum(tl.load(chosen_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
-            len_r = tl.maximum(tl.load(rejected_lengths_ptr + offs, mask=valid, other=1).to(DTYPE), 1.0)
+            len_c = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
+            len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
             c = pc / len_c
             r = pr / len_r
         loss, dh = _cpo_terms(c, r, beta, eps, gamma, KIND, DTYPE)

@@ -354,3 +354,17 @@ def test_torch_compile_fullgraph_fused(backend):
         results.append((loss, accuracy, rewards, *torch.autograd.grad(loss, leaves)))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("kind", ["ipo", "sigmoid_norm"])
+def test_a_nan_completion_length_gives_nan_in_that_pair_only(kind, backend):
+    """A NaN length is no length: the pair's loss is NaN as in the reference (torch.clamp keeps
+    NaN), never a loss computed as if the completion held one token; the other pairs are unchanged."""
+    logps = rand_logps(5, torch.float32, seed=31)
+    chosen_lengths, rejected_lengths = (length.float() for length in lengths(5, seed=32))
+    chosen_lengths[2] = float("nan")
+    for name in (backend, "reference"):
+        out = dpo_loss(*[t.to(DEVICE) for t in logps], loss_type=kind, chosen_lengths=chosen_lengths.to(DEVICE),
+                       rejected_lengths=rejected_lengths.to(DEVICE), reduction="none", backend=name)
+        assert torch.isnan(out.losses[2]), name
+        assert torch.isfinite(out.losses[[0, 1, 3, 4]]).all(), name
