@@ -83,9 +83,17 @@ def check_transform(temperature: float, softcap: float | None) -> None:
             raise ValueError(f"softcap: expected None or a finite value > 0, got {softcap}")
 
 
+_INT64 = torch.iinfo(torch.int64)
+
+
 def check_ignore_index(ignore_index: int | None) -> None:
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int or None, got {type(ignore_index).__name__}")
+    # Compared with int64 labels, and passed to the kernels, as a 64-bit integer.
+    if not _INT64.min <= ignore_index <= _INT64.max:
+        raise ValueError(f"ignore_index: expected a 64-bit integer in [{_INT64.min}, {_INT64.max}], got {ignore_index}")
 
 
 def check_stats(stats: Sequence[str], valid: Sequence[str]) -> frozenset[str]:
@@ -97,17 +105,54 @@ def check_stats(stats: Sequence[str], valid: Sequence[str]) -> frozenset[str]:
     return frozenset(stats)
 
 
-def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> None:
-    """Every label is in [0, vocab_size) or equals ignore_index."""
+def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> torch.Tensor:
+    """Every label is in [0, vocab_size) or equals ignore_index.
+
+    Returns the labels to use from here on: ``labels`` itself, except under torch.compile on a
+    CPU, where they come out of the opaque operator ``prefopt::checked_labels`` so that the
+    compiled graph raises eager's ValueError (an asynchronous assertion would raise a
+    RuntimeError there, and a check whose result nothing uses would be dropped from the graph).
+    """
+    if labels.device.type == "cpu" and torch.compiler.is_compiling():
+        return torch.ops.prefopt.checked_labels(labels, vocab_size, ignore_index)
+    if _must_check_asynchronously(labels):
+        torch._assert_async(_labels_in_range(labels, vocab_size, ignore_index).all(),
+                            _label_range_message(vocab_size, ignore_index))
+    else:
+        _raise_on_bad_labels(labels, vocab_size, ignore_index)
+    return labels
+
+
+def _labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> torch.Tensor:
     in_range = (labels >= 0) & (labels < vocab_size)
     if ignore_index is not None:
         in_range |= labels == ignore_index
-    message = f"labels: every label must be in [0, {vocab_size}) or equal ignore_index={ignore_index}"
-    if _must_check_asynchronously(labels):
-        torch._assert_async(in_range.all(), message)
-    elif not bool(in_range.all()):
+    return in_range
+
+
+def _label_range_message(vocab_size: int, ignore_index: int | None) -> str:
+    return f"labels: every label must be in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+
+
+def _raise_on_bad_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> None:
+    """The host check of CPU labels (it reads their values)."""
+    in_range = _labels_in_range(labels, vocab_size, ignore_index)
+    if not bool(in_range.all()):
         bad = labels[~in_range]
-        raise ValueError(f"{message}; found {bad[0].item()} ({bad.numel()} such)")
+        raise ValueError(f"{_label_range_message(vocab_size, ignore_index)}; found {bad[0].item()} ({bad.numel()} such)")
+
+
+@torch.library.custom_op("prefopt::checked_labels", mutates_args=())
+def checked_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> torch.Tensor:
+    """A copy of CPU ``labels`` [...] (int32/int64) once they pass ``check_label_values``'s host
+    check: under torch.compile the downstream kernels read the copy, so the check always runs."""
+    _raise_on_bad_labels(labels, vocab_size, ignore_index)
+    return labels.clone()
+
+
+@checked_labels.register_fake
+def _(labels: torch.Tensor, vocab_size: int, ignore_index: int | None) -> torch.Tensor:
+    return torch.empty_like(labels)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> None:

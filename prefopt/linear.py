@@ -594,7 +594,7 @@ def linear_token_stats(
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
                "logit_scale": float(logit_scale), "backend": backend}
     if process_group is None:
-        _validation.check_label_values(labels, weight.shape[0], ignore_index)
+        labels = _validation.check_label_values(labels, weight.shape[0], ignore_index)
         kernel_ignore_index = NO_IGNORE_INDEX if ignore_index is None else ignore_index
         result, _ = _local_linear_token_stats(hidden, weight, bias, labels, asked, kernel_ignore_index,
                                               with_lse=False, **options)

@@ -77,7 +77,7 @@ def token_stats(
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
                "inplace_backward": bool(inplace_backward), "backend": backend}
     if process_group is None:
-        _validation.check_label_values(labels, logits.shape[-1], ignore_index)
+        labels = _validation.check_label_values(labels, logits.shape[-1], ignore_index)
         kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
         result, _ = local_token_stats(logits, labels, asked, kernel_ignore_index, with_lse=False, **options)
         return result

@@ -21,6 +21,32 @@ def test_label_out_of_range(backend, bad_label):
         prefopt.token_logprobs(logits.cpu(), labels.cpu(), backend=backend)
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("function", ["token_logprobs", "linear_token_logprobs"])
+def test_label_out_of_range_under_torch_compile_on_cpu(compiler, function):
+    """A compiled call on CPU raises eager's ValueError, not the RuntimeError of an assertion."""
+    logits, labels = good_inputs()
+    labels[0, 1] = 11
+    weight = torch.randn(11, 5)
+    calls = {"token_logprobs": lambda: prefopt.token_logprobs(logits.cpu(), labels.cpu(), backend="torch"),
+             "linear_token_logprobs": lambda: prefopt.linear_token_logprobs(torch.randn(2, 3, 5), weight,
+                                                                            labels.cpu(), backend="torch")}
+    torch._dynamo.reset()
+    compiled = torch.compile(calls[function], backend=compiler, fullgraph=True)
+    with pytest.raises(ValueError, match=r"labels: every label must be in \[0, 11\) .* found 11 \(1 such\)"):
+        compiled()
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**70])
+def test_ignore_index_outside_int64(ignore_index):
+    logits, labels = good_inputs()
+    with pytest.raises(ValueError, match=r"^ignore_index: expected a 64-bit integer"):
+        prefopt.token_logprobs(logits, labels, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=r"^ignore_index: expected a 64-bit integer"):
+        prefopt.linear_token_logprobs(torch.randn(2, 3, 5, device=DEVICE), torch.randn(11, 5, device=DEVICE),
+                                      labels, ignore_index=ignore_index)
+
+
 def test_label_equal_to_ignore_index_is_fine():
     logits, labels = good_inputs()
     labels[0, 0] = 99
