@@ -26,7 +26,7 @@ import torch
 from . import _validation, distributed, ops
 from ._types import STAT_NAMES, TokenStats
 from .backends import resolve_backend
-from .reference import reference_token_stats, scored_logits
+from .reference import reference_token_stats, scored_logits, transformed_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -218,31 +218,101 @@ def reduce_sequences(logps: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return sums / counts.clamp_min(1).to(sums.dtype)
 
 
+# Positions TRL's row_mask switches off take a label no index can hold, and are ignored as such.
+MASKED_LABEL = torch.iinfo(torch.int64).min
+
+
+def row_mask_labels(index: torch.Tensor, row_mask: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+    """TRL's row-mask rule, the one prefopt's ``selective_log_softmax`` and its TRL integration
+    share: (labels, ignore_index) for an ``index`` [...] or [..., K] and an optional ``row_mask``
+    of the same shape and any dtype (TRL's trainers pass the integer completion mask), zero where
+    a position is switched off (as TRL's ``masked_fill(row_mask == 0, 0)``; a NaN is not zero)."""
+    if row_mask is None:
+        return index, None
+    if not isinstance(row_mask, torch.Tensor):
+        raise TypeError(f"row_mask: expected a torch.Tensor or None, got {type(row_mask).__name__}")
+    if row_mask.shape != index.shape:
+        raise ValueError(f"row_mask: expected shape {tuple(index.shape)} (index.shape), got {tuple(row_mask.shape)}")
+    if row_mask.device != index.device:
+        raise ValueError(f"row_mask: expected a tensor on {index.device} like index, got {row_mask.device}")
+    return torch.where(row_mask != 0, index.long(), MASKED_LABEL), MASKED_LABEL
+
+
+def selective_output_dtype(logits: torch.Tensor) -> torch.dtype:
+    """TRL's output dtype: float64 for float64 logits (computed in float64), else float32 (what its
+    fused kernel returns on a GPU; on a CPU TRL returns bf16/fp16 logits' own dtype)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def selective_backend(logits: torch.Tensor, backend: str) -> str:
+    """The backend for TRL's semantics: "reference", the one that computes in float64, for
+    float64 logits (as TRL does, materializing the log-softmax); else ``backend``."""
+    return "reference" if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64 else backend
+
+
+def selective_logprobs(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float,
+    row_mask: torch.Tensor | None,
+    *,
+    backend: str,
+) -> torch.Tensor:
+    """TRL 1.16's ``selective_log_softmax`` on ``backend``: see :func:`selective_log_softmax`."""
+    _validation.check_logits(logits)
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
+    backend = selective_backend(logits, backend)
+    labels, ignore_index = row_mask_labels(index, row_mask)
+    if index.dim() != logits.dim():
+        logps = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, backend=backend)
+        return logps.to(selective_output_dtype(logits))
+    # Top-K: index [..., K]. One pass gives each row's log-sum-exp; the K log-probs are the
+    # gathered logits minus it. A row is scored where any of its K positions is.
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"index: expected an int64 or int32 tensor, got {index.dtype}")
+    if index.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"index: expected shape [{', '.join(map(str, logits.shape[:-1]))}] or "
+                         f"{tuple(logits.shape[:-1])} + (K,), got {tuple(index.shape)}")
+    if index.device != logits.device:
+        raise ValueError(f"index: expected a tensor on {logits.device} like logits, got {index.device}")
+    _validation.check_transform(temperature, None)
+    labels = _validation.check_label_values(labels, logits.shape[-1], ignore_index)
+    kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
+    scored = labels != kernel_ignore_index
+    # The largest label of a row is one of its scored ones, or MASKED_LABEL when none is.
+    row_labels = labels.amax(-1) if labels.shape[-1] else labels.new_full(labels.shape[:-1], kernel_ignore_index)
+    _, lse = local_token_stats(logits, row_labels, frozenset(), kernel_ignore_index, temperature=float(temperature),
+                               softcap=None, inplace_backward=False, backend=resolve_backend(backend, logits.device),
+                               with_lse=True)
+    z = transformed_logits(logits.gather(-1, torch.where(scored, labels, 0).long()), float(temperature), None)
+    # z_y <= max z <= lse makes every log-prob <= 0; the clamp keeps it so through a last-ulp
+    # difference between this z_y and the kernel's evaluation of the same transform.
+    logps = (z - lse.unsqueeze(-1).to(z.dtype)).clamp_max(0.0)
+    return torch.where(scored, logps, 0.0).to(selective_output_dtype(logits))
+
+
 def selective_log_softmax(
     logits: torch.Tensor,
     index: torch.Tensor,
     temperature: float = 1.0,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Drop-in for TRL's ``selective_log_softmax``: log_softmax(logits / temperature) gathered at
-    ``index``, with no ignore_index (every index must be in [0, V)).
+    """Drop-in for TRL 1.16's ``selective_log_softmax``: log_softmax(logits / temperature)
+    gathered at ``index``, with no ignore_index (every index not masked off must be in [0, V)).
 
     Args:
-        logits: [..., V] float logits; index: [...] int64/int32 in [0, V).
+        logits: [..., V] float logits.
+        index: [...] int64/int32 (one log-prob per position), or [..., K] (K per position, e.g.
+            top-K), in [0, V).
         temperature: > 0.
-        row_mask: optional [...] bool; positions where it is False are not computed (their
-            index is not checked, they give 0 and receive 0 gradient).
+        row_mask: optional mask of ``index``'s shape and any dtype (bool, or TRL's integer
+            completion mask): where it is 0 the position is not computed (its index is not
+            checked, it gives 0 and receives 0 gradient).
 
     Returns:
-        [...] float32 log-probs.
+        log-probs of ``index``'s shape: float64 for float64 logits (computed in float64, by the
+        reference backend, as TRL does), else float32 (TRL's fused GPU kernel's dtype; TRL's CPU
+        path returns bf16/fp16 for bf16/fp16 logits, prefopt keeps float32).
     """
-    if row_mask is None:
-        return token_logprobs(logits, index, ignore_index=None, temperature=temperature)
-    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-        raise TypeError(f"row_mask: expected a bool tensor, got {getattr(row_mask, 'dtype', type(row_mask).__name__)}")
-    if row_mask.shape != index.shape:
-        raise ValueError(f"row_mask: expected shape {tuple(index.shape)} (index.shape), got {tuple(row_mask.shape)}")
-    # Masked-out positions take a value no index in range can have, and are ignored as such.
-    masked = torch.iinfo(torch.int64).min
-    masked_index = torch.where(row_mask, index.long(), masked)
-    return token_logprobs(logits, masked_index, ignore_index=masked, temperature=temperature)
+    return selective_logprobs(logits, index, temperature, row_mask, backend="auto")

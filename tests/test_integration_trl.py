@@ -306,12 +306,29 @@ def test_selective_log_softmax_and_entropy_matches_trl(entropy_requires_grad):
     assert relative_error(gradient, trl_gradient) <= 1e-5
 
 
-def test_top_k_index_stays_trls():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_index_and_integer_row_mask_match_trl(dtype):
+    """The trainers' top-K index [..., K] with their integer mask goes through prefopt too, with
+    TRL's values, gradient and output dtype (float64 stays float64)."""
     logits, _ = logits_and_index()
+    logits = logits.detach().to(dtype).requires_grad_(True)
     top_k = logits.detach().topk(4, dim=-1).indices
+    row_mask = (torch.arange(60).view(3, 5, 4) % 3 != 0).long()
+    upstream = torch.randn(3, 5, 4, dtype=dtype)
+
+    def run(function):
+        logits.grad = None
+        logps = function(logits, top_k, 0.7, row_mask)
+        (logps * upstream).sum().backward()
+        return logps, logits.grad.clone()
+
+    trl_logps, trl_gradient = run(TRL_ORIGINALS["selective_log_softmax"])
     prefopt_trl.enable(backend="torch")
-    assert torch.equal(trl_utils.selective_log_softmax(logits, top_k),
-                       TRL_ORIGINALS["selective_log_softmax"](logits, top_k))
+    logps, gradient = run(trl_utils.selective_log_softmax)
+    assert logps.dtype == trl_logps.dtype == dtype
+    assert (logps[row_mask == 0] == 0).all()
+    assert relative_error(logps, trl_logps) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert relative_error(gradient, trl_gradient) <= (1e-12 if dtype == torch.float64 else 1e-5)
 
 
 # ----------------------------------------------------------------------------- enable / disable

@@ -90,3 +90,27 @@ def test_selective_log_softmax_row_mask():
     assert torch.equal(result[row_mask], expected[row_mask])
     (grad,) = torch.autograd.grad(result.sum(), logits)
     assert (grad[~row_mask] == 0).all()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.float32])
+@pytest.mark.parametrize("top_k", [False, True])
+def test_selective_log_softmax_is_trls_drop_in(backend, mask_dtype, top_k):
+    """TRL 1.16's semantics: a row_mask of any dtype (its trainers pass the integer completion
+    mask; 0 switches a position off), an index [...] or top-K [..., K], float32 out (float64 for
+    float64 logits, computed in float64). Masked positions give 0 and exact zero gradients."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    for dtype in (torch.float32, torch.float64):
+        logits = random_logits((2, 5, 23), dtype).requires_grad_(True)
+        index = logits.detach().topk(3, dim=-1).indices if top_k else torch.randint(0, 23, (2, 5), device=DEVICE)
+        row_mask = (torch.rand(index.shape, device=DEVICE) < 0.6).to(mask_dtype)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PREFOPT_BACKEND", backend)
+            result = prefopt.selective_log_softmax(logits, index, 0.8, row_mask=row_mask)
+        expected = trl_utils.selective_log_softmax(logits.detach().cpu().double(), index.cpu(), 0.8,
+                                                   row_mask=row_mask.cpu())
+        assert result.dtype == dtype and result.shape == index.shape
+        assert relative_error(result, expected) <= (1e-12 if dtype == torch.float64 else 1e-5)
+        assert (result[row_mask == 0] == 0).all()
+        (grad,) = torch.autograd.grad(result.sum(), logits)
+        if not top_k:
+            assert (grad[row_mask == 0] == 0).all()

@@ -17,10 +17,11 @@ What ``enable()`` replaces, while it is on:
   row, and it scatters the results back and zeroes ignored positions itself. As in TRL, gradients
   flow through the log-probs and the entropy; log sum p^2, the mean logit and is-top-1 carry none.
 - ``trl.trainer.utils.selective_log_softmax`` and ``selective_log_softmax_and_entropy``, in every
-  TRL module that imported them by name: ``prefopt.token_logprobs`` / ``prefopt.token_stats`` on
-  the logits. The top-K form (an index with a trailing K dimension) stays TRL's own.
+  TRL module that imported them by name: ``prefopt.selective_log_softmax`` (top-K index and
+  row_mask of any dtype included) / ``prefopt.token_stats`` on the logits, with one row-mask rule
+  (``prefopt.logprobs.row_mask_labels``). The top-K form of ``..._and_entropy`` stays TRL's own.
 
-Outputs are float32, as from TRL's GPU kernels. TRL's metrics keep their names; their values agree
+Outputs are float32, as from TRL's GPU kernels (float64 for float64 logits, as TRL). TRL's metrics keep their names; their values agree
 with TRL's to float32 rounding (in bfloat16, prefopt keeps the logits in float32 where TRL rounds
 each logits tile to bfloat16, so the two differ at bfloat16 rounding). TRL's ``chunk_size`` is not
 used: prefopt sizes its own tiles. DeepSpeed ZeRO-3 is refused with an error, since prefopt's
@@ -42,7 +43,7 @@ import torch
 
 from .._types import STAT_NAMES
 from ..backends import BACKEND_CHOICES
-from ..logprobs import token_logprobs, token_stats
+from ..logprobs import row_mask_labels, selective_backend, selective_logprobs, selective_output_dtype, token_stats
 from .transformers import lm_head_token_stats
 
 Tensor = torch.Tensor
@@ -50,9 +51,6 @@ Tensor = torch.Tensor
 SUPPORTED_TRL_VERSIONS = ">=1.16.0,<1.17"
 # The module whose globals TRL's fused LM head and trainers read the replaced names from.
 _TRL_UTILS = "trl.trainer.utils"
-# Positions TRL's row_mask switches off take a label no index can hold, and are ignored as such.
-_MASKED_LABEL = torch.iinfo(torch.int64).min
-
 _originals: dict[str, Any] = {}
 _backend = "auto"
 _enabled = False
@@ -112,14 +110,6 @@ class _FusedLMHeadLogProbs:
                 without_gradient(result.mean_logits), result.is_top1)
 
 
-def _scored_labels(index: Tensor, row_mask: Tensor | None) -> tuple[Tensor, int | None]:
-    """(labels, ignore_index) for prefopt from TRL's index and optional row_mask (bool or integer;
-    zero switches a position off)."""
-    if row_mask is None:
-        return index, None
-    return torch.where(row_mask != 0, index.long(), _MASKED_LABEL), _MASKED_LABEL
-
-
 def _has_top_k(logits: Tensor, index: Tensor) -> bool:
     return isinstance(index, torch.Tensor) and isinstance(logits, torch.Tensor) and index.dim() == logits.dim()
 
@@ -130,19 +120,10 @@ def selective_log_softmax(
     temperature: float = 1.0,
     row_mask: Tensor | None = None,
 ) -> Tensor:
-    """TRL's ``selective_log_softmax`` through prefopt: log softmax(logits / temperature) at index.
-
-    Args:
-        logits: [..., V]; index: [...] int64/int32 in [0, V) (an index [..., K] goes to TRL's own
-            function); row_mask: optional [...] bool or integer, zero where a position is skipped.
-
-    Returns:
-        [...] float32 log-probs, 0 where row_mask is zero.
-    """
-    if _has_top_k(logits, index):
-        return _originals["selective_log_softmax"](logits, index, temperature, row_mask)
-    labels, ignore_index = _scored_labels(index, row_mask)
-    return token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, backend=_backend)
+    """TRL's ``selective_log_softmax`` through prefopt: ``prefopt.selective_log_softmax`` (the
+    same semantics: index [...] or top-K [..., K], row_mask of any dtype, float64 kept) on the
+    backend given to :func:`enable`."""
+    return selective_logprobs(logits, index, temperature, row_mask, backend=_backend)
 
 
 def selective_log_softmax_and_entropy(
@@ -156,20 +137,24 @@ def selective_log_softmax_and_entropy(
 
     Args:
         logits: [..., V]; index: [...] int64/int32 in [0, V) (an index [..., K] goes to TRL's own
-            function); row_mask: optional [...] bool or integer, zero where a position is skipped.
+            function); row_mask: optional mask of index's shape and any dtype, zero where a
+            position is skipped (``prefopt.logprobs.row_mask_labels``, the rule
+            ``selective_log_softmax`` uses too).
         entropy_requires_grad: False detaches the entropy.
         temperature: > 0; the softmax is over logits / temperature.
 
     Returns:
-        (logps, entropy), each [...] float32, 0 where row_mask is zero.
+        (logps, entropy), each [...], 0 where row_mask is zero: float64 for float64 logits, else
+        float32, as ``selective_log_softmax``.
     """
     if _has_top_k(logits, index):
         return _originals["selective_log_softmax_and_entropy"](logits, index, entropy_requires_grad, temperature,
                                                                row_mask)
-    labels, ignore_index = _scored_labels(index, row_mask)
+    labels, ignore_index = row_mask_labels(index, row_mask)
     result = token_stats(logits, labels, stats=("entropy",), ignore_index=ignore_index, temperature=temperature,
-                         backend=_backend)
-    return result.logps, result.entropy if entropy_requires_grad else result.entropy.detach()
+                         backend=selective_backend(logits, _backend))
+    logps, entropy = (value.to(selective_output_dtype(logits)) for value in (result.logps, result.entropy))
+    return logps, entropy if entropy_requires_grad else entropy.detach()
 
 
 # Name in trl.trainer.utils -> prefopt's stand-in. The fused LM head looks _ChunkedLogProbFunction
