@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _validation
 from ._types import TokenStats
 
 if TYPE_CHECKING:
@@ -86,7 +85,8 @@ def _labels_checksum(labels: Tensor, ignore_index: int | None) -> Tensor:
 def vocab_shard(process_group: object, local_vocab: int, labels: Tensor, ignore_index: int | None,
                 stats: frozenset[str], dtype: torch.dtype, *, what: str, hidden_size: int = 0) -> VocabShard:
     """This rank's vocabulary slice, from one all-gather of every rank's shard size, checked for
-    consistency across the group; then the label values against the global vocabulary.
+    consistency across the group. The caller then checks the label values against the global
+    vocabulary, ``shard.vocab_size``, and goes on with the labels that check returns.
 
     Args:
         process_group: the group the vocabulary is split over.
@@ -123,9 +123,7 @@ def vocab_shard(process_group: object, local_vocab: int, labels: Tensor, ignore_
                                  f"are split over the vocabulary); rank {rank} differs from rank 0")
     rank = dist.get_rank(process_group)
     start = sum(sizes[:rank])
-    shard = VocabShard(start, start + sizes[rank], sum(sizes), process_group)
-    _validation.check_label_values(labels, shard.vocab_size, ignore_index)
-    return shard
+    return VocabShard(start, start + sizes[rank], sum(sizes), process_group)
 
 
 def local_labels(labels: Tensor, ignore_index: int | None, shard: VocabShard) -> Tensor:

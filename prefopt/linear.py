@@ -601,6 +601,7 @@ def linear_token_stats(
         return result
     shard = distributed.vocab_shard(process_group, weight.shape[0], labels, ignore_index, asked, hidden.dtype,
                                     what="weight and bias", hidden_size=hidden.shape[-1])
+    labels = _validation.check_label_values(labels, shard.vocab_size, ignore_index)
     local, lse = _local_linear_token_stats(
         distributed.replicated(hidden, shard), weight, bias, distributed.local_labels(labels, ignore_index, shard),
         asked, distributed.LOCAL_IGNORE_INDEX, with_lse=True, **options)

@@ -83,6 +83,7 @@ def token_stats(
         return result
     shard = distributed.vocab_shard(process_group, logits.shape[-1], labels, ignore_index, asked, logits.dtype,
                                     what="logits")
+    labels = _validation.check_label_values(labels, shard.vocab_size, ignore_index)
     local, lse = local_token_stats(logits, distributed.local_labels(labels, ignore_index, shard), asked,
                                     distributed.LOCAL_IGNORE_INDEX, with_lse=True, **options)
     return distributed.combine(local, lse, labels, ignore_index, shard)
