@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -93,37 +91,22 @@ def triton_kernel_resources(kernel) -> dict[str, dict[str, int]] | str:
     return found
 
 
-def cuobjdump() -> str | None:
-    """cuobjdump on PATH or in the CUDA toolkit, else the one Triton's wheel carries."""
-    from prefopt import cuda_ext
-
-    toolkit, _ = cuda_ext.find_cuda_toolkit()
-    candidates = [shutil.which("cuobjdump"), toolkit and str(toolkit / "bin" / "cuobjdump")]
-    try:
-        import triton
-
-        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in candidates if c and os.path.isfile(c)), None)
-
-
 def cuda_kernel_resources(library: str) -> dict[str, dict[str, int]] | str:
-    """Registers, spill (local memory) bytes and static shared memory of the sm_90 kernels of the
-    built extension, by mangled name; or why they could not be read."""
-    tool = cuobjdump()
-    if tool is None:
-        return "no cuobjdump found"
-    listing = subprocess.run([tool, "-res-usage", "-arch", "sm_90", library], capture_output=True, text=True)
+    """Registers, spill (local memory) bytes and shared memory of the sm_90 token-statistics
+    kernels of the built extension, by mangled name; or why they could not be read. The tools
+    and the parser are the static report's (benches/kernel_report.py)."""
+    import kernel_report
+
+    tools = kernel_report.find_tools()
+    if tools.cuobjdump is None:
+        return tools.missing["cuobjdump"]
+    listing = subprocess.run([tools.cuobjdump, "-res-usage", "-arch", "sm_90", library], capture_output=True,
+                             text=True)
     if listing.returncode != 0:
         return f"cuobjdump -res-usage failed: {listing.stderr.strip()[:200]}"
-    found = {}
-    for name, usage in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", listing.stdout):
-        fields = dict(re.findall(r"(\w+):(\d+)", usage))
-        if "token_stats" in name:
-            found[name] = {"registers": int(fields.get("REG", 0)), "spill_bytes": int(fields.get("LOCAL", 0)),
-                           "shared_bytes": int(fields.get("SHARED", 0))}
-    return found
+    return {name: {"registers": fields.get("REG", 0), "spill_bytes": fields.get("LOCAL", 0),
+                   "shared_bytes": fields.get("SHARED", 0)}
+            for name, fields in kernel_report.parse_res_usage(listing.stdout).items() if "token_stats" in name}
 
 
 def time_launch(launch: Callable[[int], None], sets: int, calls: int, device: torch.device) -> list[float]:
