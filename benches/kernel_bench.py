@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     environment["skipped"] = skipped
     if device.type == "cuda":
         from prefopt import cuda_ext
-        from prefopt.kernels.token_logprobs_bwd import _token_stats_bwd_kernel
-        from prefopt.kernels.token_logprobs_fwd import _token_stats_fwd_kernel
+        from prefopt.kernels.token_stats_bwd import _token_stats_bwd_kernel
+        from prefopt.kernels.token_stats_fwd import _token_stats_fwd_kernel
 
         environment["triton_resources"] = {"forward": triton_kernel_resources(_token_stats_fwd_kernel),
                                            "backward": triton_kernel_resources(_token_stats_bwd_kernel)}

@@ -44,7 +44,7 @@ entropy and all statistics.
   ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, what the JIT does on an
   H100/H200 (Triton emits sm_90a).
 - CUDA C++ (backend ``cuda``): ``nvcc -arch=sm_90 -cubin -Xptxas -v -O3 -I csrc`` on
-  csrc/token_logprobs_fwd.cu and csrc/token_logprobs_bwd.cu (the toolkit only, no torch; the
+  csrc/token_stats_fwd.cu and csrc/token_stats_bwd.cu (the toolkit only, no torch; the
   extension's own flags add torch's -D defines, which gave the same SASS with nvcc 13.0). The
   templates' instances for bf16 and float are reported; their statistics are template levels
   (forward: log-prob only, + entropy, all) and, in the backward, run-time null pointers (one
@@ -494,7 +494,7 @@ def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: floa
 
     from prefopt import linear
     from prefopt._layout import row_blocks
-    from prefopt.kernels import token_logprobs_fwd
+    from prefopt.kernels import token_stats_fwd
 
     if layout == "bf16":
         logits, rows = _meta(TOKENS, vocab, dtype=torch.bfloat16), TOKENS
@@ -508,12 +508,12 @@ def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: floa
         asked = name in ("logps", "lse") or name in stats
         return _meta(rows, dtype=torch.bool if name == "is_top1" else torch.float32) if asked else None
 
-    with _recording(token_logprobs_fwd, "_token_stats_fwd_kernel") as recorder:
+    with _recording(token_stats_fwd, "_token_stats_fwd_kernel") as recorder:
         for block, first in blocks:
             count = math.prod(block.shape[:-1])
             outputs = [output(name) for name in ("logps", "lse", "entropy", "mean_logits", "log_sum_sq_probs",
                                                  "is_top1")]
-            token_logprobs_fwd.token_stats_forward(
+            token_stats_fwd.token_stats_forward(
                 block, _meta(first + count, dtype=torch.int64)[first:], *outputs,
                 ignore_index=IGNORE_INDEX, temperature=1.0, softcap=softcap)
     return recorder.launches
@@ -526,7 +526,7 @@ def _record_backward(layout: str, vocab: int, stats: Sequence[str], softcap: flo
 
     from prefopt import linear
     from prefopt._layout import row_blocks
-    from prefopt.kernels import token_logprobs_bwd
+    from prefopt.kernels import token_stats_bwd
 
     def row_vector(name: str | None = None):
         return _meta(TOKENS, dtype=torch.float32) if name is None or name in stats else None
@@ -537,20 +537,20 @@ def _record_backward(layout: str, vocab: int, stats: Sequence[str], softcap: flo
         grad_logps=row_vector(), grad_entropy=row_vector("entropy"), grad_mean_logits=row_vector("mean_logits"),
         grad_log_sum_sq_probs=row_vector("log_sum_sq_probs"))
     options = dict(ignore_index=IGNORE_INDEX, temperature=1.0, softcap=softcap)
-    with _recording(token_logprobs_bwd, "_token_stats_bwd_kernel") as recorder:
+    with _recording(token_stats_bwd, "_token_stats_bwd_kernel") as recorder:
         if layout == "bf16":
             logits = _meta(TOKENS, vocab, dtype=torch.bfloat16)
             grad_rows = torch.empty_like(logits).view(-1, vocab)
             for block, first in row_blocks(logits, 2):
                 rows = slice(first, first + math.prod(block.shape[:-1]))
                 sliced = {name: None if t is None else t[rows] for name, t in per_row.items()}
-                token_logprobs_bwd.token_stats_backward(block, grad_rows[rows].view(block.shape), **sliced, **options)
+                token_stats_bwd.token_stats_backward(block, grad_rows[rows].view(block.shape), **sliced, **options)
         else:
             # linear._tiled_backward: tiles of GEMM_TILE_BYTES // (4 rows) columns, in place.
             columns = max(1, linear.GEMM_TILE_BYTES // (4 * TOKENS))
             for start in range(0, vocab, columns):
                 tile = _meta(TOKENS, min(columns, vocab - start), dtype=torch.float32).unsqueeze(0)
-                token_logprobs_bwd.token_stats_backward(tile, tile, **per_row, **options, column_offset=start,
+                token_stats_bwd.token_stats_backward(tile, tile, **per_row, **options, column_offset=start,
                                                         softmax_size=vocab)
     return recorder.launches
 
@@ -615,12 +615,12 @@ class _TritonPlan:
 
 def _triton_plans(selected: Callable[[str], bool]) -> list[_TritonPlan]:
     """The selected variants, in report order."""
-    from prefopt.kernels import token_logprobs_bwd, token_logprobs_fwd
+    from prefopt.kernels import token_stats_bwd, token_stats_fwd
 
     plans = []
     for direction, module, kernel, stats_table, record, grad_arg, has_loop in (
-            ("forward", token_logprobs_fwd, "_token_stats_fwd_kernel", FORWARD_STATS, _record_forward, None, True),
-            ("backward", token_logprobs_bwd, "_token_stats_bwd_kernel", BACKWARD_STATS, _record_backward,
+            ("forward", token_stats_fwd, "_token_stats_fwd_kernel", FORWARD_STATS, _record_forward, None, True),
+            ("backward", token_stats_bwd, "_token_stats_bwd_kernel", BACKWARD_STATS, _record_backward,
              "grad_ptr", False)):
         for layout in LAYOUTS:
             for stats in [*stats_table, *(f"{s},softcap" for s in SOFTCAP_STATS)]:
@@ -728,7 +728,7 @@ class CudaKernel:
 
 # Itanium-mangled template arguments: the element type, then the statistics level / softcap flag.
 _MANGLED_TYPE = {"bf16": ("13__nv_bfloat16", 2), "fp32tile": ("f", 4)}
-_CUDA_STATS_LEVEL = {"logps": 0, "entropy": 1, "all": 2}  # token_logprobs_fwd.cu's StatsLevel
+_CUDA_STATS_LEVEL = {"logps": 0, "entropy": 1, "all": 2}  # token_stats_fwd.cu's StatsLevel
 
 
 def cuda_kernels() -> list[CudaKernel]:
@@ -738,17 +738,17 @@ def cuda_kernels() -> list[CudaKernel]:
         for stats, level in _CUDA_STATS_LEVEL.items():
             for softcap in (False, True):
                 kernels.append(CudaKernel(
-                    "token_logprobs_fwd.cu", "token_stats_forward_kernel",
+                    "token_stats_fwd.cu", "token_stats_forward_kernel",
                     f"{layout},{stats}" + (",softcap" if softcap else ""),
                     re.compile(rf"token_stats_forward_kernelI{mangled}Li{level}ELb{int(softcap)}EE"), size, size,
                     "any V (run-time); 'all': any of mean, sum_sq, top1 (they share one level)"))
-    kernels.append(CudaKernel("token_logprobs_fwd.cu", "token_stats_combine_kernel", "split-V",
+    kernels.append(CudaKernel("token_stats_fwd.cu", "token_stats_combine_kernel", "split-V",
                               re.compile(r"token_stats_combine_kernel"), None, None,
                               "merges split-V partial states, one thread per row: no per-element work"))
     for layout, (mangled, size) in _MANGLED_TYPE.items():
         for softcap in (False, True):
             kernels.append(CudaKernel(
-                "token_logprobs_bwd.cu", "token_stats_backward_kernel", layout + (",softcap" if softcap else ""),
+                "token_stats_bwd.cu", "token_stats_backward_kernel", layout + (",softcap" if softcap else ""),
                 re.compile(rf"token_stats_backward_kernelI{mangled}Lb{int(softcap)}EE"), size, 2 * size,
                 "any V (run-time); statistics chosen at run time: one kernel for every combination"))
     return kernels

@@ -1,6 +1,6 @@
 """Triton kernels of prefopt, installed as ``prefopt.kernels``. Importing this module needs Triton."""
 
-from .token_logprobs_bwd import token_stats_backward
-from .token_logprobs_fwd import token_stats_forward
+from .token_stats_bwd import token_stats_backward
+from .token_stats_fwd import token_stats_forward
 
 __all__ = ["token_stats_backward", "token_stats_forward"]

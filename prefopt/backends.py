@@ -44,7 +44,7 @@ def triton_interpreting() -> bool:
         return False
     import triton.language as tl
 
-    from .kernels.token_logprobs_fwd import _token_stats_fwd_kernel
+    from .kernels.token_stats_fwd import _token_stats_fwd_kernel
 
     return _interpreted(_token_stats_fwd_kernel) and _interpreted(tl.cdiv)
 
@@ -77,7 +77,7 @@ def _mixed_interpreter_state() -> bool:
     the kernels would fail inside the interpreter."""
     import triton.language as tl
 
-    from .kernels.token_logprobs_fwd import _token_stats_fwd_kernel
+    from .kernels.token_stats_fwd import _token_stats_fwd_kernel
 
     return _interpreted(_token_stats_fwd_kernel) != _interpreted(tl.cdiv)
 

@@ -39,7 +39,7 @@ from .backends import BackendUnavailableError
 from .fused_losses import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
 
 EXTENSION_NAME = "prefopt_cuda"
-SOURCES = ("binding.cpp", "token_logprobs_fwd.cu", "token_logprobs_bwd.cu", "preference_loss.cu")
+SOURCES = ("binding.cpp", "token_stats_fwd.cu", "token_stats_bwd.cu", "preference_loss.cu")
 HEADERS = ("prefopt_csrc.h", "token_stats_common.cuh")
 ARCHITECTURES = ("80", "90")
 # -O3 with IEEE-accurate math: no --use_fast_math. The kernels call __expf where an approximate

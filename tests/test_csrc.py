@@ -116,13 +116,13 @@ def compiled(tmp_path_factory):
 
 
 def test_there_are_kernel_sources():
-    assert {source.name for source in KERNEL_SOURCES} >= {"token_logprobs_fwd.cu", "token_logprobs_bwd.cu",
+    assert {source.name for source in KERNEL_SOURCES} >= {"token_stats_fwd.cu", "token_stats_bwd.cu",
                                                          "preference_loss.cu"}
 
 
 # The log-prob kernels, whose layouts count on four resident blocks per SM. The loss kernels run
 # as one block per launch and may use every register they need.
-RESIDENT_BLOCKS_SOURCES = ("token_logprobs_fwd.cu", "token_logprobs_bwd.cu")
+RESIDENT_BLOCKS_SOURCES = ("token_stats_fwd.cu", "token_stats_bwd.cu")
 
 
 @needs_nvcc
@@ -337,7 +337,7 @@ int main() {
 @needs_nvcc
 def test_c_abi_links_into_a_plain_program_and_rejects_bad_arguments(compiled, tmp_path):
     objects = []
-    for source in ("token_logprobs_fwd.cu", "token_logprobs_bwd.cu", "preference_loss.cu"):
+    for source in ("token_stats_fwd.cu", "token_stats_bwd.cu", "preference_loss.cu"):
         returncode, output, obj = compiled[source]
         assert returncode == 0, output
         objects.append(str(obj))

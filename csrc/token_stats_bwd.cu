@@ -1,5 +1,5 @@
 // Backward: the gradient of the per-token outputs with respect to the raw logits, written once
-// (the CUDA twin of kernels/token_logprobs_bwd.py; the results must agree).
+// (the CUDA twin of kernels/token_stats_bwd.py; the results must agree).
 //
 // With p = softmax(z), the saved lse (so log p_j = z_j - lse), and the upstream gradients
 // g (log p_y), g_H (entropy H), g_mu (mean logit), g_S (log S, S = sum p^2):

@@ -1,5 +1,5 @@
 // Forward: per-token log-probability of the label, and optional softmax statistics, in one pass
-// over the logits (the CUDA twin of kernels/token_logprobs_fwd.py; the results must agree).
+// over the logits (the CUDA twin of kernels/token_stats_fwd.py; the results must agree).
 //
 // For a row of transformed logits z (z = softcap(x) / T) and its label y, each thread folds the
 // elements it reads into a running state relative to its running maximum m:
