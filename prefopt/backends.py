@@ -1,20 +1,31 @@
-"""Which backend runs a call, and why another one cannot.
+"""Which backend runs a call, and why another one cannot: the one place a backend is chosen.
 
 Backends: ``"triton"`` (the fused kernels in ``prefopt.kernels``), ``"cuda"`` (the CUDA C++
 extension), ``"torch"`` (the chunked PyTorch fallback, any device), ``"reference"`` (plain
 PyTorch, the float64-capable oracle). ``"auto"`` takes the fastest that can run on the tensor's
 device; the ``PREFOPT_BACKEND`` environment variable, when set, replaces ``"auto"``.
+
+Each operator family asks :func:`resolve` with its own name (:data:`OPS`): the per-token
+statistics of logits (``"token_stats"``), of hidden states and an LM head (``"linear"``), and
+the preference losses (``"loss"``, which have fused kernels and the reference only).
 """
 
 import functools
 import importlib
 import os
 import re
+from types import ModuleType
 
 import torch
 
 BACKENDS = ("triton", "cuda", "torch", "reference")
 BACKEND_CHOICES = ("auto", *BACKENDS)
+OPS = ("token_stats", "linear", "loss")
+# The fused kernels' backends; a loss has no chunked "torch" form.
+FUSED_BACKENDS = ("triton", "cuda")
+LOSS_BACKEND_CHOICES = ("auto", *FUSED_BACKENDS, "reference")
+# The dtypes the fused loss kernels read (their arithmetic is float32 or float64 as given).
+LOSS_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ENV_VARIABLE = "PREFOPT_BACKEND"
 
 
@@ -140,3 +151,66 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run on {device.type}: {reason}")
     return backend
+
+
+def resolve(op: str, backend: object, device: torch.device, dtype: torch.dtype, *,
+            unfused: str | None = None) -> str:
+    """The concrete backend that runs operator family ``op`` (one of :data:`OPS`) on tensors of
+    ``device`` and ``dtype``: checks a named backend, chooses for ``"auto"``.
+
+    - ``"token_stats"``: any of :data:`BACKENDS`.
+    - ``"linear"``: the same; the fused kernels read bf16/fp16/fp32 hidden states, so ``"auto"``
+      on float64 takes ``"torch"`` and a named ``"triton"``/``"cuda"`` raises ``TypeError``.
+    - ``"loss"``: :data:`LOSS_BACKEND_CHOICES`; ``"auto"`` takes the fused kernel of the backend
+      ``"token_stats"`` would pick when that kernel can run, else ``"reference"``. ``unfused``
+      says why no fused kernel can compute this particular call (None when one can).
+
+    Raises ``ValueError`` for an unknown ``op`` or ``backend`` and ``BackendUnavailableError``
+    for a named backend that cannot run here, saying why.
+    """
+    if op == "token_stats":
+        return resolve_backend(backend, device)
+    if op == "linear":
+        resolved = resolve_backend(backend, device)
+        if resolved in FUSED_BACKENDS and dtype == torch.float64:
+            if backend == "auto":
+                return "torch"
+            raise TypeError(f"hidden: backend={resolved!r} takes bfloat16, float16 or float32, got torch.float64; "
+                            "use backend='torch' or 'reference'")
+        return resolved
+    if op == "loss":
+        if not isinstance(backend, str) or backend not in LOSS_BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {list(LOSS_BACKEND_CHOICES)} for the losses, got {backend!r}")
+        if backend == "reference":
+            return backend
+        if unfused is None and dtype not in LOSS_FUSED_DTYPES:
+            unfused = f"the fused kernel reads {[str(d) for d in LOSS_FUSED_DTYPES]}, got {dtype}"
+        if backend == "auto":
+            chosen = resolve_backend("auto", device)
+            fusable = chosen in FUSED_BACKENDS and unfused is None and unavailable_reason(chosen, device) is None
+            return chosen if fusable else "reference"
+        reason = unfused if unfused is not None else unavailable_reason(backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={backend!r} cannot compute this loss on {device.type}: {reason}")
+        return backend
+    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+
+
+def row_kernels(backend: str) -> ModuleType:
+    """The module whose ``token_stats_forward`` / ``token_stats_backward`` run the per-row
+    statistics on ``backend`` ("triton", "cuda" or "torch", already resolved). The CUDA
+    extension is compiled on first use; it raises ``BackendUnavailableError`` saying why not."""
+    if backend == "triton":
+        from . import kernels
+
+        return kernels
+    if backend == "cuda":
+        from . import cuda_ext
+
+        cuda_ext.load()
+        return cuda_ext
+    if backend == "torch":
+        from . import chunked
+
+        return chunked
+    raise ValueError(f"backend: the fused operators run 'triton', 'cuda' or 'torch', got {backend!r}")

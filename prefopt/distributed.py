@@ -49,16 +49,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.distributed as dist
 
+from ._codes import NO_LABEL
 from ._types import TokenStats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 Tensor = torch.Tensor
-
-# Local labels are >= 0, so -1 marks an ignored row whatever the caller's ignore_index is (which
-# may itself be a valid local id).
-LOCAL_IGNORE_INDEX = -1
 
 _DTYPE_CODES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -129,13 +126,14 @@ def vocab_shard(process_group: object, local_vocab: int, labels: Tensor, ignore_
 def local_labels(labels: Tensor, ignore_index: int | None, shard: VocabShard) -> Tensor:
     """The labels as this rank's operator takes them, int64 of the labels' shape: label - start
     where this rank owns it, 0 where another rank does (the row is still scored here, for its
-    log-sum-exp and statistics), ``LOCAL_IGNORE_INDEX`` where it is ignored."""
+    log-sum-exp and statistics), ``NO_LABEL`` where it is ignored (the caller's ignore_index may
+    be a valid local id)."""
     labels = labels.long()
     owned = (labels >= shard.start) & (labels < shard.end)
     local = torch.where(owned, labels - shard.start, 0)
     if ignore_index is None:
         return local
-    return torch.where(labels == ignore_index, LOCAL_IGNORE_INDEX, local)
+    return torch.where(labels == ignore_index, NO_LABEL, local)
 
 
 class _SumAcrossGroup(torch.autograd.Function):

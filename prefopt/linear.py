@@ -68,10 +68,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation, chunked, distributed
+from ._codes import NO_LABEL
 from ._types import STAT_NAMES, TokenStats
 from .backends import resolve_backend
 from .logprobs import local_token_stats, reduce_sequences
-from .ops import (NO_IGNORE_INDEX, dense_upstream, empty_stats_outputs, logps_upstream, lse_label_gradient,
+from .ops import (dense_upstream, empty_stats_outputs, logps_upstream, lse_label_gradient,
                   shaped_stats)
 
 if TYPE_CHECKING:
@@ -595,7 +596,7 @@ def linear_token_stats(
                "logit_scale": float(logit_scale), "backend": backend}
     if process_group is None:
         labels = _validation.check_label_values(labels, weight.shape[0], ignore_index)
-        kernel_ignore_index = NO_IGNORE_INDEX if ignore_index is None else ignore_index
+        kernel_ignore_index = NO_LABEL if ignore_index is None else ignore_index
         result, _ = _local_linear_token_stats(hidden, weight, bias, labels, asked, kernel_ignore_index,
                                               with_lse=False, **options)
         return result
@@ -604,7 +605,7 @@ def linear_token_stats(
     labels = _validation.check_label_values(labels, shard.vocab_size, ignore_index)
     local, lse = _local_linear_token_stats(
         distributed.replicated(hidden, shard), weight, bias, distributed.local_labels(labels, ignore_index, shard),
-        asked, distributed.LOCAL_IGNORE_INDEX, with_lse=True, **options)
+        asked, NO_LABEL, with_lse=True, **options)
     return distributed.combine(local, lse, labels, ignore_index, shard)
 
 

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import _validation, distributed, ops
+from . import _validation, backends, distributed, ops
+from ._codes import NO_LABEL
+from ._transform import scored_logits, transformed_logits
 from ._types import STAT_NAMES, TokenStats
-from .backends import resolve_backend
-from .reference import reference_token_stats, scored_logits, transformed_logits
+from .reference import reference_token_stats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -73,19 +74,19 @@ def token_stats(
     if inplace_backward:
         _validation.check_rows_do_not_overlap(logits)
     asked = _validation.check_stats(stats, STAT_NAMES)
-    backend = resolve_backend(backend, logits.device)
+    backend = backends.resolve("token_stats", backend, logits.device, logits.dtype)
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
                "inplace_backward": bool(inplace_backward), "backend": backend}
     if process_group is None:
         labels = _validation.check_label_values(labels, logits.shape[-1], ignore_index)
-        kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
+        kernel_ignore_index = NO_LABEL if ignore_index is None else ignore_index
         result, _ = local_token_stats(logits, labels, asked, kernel_ignore_index, with_lse=False, **options)
         return result
     shard = distributed.vocab_shard(process_group, logits.shape[-1], labels, ignore_index, asked, logits.dtype,
                                     what="logits")
     labels = _validation.check_label_values(labels, shard.vocab_size, ignore_index)
     local, lse = local_token_stats(logits, distributed.local_labels(labels, ignore_index, shard), asked,
-                                    distributed.LOCAL_IGNORE_INDEX, with_lse=True, **options)
+                                    NO_LABEL, with_lse=True, **options)
     return distributed.combine(local, lse, labels, ignore_index, shard)
 
 
@@ -219,10 +220,6 @@ def reduce_sequences(logps: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return sums / counts.clamp_min(1).to(sums.dtype)
 
 
-# Positions TRL's row_mask switches off take a label no index can hold, and are ignored as such.
-MASKED_LABEL = torch.iinfo(torch.int64).min
-
-
 def row_mask_labels(index: torch.Tensor, row_mask: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
     """TRL's row-mask rule, the one prefopt's ``selective_log_softmax`` and its TRL integration
     share: (labels, ignore_index) for an ``index`` [...] or [..., K] and an optional ``row_mask``
@@ -236,7 +233,7 @@ def row_mask_labels(index: torch.Tensor, row_mask: torch.Tensor | None) -> tuple
         raise ValueError(f"row_mask: expected shape {tuple(index.shape)} (index.shape), got {tuple(row_mask.shape)}")
     if row_mask.device != index.device:
         raise ValueError(f"row_mask: expected a tensor on {index.device} like index, got {row_mask.device}")
-    return torch.where(row_mask != 0, index.long(), MASKED_LABEL), MASKED_LABEL
+    return torch.where(row_mask != 0, index.long(), NO_LABEL), NO_LABEL
 
 
 def selective_output_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -279,13 +276,13 @@ def selective_logprobs(
         raise ValueError(f"index: expected a tensor on {logits.device} like logits, got {index.device}")
     _validation.check_transform(temperature, None)
     labels = _validation.check_label_values(labels, logits.shape[-1], ignore_index)
-    kernel_ignore_index = ops.NO_IGNORE_INDEX if ignore_index is None else ignore_index
+    kernel_ignore_index = NO_LABEL if ignore_index is None else ignore_index
     scored = labels != kernel_ignore_index
-    # The largest label of a row is one of its scored ones, or MASKED_LABEL when none is.
+    # The largest label of a row is one of its scored ones, or NO_LABEL when none is.
     row_labels = labels.amax(-1) if labels.shape[-1] else labels.new_full(labels.shape[:-1], kernel_ignore_index)
+    resolved = backends.resolve("token_stats", backend, logits.device, logits.dtype)
     _, lse = local_token_stats(logits, row_labels, frozenset(), kernel_ignore_index, temperature=float(temperature),
-                               softcap=None, inplace_backward=False, backend=resolve_backend(backend, logits.device),
-                               with_lse=True)
+                               softcap=None, inplace_backward=False, backend=resolved, with_lse=True)
     z = transformed_logits(logits.gather(-1, torch.where(scored, labels, 0).long()), float(temperature), None)
     # z_y <= max z <= lse makes every log-prob <= 0; the clamp keeps it so through a last-ulp
     # difference between this z_y and the kernel's evaluation of the same transform.

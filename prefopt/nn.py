@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from . import _validation
-from .backends import BACKEND_CHOICES, resolve_backend
+from . import _validation, backends
+from .backends import BACKEND_CHOICES
 from .linear import _check_inputs as _check_lm_head_inputs
 from .linear import linear_sequence_logprobs, linear_token_stats
 from .logprobs import sequence_logprobs, token_stats
@@ -174,7 +174,7 @@ def _check_batch(logits: object, labels: object, paired: bool) -> int:
 def _policy_dtype(logits: Scores, backend: str) -> torch.dtype:
     """The dtype the log-probs will have: float64 only from the reference on float64 inputs."""
     model = _leading(logits)
-    resolved = resolve_backend(backend, model.device)
+    resolved = backends.resolve("token_stats", backend, model.device, model.dtype)
     return torch.float64 if resolved == "reference" and model.dtype == torch.float64 else torch.float32
 
 

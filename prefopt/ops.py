@@ -24,34 +24,20 @@ import math
 
 import torch
 
-from . import chunked
+from . import backends
 from ._layout import row_blocks
 from ._types import TokenStats
-from .reference import chain_through_transform_
+from ._transform import chain_through_transform_
 
 Tensor = torch.Tensor
 
-# Stands for "no position is ignored": validation has already proved every label is in [0, V).
-NO_IGNORE_INDEX = -(2**63)
-
 
 def _implementation(backend: str, direction: str):
-    """(function, leading dimensions per block) of a backend's forward or backward."""
-    if backend == "triton":
-        from . import kernels
-
-        function = kernels.token_stats_forward if direction == "forward" else kernels.token_stats_backward
-        return function, 2
-    if backend == "cuda":
-        from . import cuda_ext
-
-        cuda_ext.load()  # compiled on first use; raises BackendUnavailableError saying why not
-        function = cuda_ext.token_stats_forward if direction == "forward" else cuda_ext.token_stats_backward
-        return function, 2
-    if backend == "torch":
-        function = chunked.token_stats_forward if direction == "forward" else chunked.token_stats_backward
-        return function, 1
-    raise ValueError(f"backend: the fused operators run 'triton', 'cuda' or 'torch', got {backend!r}")
+    """(function, leading dimensions per block) of a backend's forward or backward: the kernels
+    take [rows, tokens] blocks, the chunked torch fallback flat rows."""
+    kernels = backends.row_kernels(backend)
+    function = kernels.token_stats_forward if direction == "forward" else kernels.token_stats_backward
+    return function, 1 if backend == "torch" else 2
 
 
 def _flat_rows(block: Tensor, first_row: int) -> slice:

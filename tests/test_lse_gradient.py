@@ -14,7 +14,7 @@ import prefopt
 from prefopt.backends import unavailable_reason
 from prefopt.linear import _local_linear_token_stats
 from prefopt.logprobs import local_token_stats
-from prefopt.reference import transformed_logits
+from prefopt._transform import transformed_logits
 
 TRANSFORMS = [(1.0, None), (0.7, 5.0)]
 OUTPUTS = ("logps", "lse", "entropy")
