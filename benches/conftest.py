@@ -1,7 +1,7 @@
 """Shared set-up of ``pytest benches``.
 
-- Rows marked ``gpu`` are skipped, with the reason, where PyTorch sees no CUDA GPU; rows marked
-  ``headline`` are the ones benches/gpu_session.sh measures (``-m headline``).
+- Rows marked ``gpu`` are skipped where PyTorch sees no CUDA GPU (the repository's conftest.py);
+  rows marked ``headline`` are the ones benches/gpu_session.sh measures (``-m headline``).
 - ``PREFOPT_BENCH_CALLS=N`` sets the timed calls of every row (:func:`timed_calls`).
 - With ``PREFOPT_BENCH_RECORD=FILE`` in the environment, the session's environment (device,
   driver, versions, command) and then every row, as soon as it ends, are appended to FILE as
@@ -33,15 +33,6 @@ def timed_calls(default: int) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{CALLS_VARIABLE}: expected a positive integer, got {text!r}")
     return int(text)
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 def _record(line: dict) -> None:

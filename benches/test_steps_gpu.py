@@ -52,15 +52,24 @@ def logits_and_labels(seed: int, requires_grad: bool) -> tuple[torch.Tensor, tor
     return logits.requires_grad_(requires_grad), labels
 
 
-def step_figures(step, sets: list, floor_bytes: int, copy_bandwidth: float) -> dict:
-    seconds, peak = bench.time_calls(lambda i: None, lambda i, _: step(sets[i % len(sets)]), calls=CALLS,
-                                     warmup=WARMUP, device=DEVICE)
-    median = statistics.median(seconds)
-    floor_s = floor_bytes / copy_bandwidth
-    return {"gpu": torch.cuda.get_device_name(), "rows": ROWS, "length": LENGTH, "prompt": PROMPT, "vocab": VOCAB,
-            "dtype": "bfloat16", "median_s": median, "times_s": seconds, "peak_extra_bytes": peak,
-            "floor_bytes": floor_bytes, "floor_s": floor_s, "fraction_of_floor": floor_s / median,
-            "copy_bandwidth_bytes_per_s": copy_bandwidth}
+def measure_step(benchmark, path: str, name: str, step, sets: list, floor_bytes: int, copy_bandwidth: float) -> None:
+    """Times ``step`` over the rotating ``sets``, records the figures as row ``path`` of
+    implementation ``name`` and prints them."""
+
+    def figures() -> dict:
+        seconds, peak = bench.time_calls(lambda i: None, lambda i, _: step(sets[i % len(sets)]), calls=CALLS,
+                                         warmup=WARMUP, device=DEVICE)
+        median = statistics.median(seconds)
+        floor_s = floor_bytes / copy_bandwidth
+        return {"gpu": torch.cuda.get_device_name(), "rows": ROWS, "length": LENGTH, "prompt": PROMPT,
+                "vocab": VOCAB, "dtype": "bfloat16", "median_s": median, "times_s": seconds,
+                "peak_extra_bytes": peak, "floor_bytes": floor_bytes, "floor_s": floor_s,
+                "fraction_of_floor": floor_s / median, "copy_bandwidth_bytes_per_s": copy_bandwidth}
+
+    result = benchmark.pedantic(figures, rounds=1, iterations=1)
+    benchmark.extra_info.update({"path": path, "implementation": name, **result})
+    print(f"\n{path} {name:<24} {result['median_s'] * 1e3:9.2f} ms  {result['fraction_of_floor']:6.1%} of floor"
+          f"  peak extra {result['peak_extra_bytes'] / 2**30:6.2f} GiB")
 
 
 def skip_unless_available(backend: str) -> None:
@@ -93,10 +102,7 @@ def test_dpo_step(benchmark, name, backend, inplace, copy_bandwidth):
 
     # Policy: read twice, gradient written once; reference: read once.
     floor_bytes = 3 * scored_bytes() + ROWS * LENGTH * VOCAB * 2
-    figures = benchmark.pedantic(step_figures, args=(step, sets, floor_bytes, copy_bandwidth), rounds=1, iterations=1)
-    benchmark.extra_info.update({"path": "dpo-step", "implementation": name, **figures})
-    print(f"\nDPO step {name:<24} {figures['median_s'] * 1e3:9.2f} ms  {figures['fraction_of_floor']:6.1%} of floor"
-          f"  peak extra {figures['peak_extra_bytes'] / 2**30:6.2f} GiB")
+    measure_step(benchmark, "dpo-step", name, step, sets, floor_bytes, copy_bandwidth)
 
 
 @pytest.mark.parametrize(("name", "backend", "inplace"), VARIANTS)
@@ -120,7 +126,4 @@ def test_kto_step(benchmark, name, backend, inplace, copy_bandwidth):
 
     # Policy: read twice, gradient written once; reference, KL and reference KL: read once each.
     floor_bytes = 5 * scored_bytes() + ROWS * LENGTH * VOCAB * 2
-    figures = benchmark.pedantic(step_figures, args=(step, sets, floor_bytes, copy_bandwidth), rounds=1, iterations=1)
-    benchmark.extra_info.update({"path": "kto-step", "implementation": name, **figures})
-    print(f"\nKTO step {name:<24} {figures['median_s'] * 1e3:9.2f} ms  {figures['fraction_of_floor']:6.1%} of floor"
-          f"  peak extra {figures['peak_extra_bytes'] / 2**30:6.2f} GiB")
+    measure_step(benchmark, "kto-step", name, step, sets, floor_bytes, copy_bandwidth)

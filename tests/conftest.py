@@ -22,15 +22,6 @@ ALL_STATS = ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 def available_backend(name: str) -> str:
     """``name``, or skip the test with the reason that backend cannot run here."""
     reason = unavailable_reason(name, DEVICE)
