@@ -6,8 +6,9 @@ PyTorch, the float64-capable oracle). ``"auto"`` takes the fastest that can run 
 device; the ``PREFOPT_BACKEND`` environment variable, when set, replaces ``"auto"``.
 
 Each operator family asks :func:`resolve` with its own name (:data:`OPS`): the per-token
-statistics of logits (``"token_stats"``), of hidden states and an LM head (``"linear"``), and
-the preference losses (``"loss"``, which have fused kernels and the reference only).
+statistics of logits (``"token_stats"``; ``"selective"`` with TRL's dtype rule), of hidden
+states and an LM head (``"linear"``), and the preference losses (``"loss"``, which have fused
+kernels and the reference only).
 """
 
 import functools
@@ -20,7 +21,7 @@ import torch
 
 BACKENDS = ("triton", "cuda", "torch", "reference")
 BACKEND_CHOICES = ("auto", *BACKENDS)
-OPS = ("token_stats", "linear", "loss")
+OPS = ("token_stats", "selective", "linear", "loss")
 # The fused kernels' backends; a loss has no chunked "torch" form.
 FUSED_BACKENDS = ("triton", "cuda")
 LOSS_BACKEND_CHOICES = ("auto", *FUSED_BACKENDS, "reference")
@@ -159,6 +160,9 @@ def resolve(op: str, backend: object, device: torch.device, dtype: torch.dtype, 
     ``device`` and ``dtype``: checks a named backend, chooses for ``"auto"``.
 
     - ``"token_stats"``: any of :data:`BACKENDS`.
+    - ``"selective"``: TRL's ``selective_log_softmax`` semantics: ``"reference"``, the backend
+      that computes in float64, for float64 logits (as TRL does, materializing the
+      log-softmax); else as ``"token_stats"``.
     - ``"linear"``: the same; the fused kernels read bf16/fp16/fp32 hidden states, so ``"auto"``
       on float64 takes ``"torch"`` and a named ``"triton"``/``"cuda"`` raises ``TypeError``.
     - ``"loss"``: :data:`LOSS_BACKEND_CHOICES`; ``"auto"`` takes the fused kernel of the backend
@@ -169,6 +173,12 @@ def resolve(op: str, backend: object, device: torch.device, dtype: torch.dtype, 
     for a named backend that cannot run here, saying why.
     """
     if op == "token_stats":
+        return resolve_backend(backend, device)
+    if op == "selective":
+        if dtype == torch.float64:
+            if backend not in BACKEND_CHOICES:
+                raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+            return "reference"
         return resolve_backend(backend, device)
     if op == "linear":
         resolved = resolve_backend(backend, device)

@@ -242,12 +242,6 @@ def selective_output_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def selective_backend(logits: torch.Tensor, backend: str) -> str:
-    """The backend for TRL's semantics: "reference", the one that computes in float64, for
-    float64 logits (as TRL does, materializing the log-softmax); else ``backend``."""
-    return "reference" if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64 else backend
-
-
 def selective_logprobs(
     logits: torch.Tensor,
     index: torch.Tensor,
@@ -260,7 +254,7 @@ def selective_logprobs(
     _validation.check_logits(logits)
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
-    backend = selective_backend(logits, backend)
+    backend = backends.resolve("selective", backend, logits.device, logits.dtype)
     labels, ignore_index = row_mask_labels(index, row_mask)
     if index.dim() != logits.dim():
         logps = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, backend=backend)

@@ -42,8 +42,9 @@ from typing import Any
 import torch
 
 from .._types import STAT_NAMES
+from .. import backends
 from ..backends import BACKEND_CHOICES
-from ..logprobs import row_mask_labels, selective_backend, selective_logprobs, selective_output_dtype, token_stats
+from ..logprobs import row_mask_labels, selective_logprobs, selective_output_dtype, token_stats
 from .transformers import lm_head_token_stats
 
 Tensor = torch.Tensor
@@ -152,7 +153,7 @@ def selective_log_softmax_and_entropy(
                                                                row_mask)
     labels, ignore_index = row_mask_labels(index, row_mask)
     result = token_stats(logits, labels, stats=("entropy",), ignore_index=ignore_index, temperature=temperature,
-                         backend=selective_backend(logits, _backend))
+                         backend=backends.resolve("selective", _backend, logits.device, logits.dtype))
     logps, entropy = (value.to(selective_output_dtype(logits)) for value in (result.logps, result.entropy))
     return logps, entropy if entropy_requires_grad else entropy.detach()
 
