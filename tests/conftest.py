@@ -13,11 +13,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from cuda_simulator import cuda_on_cpu, simulator, simulator_library  # noqa: E402, F401 (fixtures)
+
 import prefopt  # noqa: E402
 from prefopt.backends import unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED_BACKENDS = ("triton", "cuda", "torch")
+# Without a GPU, "cuda-sim" runs backend="cuda" on the kernels' source compiled for the CPU
+# (tests/cuda_simulator.py); with one, "cuda" runs the compiled kernels.
+CUDA = "cuda" if DEVICE.type == "cuda" else "cuda-sim"
+FUSED_BACKENDS = ("triton", CUDA, "torch")
 ALL_STATS = ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -30,9 +35,18 @@ def available_backend(name: str) -> str:
     return name
 
 
+def fixture_backend(request) -> str:
+    """The backend a ``backend`` fixture's parameter stands for: "cuda" with the simulated
+    kernels in place for "cuda-sim", else the parameter, skipped where it cannot run."""
+    if request.param == "cuda-sim":
+        request.getfixturevalue("cuda_on_cpu")
+        return "cuda"
+    return available_backend(request.param)
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request) -> str:
-    return available_backend(request.param)
+    return fixture_backend(request)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -4,12 +4,12 @@ prefopt.losses.
 Values, rewards, metrics and gradients, for every type the kernels cover, in float32 and
 float64, at ordinary and extreme (±1e4) margins. Without a GPU the Triton kernels run through
 Triton's interpreter on CPU tensors (tests/conftest.py), and the CUDA kernels' source runs these
-same tests on the CPU through tests/test_csrc.py's host simulator.
+same tests on the CPU through the host simulator (the fixture's "cuda-sim", tests/cuda_simulator.py).
 """
 
 import pytest
 import torch
-from conftest import DEVICE, available_backend
+from conftest import CUDA, DEVICE, fixture_backend
 
 from prefopt import BackendUnavailableError
 from prefopt.backends import unavailable_reason
@@ -22,10 +22,10 @@ MARGIN_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "di
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
-@pytest.fixture(params=FUSED_BACKENDS)
+@pytest.fixture(params=[CUDA if name == "cuda" else name for name in FUSED_BACKENDS])
 def backend(request) -> str:
     """The fused backends that can run here (the log-prob ``backend`` fixture also has "torch")."""
-    return available_backend(request.param)
+    return fixture_backend(request)
 
 
 def smoothing_for(kind: str) -> float:

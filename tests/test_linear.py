@@ -6,19 +6,20 @@ Shapes stay small: under TRITON_INTERPRET=1 every kernel program runs as numpy c
 
 import pytest
 import torch
-from conftest import ALL_STATS, DEVICE, TOLERANCE, available_backend, random_labels, relative_error
+from conftest import (ALL_STATS, CUDA, DEVICE, TOLERANCE, available_backend, fixture_backend, random_labels,
+                      relative_error)
 
 import prefopt
 from prefopt.backends import BackendUnavailableError, unavailable_reason
 from prefopt.linear import linear_sequence_logprobs, linear_token_logprobs, linear_token_stats
 
 DIFFERENTIABLE = ("logps", "entropy", "mean_logits", "log_sum_sq_probs")
-LINEAR_BACKENDS = ("triton", "cuda", "torch", "reference")
+LINEAR_BACKENDS = ("triton", CUDA, "torch", "reference")
 
 
 @pytest.fixture(params=LINEAR_BACKENDS)
 def backend(request) -> str:
-    return available_backend(request.param)
+    return fixture_backend(request)
 
 
 def random_problem(leading, hidden_size, vocab_size, dtype, *, bias=True, ignored_fraction=0.3, seed=0):
