@@ -27,8 +27,8 @@ entropy and all statistics.
 
 - Triton (backend ``triton``, and ``trl`` for TRL 1.16's forward kernel when TRL is importable):
   the project's launchers (``token_stats_forward`` / ``token_stats_backward``) are called on
-  ``meta`` tensors laid out as ``prefopt.ops`` (through ``prefopt._layout.row_blocks``) and
-  ``prefopt.linear`` (``[1, rows, V]`` float32 tiles, the backward in place over vocabulary tiles
+  ``meta`` tensors laid out as ``prefopt.logprobs.op`` (through ``prefopt.logprobs.layout.row_blocks``) and
+  ``prefopt.logprobs.linear`` (``[1, rows, V]`` float32 tiles, the backward in place over vocabulary tiles
   with ``column_offset`` / ``softmax_size``) pass them, with the kernel swapped for a recorder, so
   BLOCK_V, num_warps and every argument are the launcher's own choice. Each recorded launch is
   then specialised with the JIT's own code (``create_function_from_signature`` and
@@ -488,12 +488,12 @@ def _meta(*shape: int, dtype):
 
 
 def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: float | None) -> list:
-    """The launches of the Triton forward for one workload, as prefopt.ops (bf16 logits) or
-    prefopt.linear._tiled_forward (a chunk of float32 logits) make them."""
+    """The launches of the Triton forward for one workload, as prefopt.logprobs.op (bf16 logits) or
+    prefopt.logprobs.linear._tiled_forward (a chunk of float32 logits) make them."""
     import torch
 
-    from prefopt import linear
-    from prefopt._layout import row_blocks
+    from prefopt.logprobs import linear
+    from prefopt.logprobs.layout import row_blocks
     from prefopt.kernels import token_stats_fwd
 
     if layout == "bf16":
@@ -520,12 +520,12 @@ def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: floa
 
 
 def _record_backward(layout: str, vocab: int, stats: Sequence[str], softcap: float | None) -> list:
-    """The launches of the Triton backward for one workload: prefopt.ops' fresh bf16 gradient,
-    or prefopt.linear._tiled_backward's in-place float32 tiles of every row x a vocabulary tile."""
+    """The launches of the Triton backward for one workload: prefopt.logprobs.op' fresh bf16 gradient,
+    or prefopt.logprobs.linear._tiled_backward's in-place float32 tiles of every row x a vocabulary tile."""
     import torch
 
-    from prefopt import linear
-    from prefopt._layout import row_blocks
+    from prefopt.logprobs import linear
+    from prefopt.logprobs.layout import row_blocks
     from prefopt.kernels import token_stats_bwd
 
     def row_vector(name: str | None = None):

@@ -16,11 +16,11 @@ import sys
 import torch
 from measure_memory import peak_resident_bytes, resident_bytes
 
-import prefopt.linear
+import prefopt.logprobs.linear
 
 
 def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, backend: str) -> None:
-    logps = prefopt.linear.linear_sequence_logprobs(hidden, weight, labels, backend=backend)
+    logps = prefopt.logprobs.linear.linear_sequence_logprobs(hidden, weight, labels, backend=backend)
     grads = torch.autograd.grad(logps.sum(), (hidden, weight))
     del grads
 

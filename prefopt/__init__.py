@@ -11,8 +11,8 @@ kernel; end-to-end loss modules from logits or the LM head's inputs (``prefopt.n
 from ._types import TokenStats
 from .backends import BackendUnavailableError
 from .diagnostics import PreferenceMonitor, PreferenceTrainingWarning
-from .linear import linear_sequence_logprobs, linear_token_logprobs, linear_token_stats
-from .logprobs import selective_log_softmax, sequence_logprobs, token_logprobs, token_stats
+from .logprobs import (linear_sequence_logprobs, linear_token_logprobs, linear_token_stats, selective_log_softmax,
+                       sequence_logprobs, token_logprobs, token_stats)
 from .losses import PreferenceLossOutput, cpo_loss, dpo_loss, ipo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from .nn import DPOLoss, IPOLoss, KTOLoss, LMHeadInput, ORPOLoss, SimPOLoss
 

@@ -79,7 +79,7 @@ def _limit(dtype: torch.dtype) -> float:
 
 def _check_logits(backend: str, device: torch.device, generator: torch.Generator) -> list[tuple]:
     """Rows (what, dtype, shape, [errors], limit, passed) of token_logprobs on ``backend``."""
-    from .logprobs import token_logprobs
+    from .logprobs.api import token_logprobs
 
     rows = []
     for leading, vocab_size, dtype, temperature, softcap in _CHECK_PROBLEMS:
@@ -110,7 +110,7 @@ def _check_logits(backend: str, device: torch.device, generator: torch.Generator
 def _check_linear(backend: str, device: torch.device, generator: torch.Generator) -> list[tuple]:
     """Rows of linear_token_stats on ``backend``; the gradient error is the larger of hidden's
     and weight's."""
-    from .linear import linear_token_stats
+    from .logprobs.linear import linear_token_stats
 
     rows = []
     for leading, hidden_size, vocab_size, dtype, temperature, softcap in _LINEAR_CHECK_PROBLEMS:

@@ -171,3 +171,45 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device)
         torch._assert_async(valid, message)
     elif not bool(valid):
         raise ValueError(f"{message}, got {cu_seqlens.tolist()}")
+
+
+def check_lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                         logit_scale: float) -> None:
+    """hidden [..., H] floating point, weight [V, H] and bias [V] (or None) of its dtype and
+    device, labels [...] int64/int32, logit_scale a finite float > 0."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not hidden.dtype.is_floating_point:
+        raise TypeError("hidden: expected a floating-point tensor (bfloat16, float16, float32 or float64), "
+                        f"got {hidden.dtype}")
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    hidden_size = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden_size:
+        raise ValueError(f"weight: expected shape [V, {hidden_size}] (V >= 1, H = hidden.shape[-1]), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} like hidden, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected a tensor on {hidden.device} like hidden, got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (weight.shape[0]), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected dtype {weight.dtype} like weight, got {bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias: expected a tensor on {weight.device} like weight, got {bias.device}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels: expected an int64 or int32 tensor, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels: expected a tensor on {hidden.device} like hidden, got {labels.device}")
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale: expected a float, got {type(logit_scale).__name__}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale: expected a finite value > 0, got {logit_scale}")

@@ -220,7 +220,7 @@ def row_kernels(backend: str) -> ModuleType:
         cuda_ext.load()
         return cuda_ext
     if backend == "torch":
-        from . import chunked
+        from .logprobs import torch_backend
 
-        return chunked
+        return torch_backend
     raise ValueError(f"backend: the fused operators run 'triton', 'cuda' or 'torch', got {backend!r}")

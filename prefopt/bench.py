@@ -251,8 +251,8 @@ class Measurement:
 
 
 def _reference_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """prefopt's plain-PyTorch definition (prefopt.reference), uncompiled, for torch.compile."""
-    from .reference import reference_token_stats
+    """prefopt's plain-PyTorch definition (prefopt.logprobs.reference), uncompiled, for torch.compile."""
+    from .logprobs.reference import reference_token_stats
 
     return reference_token_stats(logits, labels, ignore_index=IGNORE_INDEX, temperature=1.0, softcap=None,
                                  stats=frozenset()).logps
@@ -260,7 +260,7 @@ def _reference_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 def _prefopt(backend: str, inplace: bool = False, entropy: bool = False) -> Callable[[], Candidate]:
     def build() -> Candidate:
-        from .logprobs import token_logprobs
+        from .logprobs.api import token_logprobs
 
         def candidate(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             out = token_logprobs(logits, labels, backend=backend, inplace_backward=inplace, return_entropy=entropy)
@@ -394,7 +394,7 @@ def _explicit_logits_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels
 
 def _prefopt_linear(backend: str) -> Callable[[], Candidate]:
     def build() -> Candidate:
-        from .linear import linear_token_logprobs
+        from .logprobs.linear import linear_token_logprobs
 
         def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return linear_token_logprobs(hidden, weight, labels, backend=backend)

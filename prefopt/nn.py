@@ -56,9 +56,8 @@ import torch
 
 from . import _validation, backends
 from .backends import BACKEND_CHOICES
-from .linear import _check_inputs as _check_lm_head_inputs
-from .linear import linear_sequence_logprobs, linear_token_stats
-from .logprobs import sequence_logprobs, token_stats
+from .logprobs.linear import linear_sequence_logprobs, linear_token_stats
+from .logprobs.api import sequence_logprobs, token_stats
 from .losses import (
     _SORTING_LOSS_TYPES,
     KTO_LOSS_TYPES,
@@ -141,7 +140,7 @@ def _check_scores(name: str, scores: object, labels: object, layout: str, labels
             )
         _validation.check_labels(labels, hidden, labels_name)
         try:
-            _check_lm_head_inputs(hidden, scores.weight, scores.bias, labels, scores.logit_scale)
+            _validation.check_lm_head_inputs(hidden, scores.weight, scores.bias, labels, scores.logit_scale)
             _validation.check_transform(1.0, scores.softcap)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{name}.{error}") from None

@@ -4,7 +4,7 @@ csrc/binding.cpp's own schemas (namespace prefopt_sim).
 
 tests/conftest.py makes it the ``backend`` fixture's ``"cuda-sim"`` value where no GPU is
 present: every test that takes ``backend`` then also runs with backend="cuda" through the real
-Python path (prefopt.ops or the fused losses -> prefopt.cuda_ext -> operators with binding.cpp's
+Python path (prefopt.logprobs.op or the fused losses -> prefopt.cuda_ext -> operators with binding.cpp's
 schemas -> C launchers) and the simulated kernels. This checks indexing, split-V, alignment,
 ignored rows and the math; it does not replace running the compiled kernels on a GPU, where the
 suite runs with backend="cuda".

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import DEVICE, random_labels, random_logits
 
-from prefopt import ops
+from prefopt.logprobs import op as ops
 
 
 def launchers(backend):

@@ -11,7 +11,7 @@ from conftest import (ALL_STATS, CUDA, DEVICE, TOLERANCE, available_backend, fix
 
 import prefopt
 from prefopt.backends import BackendUnavailableError, unavailable_reason
-from prefopt.linear import linear_sequence_logprobs, linear_token_logprobs, linear_token_stats
+from prefopt.logprobs.linear import linear_sequence_logprobs, linear_token_logprobs, linear_token_stats
 
 DIFFERENTIABLE = ("logps", "entropy", "mean_logits", "log_sum_sq_probs")
 LINEAR_BACKENDS = ("triton", CUDA, "torch", "reference")
@@ -151,8 +151,8 @@ def test_every_row_ignored(backend):
 def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch, ignored_fraction):
     """Tile budgets shrunk so that the tiled backends take many chunks of rows and many vocabulary
     tiles, ragged at the ends; labels in every tile; with ignored rows, and with none."""
-    monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 301 * 5)
-    monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
+    monkeypatch.setattr(prefopt.logprobs.torch_backend, "CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
     hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.bfloat16, seed=9,
                                                   ignored_fraction=ignored_fraction)
     check(hidden, weight, bias, labels, backend, softcap=5.0, logit_scale=0.5)
@@ -168,10 +168,10 @@ def test_rows_are_not_counted_while_a_cuda_graph_is_captured(backend, monkeypatc
     def no_count(*args, **kwargs):
         raise AssertionError("the scored rows were counted during a capture")
 
-    monkeypatch.setattr(prefopt.linear, "_capturing", lambda labels: True)
+    monkeypatch.setattr(prefopt.logprobs.linear, "_capturing", lambda labels: True)
     monkeypatch.setattr(torch.Tensor, "nonzero", no_count)
-    monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 301 * 5)
-    monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
+    monkeypatch.setattr(prefopt.logprobs.torch_backend, "CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
     hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.float32, seed=10, ignored_fraction=0.5)
     out, (grad_hidden, _, _) = check(hidden, weight, bias, labels, backend, softcap=5.0)
     assert not out.logps[labels == -100].any() and not grad_hidden[labels == -100].any()
@@ -217,17 +217,17 @@ def test_cuda_graph_capture_of_forward_and_backward(linear_backend):
 
 
 def test_torch_backend_multiplies_only_scored_rows(monkeypatch):
-    import prefopt.linear
+    import prefopt.logprobs.linear
 
     hidden, weight, bias, labels = random_problem((4, 16), 16, 23, torch.float32, ignored_fraction=0.0, seed=12)
     multiplied_rows = []
-    chunk_logits = prefopt.linear._chunk_logits
+    chunk_logits = prefopt.logprobs.linear._chunk_logits
 
     def counting_chunk_logits(hidden_rows, *args):
         multiplied_rows.append(hidden_rows.shape[0])
         return chunk_logits(hidden_rows, *args)
 
-    monkeypatch.setattr(prefopt.linear, "_chunk_logits", counting_chunk_logits)
+    monkeypatch.setattr(prefopt.logprobs.linear, "_chunk_logits", counting_chunk_logits)
 
     def rows_multiplied(labels: torch.Tensor) -> int:
         multiplied_rows.clear()

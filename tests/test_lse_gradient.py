@@ -12,9 +12,9 @@ from conftest import DEVICE, TOLERANCE, random_labels, random_logits, reference_
 
 import prefopt
 from prefopt.backends import unavailable_reason
-from prefopt.linear import _local_linear_token_stats
-from prefopt.logprobs import local_token_stats
-from prefopt._transform import transformed_logits
+from prefopt.logprobs.linear import _local_linear_token_stats
+from prefopt.logprobs.api import local_token_stats
+from prefopt.logprobs.transform import transformed_logits
 
 TRANSFORMS = [(1.0, None), (0.7, 5.0)]
 OUTPUTS = ("logps", "lse", "entropy")
@@ -85,11 +85,11 @@ def test_linear_path(linear_backend, temperature, softcap, tiling, monkeypatch):
         pytest.skip(f"backend {linear_backend!r}: {reason}")
     if tiling != "one tile":
         # Several chunks of rows and vocabulary tiles: each label's term lands in its own tile.
-        monkeypatch.setattr(prefopt.chunked, "CHUNK_BYTES", 4 * 29 * 3)
-        monkeypatch.setattr(prefopt.linear, "GEMM_TILE_BYTES", 4 * 29 * 3)
+        monkeypatch.setattr(prefopt.logprobs.torch_backend, "CHUNK_BYTES", 4 * 29 * 3)
+        monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 29 * 3)
     if tiling.endswith("every row multiplied"):
         # As during a CUDA graph capture: the ignored row goes through the products too.
-        monkeypatch.setattr(prefopt.linear, "_capturing", lambda labels: True)
+        monkeypatch.setattr(prefopt.logprobs.linear, "_capturing", lambda labels: True)
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(10, 8, generator=generator)
     weight = torch.randn(29, 8, generator=generator)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._types import TokenStats
-from ..linear import linear_token_stats
+from ..logprobs.linear import linear_token_stats
 
 Tensor = torch.Tensor
 

@@ -44,7 +44,7 @@ import torch
 from .._types import STAT_NAMES
 from .. import backends
 from ..backends import BACKEND_CHOICES
-from ..logprobs import row_mask_labels, selective_logprobs, selective_output_dtype, token_stats
+from ..logprobs.api import row_mask_labels, selective_logprobs, selective_output_dtype, token_stats
 from .transformers import lm_head_token_stats
 
 Tensor = torch.Tensor

@@ -15,7 +15,7 @@ Conventions shared by every function here:
   gradient is allocated, and the caller promises not to read the logits after backward.
 - ``backend``: "auto", "triton", "cuda", "torch" or "reference" (see ``prefopt.backends``).
 - ``process_group``: the logits are this rank's slice of a vocabulary sharded over the group's
-  ranks, the labels global ids (see ``prefopt.distributed``); None for the whole vocabulary.
+  ranks, the labels global ids (see ``prefopt.logprobs.distributed``); None for the whole vocabulary.
 """
 
 from collections.abc import Sequence
@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import _validation, backends, distributed, ops
-from ._codes import NO_LABEL
-from ._transform import scored_logits, transformed_logits
-from ._types import STAT_NAMES, TokenStats
+from .. import _validation, backends
+from .._codes import NO_LABEL
+from .._types import STAT_NAMES, TokenStats
+from . import distributed, op
 from .reference import reference_token_stats
+from .transform import scored_logits, transformed_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -60,7 +61,7 @@ def token_stats(
             vocabulary (in rank order, sizes may differ): ``logits`` [..., V_rank] is this rank's
             slice, ``labels`` are global ids in [0, sum of V_rank), equal on every rank. Every
             rank calls with the same arguments and gets the same outputs; its logits receive
-            their part of the gradient. "is_top1" is not available (see ``prefopt.distributed``).
+            their part of the gradient. "is_top1" is not available (see ``prefopt.logprobs.distributed``).
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the
@@ -125,7 +126,7 @@ def local_token_stats(
         inplace_backward,
         backend,
     )
-    result, lse = ops.shaped_stats(outputs, labels.shape, asked)
+    result, lse = op.shaped_stats(outputs, labels.shape, asked)
     return result, lse if with_lse else None
 
 

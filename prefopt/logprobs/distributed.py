@@ -23,7 +23,7 @@ Each sum over ranks is an all-reduce SUM of a term that depends on that rank's s
 every output is the same on every rank. Its backward is the identity: every rank computes the
 same loss from these outputs and differentiates it, so each rank already holds the full upstream
 gradient of the sum, and the gradient of its own term is its share (the log-sum-exp is a
-differentiable output of the operators for this; see ``prefopt.ops``). The gradients of the
+differentiable output of the operators for this; see ``prefopt.logprobs.op``). The gradients of the
 logits, weight and bias therefore stay on their rank: concatenated in rank order they are the
 single-process gradients of the full vocabulary.
 
@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ._codes import NO_LABEL
-from ._types import TokenStats
+from .._codes import NO_LABEL
+from .._types import TokenStats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

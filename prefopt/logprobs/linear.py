@@ -19,16 +19,16 @@ entropy, mean logit (of z), log sum p^2 and is-top-1 (ties to the earlier token)
   log_sum_sq_probs. The weight and bias gradients are accumulated in float32 and rounded to the
   parameter dtype once, at the end.
 - ``process_group``: the weight and bias are this rank's rows of an LM head sharded over the
-  vocabulary, hidden and labels are replicated (see ``prefopt.distributed``).
+  vocabulary, hidden and labels are replicated (see ``prefopt.logprobs.distributed``).
 
 Backends:
 
 - "reference": explicit logits (float32; float64 for float64 inputs) and plain autograd. It
   materializes [tokens, V]: the oracle, not for training.
 - "torch": tiled over tokens and vocabulary, any device. A chunk of tokens has its float32
-  logits ([chunk, V], ``chunked.CHUNK_BYTES`` whatever the number of tokens) built tile by tile
+  logits ([chunk, V], ``torch_backend.CHUNK_BYTES`` whatever the number of tokens) built tile by tile
   of the vocabulary, so that no upcast copy of the whole weight exists either, and the chunked
-  log-prob fallback (``prefopt.chunked``) computes the statistics on it. The backward recomputes
+  log-prob fallback (``prefopt.logprobs.torch_backend``) computes the statistics on it. The backward recomputes
   each chunk's logits, turns them into their gradient in place, and accumulates grad_hidden and
   grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Rows whose
   label is ignored are dropped before any product (one host round trip per call on a GPU, to
@@ -60,19 +60,18 @@ Backends:
 """
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from . import _validation, chunked, distributed
-from ._codes import NO_LABEL
-from ._types import STAT_NAMES, TokenStats
-from .backends import resolve_backend
-from .logprobs import local_token_stats, reduce_sequences
-from .ops import (dense_upstream, empty_stats_outputs, logps_upstream, lse_label_gradient,
+from .. import _validation, backends
+from .._codes import NO_LABEL
+from .._types import STAT_NAMES, TokenStats
+from . import distributed, torch_backend
+from .api import local_token_stats, reduce_sequences
+from .op import (dense_upstream, empty_stats_outputs, logps_upstream, lse_label_gradient,
                   shaped_stats)
 
 if TYPE_CHECKING:
@@ -82,55 +81,6 @@ Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, logit_scale: float) -> None:
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if not hidden.dtype.is_floating_point:
-        raise TypeError("hidden: expected a floating-point tensor (bfloat16, float16, float32 or float64), "
-                        f"got {hidden.dtype}")
-    if hidden.dim() == 0 or hidden.shape[-1] == 0:
-        raise ValueError(f"hidden: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
-    hidden_size = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden_size:
-        raise ValueError(f"weight: expected shape [V, {hidden_size}] (V >= 1, H = hidden.shape[-1]), "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected dtype {hidden.dtype} like hidden, got {weight.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight: expected a tensor on {hidden.device} like hidden, got {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (weight.shape[0]), got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias: expected dtype {weight.dtype} like weight, got {bias.dtype}")
-        if bias.device != weight.device:
-            raise ValueError(f"bias: expected a tensor on {weight.device} like weight, got {bias.device}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"labels: expected an int64 or int32 tensor, got {labels.dtype}")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels: expected a tensor on {hidden.device} like hidden, got {labels.device}")
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-        raise TypeError(f"logit_scale: expected a float, got {type(logit_scale).__name__}")
-    if not (math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale: expected a finite value > 0, got {logit_scale}")
-
-
-def _resolve(backend: str, hidden: Tensor) -> str:
-    resolved = resolve_backend(backend, hidden.device)
-    if resolved in ("triton", "cuda") and hidden.dtype == torch.float64:
-        if backend == "auto":
-            return "torch"
-        raise TypeError(f"hidden: backend={resolved!r} takes bfloat16, float16 or float32, got torch.float64; "
-                        "use backend='torch' or 'reference'")
-    return resolved
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -143,7 +93,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _vocab_tiles(weight: Tensor) -> list[slice]:
     # A tile of the weight upcast to the compute dtype holds at most CHUNK_BYTES.
     vocab_size, hidden_size = weight.shape
-    step = max(1, chunked.CHUNK_BYTES // (4 * hidden_size))
+    step = max(1, torch_backend.CHUNK_BYTES // (4 * hidden_size))
     return [slice(start, start + step) for start in range(0, vocab_size, step)]
 
 
@@ -197,10 +147,10 @@ def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, tempe
 
     def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
         logits = _chunk_logits(hidden_rows.to(compute_dtype), weight, bias, logit_scale, tiles)
-        chunked.token_stats_forward(logits, chunk_labels, *chunk_outputs, ignore_index=ignore_index,
+        torch_backend.token_stats_forward(logits, chunk_labels, *chunk_outputs, ignore_index=ignore_index,
                                     temperature=temperature, softcap=softcap)
 
-    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, chunked.rows_per_chunk(weight.shape[0]),
+    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, torch_backend.rows_per_chunk(weight.shape[0]),
                            chunk_stats)
 
 
@@ -220,11 +170,11 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
     def gathered(tensor, rows):
         return None if tensor is None else tensor.index_select(0, rows)
 
-    for rows in _scored_rows(labels, ignore_index).split(chunked.rows_per_chunk(weight.shape[0])):
+    for rows in _scored_rows(labels, ignore_index).split(torch_backend.rows_per_chunk(weight.shape[0])):
         hidden_rows = hidden_2d.index_select(0, rows).to(compute_dtype)
         logits = _chunk_logits(hidden_rows, weight, bias, logit_scale, tiles)
         # The logits buffer becomes d(outputs)/dx in place.
-        chunked.token_stats_backward(
+        torch_backend.token_stats_backward(
             logits, logits, labels.index_select(0, rows), lse.index_select(0, rows), gathered(entropy, rows),
             gathered(log_sum_sq_probs, rows), grad_logps.index_select(0, rows), gathered(grad_entropy, rows),
             gathered(grad_mean_logits, rows), gathered(grad_log_sum_sq_probs, rows),
@@ -250,7 +200,7 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
 def _add_lse_label_gradient(hidden_2d: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, grad_lse: Tensor,
                             ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
                             grad_hidden: Tensor | None, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
-    """Adds the label-column part of the log-sum-exp's gradient (``prefopt.ops.lse_label_gradient``)
+    """Adds the label-column part of the log-sum-exp's gradient (``prefopt.logprobs.op.lse_label_gradient``)
     to the torch backend's float32 sums: that column's logit gradient c, times logit_scale, reaches
     grad_hidden as c * weight[label], grad_weight[label] as c * hidden and grad_bias[label] as c.
     O(tokens * H) work and memory: one weight row per token."""
@@ -405,11 +355,8 @@ def _implementation(backend: str):
     rounded to the input's dtype by the caller (or already rounded once, in that dtype)."""
     if backend == "torch":
         return _torch_forward, _torch_backward
-    if backend in ("triton", "cuda"):
-        if backend == "triton":
-            from . import kernels as row_kernels
-        else:
-            from . import cuda_ext as row_kernels
+    if backend in backends.FUSED_BACKENDS:
+        row_kernels = backends.row_kernels(backend)
         return (functools.partial(_tiled_forward, row_kernels.token_stats_forward),
                 functools.partial(_tiled_backward, row_kernels.token_stats_backward))
     raise ValueError(f"backend: the fused linear operators run 'triton', 'cuda' or 'torch', got {backend!r}")
@@ -484,7 +431,7 @@ def linear_token_stats_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) in the shapes and dtypes of hidden, weight and bias;
     one not needed (or a missing bias) is an empty tensor. ``grad_logps`` is g_logp - g_lse when
-    ``grad_lse`` is given (see ``prefopt.ops``)."""
+    ``grad_lse`` is given (see ``prefopt.logprobs.op``)."""
     _, backward = _implementation(backend)
     hidden_2d = _rows(hidden)
     grad_hidden, grad_weight, grad_bias = backward(
@@ -579,7 +526,7 @@ def linear_token_stats(
             weight and bias receive their rows' gradient, and hidden the gradient through the
             whole vocabulary (the ranks' parts, all-reduced in backward: identity forward,
             all-reduce backward, as Megatron's tensor-parallel input). "is_top1" is not
-            available (see ``prefopt.distributed``).
+            available (see ``prefopt.logprobs.distributed``).
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the labels'
@@ -587,11 +534,11 @@ def linear_token_stats(
         in ``stats`` are None. All float fields are differentiable with respect to hidden, weight
         and bias.
     """
-    _check_inputs(hidden, weight, bias, labels, logit_scale)
+    _validation.check_lm_head_inputs(hidden, weight, bias, labels, logit_scale)
     _validation.check_transform(temperature, softcap)
     _validation.check_ignore_index(ignore_index)
     asked = _validation.check_stats(stats, STAT_NAMES)
-    backend = _resolve(backend, hidden)
+    backend = backends.resolve("linear", backend, hidden.device, hidden.dtype)
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
                "logit_scale": float(logit_scale), "backend": backend}
     if process_group is None:

@@ -9,7 +9,7 @@
 - ``prefopt::token_stats_backward_``: writes it over the logits (``inplace_backward=True``).
 
 Every float output is differentiable, the log-sum-exp included: the vocabulary-parallel path
-(``prefopt.distributed``) combines the shards' log-sum-exps and differentiates through them.
+(``prefopt.logprobs.distributed``) combines the shards' log-sum-exps and differentiates through them.
 The kernels apply d log p_y / dz = onehot(y) - p; since d lse / dz = p,
 
     g_logp (onehot - p) + g_lse p = (g_logp - g_lse) (onehot - p) + g_lse onehot,
@@ -24,10 +24,10 @@ import math
 
 import torch
 
-from . import backends
-from ._layout import row_blocks
-from ._types import TokenStats
-from ._transform import chain_through_transform_
+from .. import backends
+from .._types import TokenStats
+from .layout import row_blocks
+from .transform import chain_through_transform_
 
 Tensor = torch.Tensor
 

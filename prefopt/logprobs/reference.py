@@ -8,8 +8,8 @@ computes (and returns) float64; every other dtype is computed in float32.
 import torch
 import torch.nn.functional as F
 
-from ._transform import scored_logits
-from ._types import TokenStats
+from .._types import TokenStats
+from .transform import scored_logits
 
 
 def reference_token_stats(

@@ -8,7 +8,7 @@ backend and the one ``"auto"`` picks where Triton cannot run.
 
 import torch
 
-from ._transform import chain_through_transform_, transformed_logits
+from .transform import chain_through_transform_, transformed_logits
 
 CHUNK_BYTES = 8 << 20
 

@@ -1,5 +1,5 @@
 """z = softcap(x) / T, the transform every backend applies to the logits before the softmax,
-and its backward: shared by the float64 oracle (``prefopt.reference``) and the PyTorch paths of
+and its backward: shared by the float64 oracle (``prefopt.logprobs.reference``) and the PyTorch paths of
 the operators, so that all of them evaluate it the same way."""
 
 import torch
