@@ -189,7 +189,7 @@ def test_plot_into_a_file_is_an_error(tmp_path, capsys):
 
 def test_missing_matplotlib_names_the_extra_before_measuring(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before failing"))
+    monkeypatch.setattr(bench.runner, "measure", lambda *a, **k: pytest.fail("measured before failing"))
     assert main(["bench", "--quick", "--plot", str(tmp_path / "plots")]) == 1
     error = capsys.readouterr().err
     assert "matplotlib" in error and "prefopt[bench]" in error
@@ -273,7 +273,7 @@ def test_interleaved_speedup_range_pairs_the_calls_of_one_round(monkeypatch):
         timed(0, prepare(0))
         return [next(scripted)], None
 
-    monkeypatch.setattr(bench, "time_calls", fake_time_calls)
+    monkeypatch.setattr(bench.timing, "time_calls", fake_time_calls)
     reference, b = bench.measure_interleaved([recording(name, []) for name in ("reference", "b")], FORWARD, CPU,
                                              warmup=0, min_calls=3, max_calls=3, budget_s=0.0)
     assert reference.times_s == [4.0, 3.0, 6.0] and b.times_s == [2.0, 1.0, 2.0]
@@ -347,9 +347,9 @@ def test_a_failing_implementation_is_reported_and_the_run_goes_on(monkeypatch, c
 
     chosen = [next(i for i in bench.implementations(CPU) if i.name == "reference"),
               bench.Implementation("broken", lambda: broken)]
-    monkeypatch.setattr(bench, "implementations", lambda device: chosen)
-    monkeypatch.setattr(bench, "linear_implementations", lambda device: [])  # the logits path alone
-    monkeypatch.setattr(bench, "_add_cpu_memory", lambda *args: None)  # no fresh processes here
+    monkeypatch.setattr(bench.runner, "implementations", lambda device: chosen)
+    monkeypatch.setattr(bench.runner, "linear_implementations", lambda device: [])  # the logits path alone
+    monkeypatch.setattr(bench.runner, "_add_cpu_memory", lambda *args: None)  # no fresh processes here
     results = bench.run(device=CPU, quick=True, calls=1)
     assert [r.implementation for r in results] == ["reference", "broken"]
     assert results[0].median_s > 0
