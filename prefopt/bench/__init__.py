@@ -16,9 +16,8 @@ How each figure is measured:
 - peak extra memory: on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated just
   before the timed part of each call (inputs, and for ``"bwd"`` the forward's saved tensors),
   the maximum over the calls. On a CPU the peak resident memory of one forward+backward in a
-  fresh process (``benches/measure_memory.py`` for the logits path,
-  ``benches/measure_linear_memory.py`` for the fused linear path, run with
-  ``MALLOC_MMAP_THRESHOLD_`` so glibc returns freed blocks), which needs a source checkout.
+  fresh process (``python -m prefopt.bench.memory``, run with ``MALLOC_MMAP_THRESHOLD_`` so
+  glibc returns freed blocks), which an installed wheel runs as well as a source checkout.
 - floor of the logits path (GPU): the bytes a direction must move (read the scored rows of the
   logits once per pass, write the whole gradient once) over the copy bandwidth of the same GPU,
   measured in the same run by :func:`copy_bandwidth`.
@@ -32,12 +31,12 @@ How each figure is measured:
 
 
 # One module per job; every name the callers use (tests/, benches/, prefopt/__main__.py) is here.
+# prefopt.bench.memory is not imported: it is also the fresh process's `python -m` entry.
 from .floors import CHECKED, ISSUE5_SHAPES, fill_floor, fill_speedups, linear_checks
 from .implementations import (ALL_IMPLEMENTATION_NAMES, CCE, CCE_EXACT, IMPLEMENTATION_NAMES, LIGER_LINEAR,
                               LINEAR_IMPLEMENTATION_NAMES, LINEAR_PEERS, PREFOPT_LINEAR_PRODUCTS, REFERENCE,
                               TRL_CHUNKED, Candidate, Implementation, implementations, linear_implementations,
                               load_trl_logprob_module)
-from .memory import MEMORY_SCRIPTS, cpu_memory_unavailable, measure_cpu_memory
 from .plots import MissingExtraError, write_plots
 from .report import PATH_TITLES, environment, format_table, results_stem, write_json
 from .runner import CPU_CALLS, CPU_QUICK_CALLS, DEFAULT_RUN_LEAVES_OUT, CallBudget, chosen_implementations, run
@@ -48,11 +47,11 @@ from .workloads import (DIRECTIONS, GEMM_PRODUCTS, IGNORE_INDEX, LINEAR_DIRECTIO
 __all__ = [
     "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_EXACT", "CHECKED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
     "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "ISSUE5_SHAPES", "LIGER_LINEAR",
-    "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "MEMORY_SCRIPTS", "PATH_TITLES",
+    "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "PATH_TITLES",
     "PREFOPT_LINEAR_PRODUCTS", "REFERENCE", "TRL_CHUNKED", "CallBudget", "Candidate", "Implementation",
     "LinearWorkload", "Measurement", "MissingExtraError", "Workload", "chosen_implementations", "copy_bandwidth",
-    "cpu_memory_unavailable", "default_workloads", "environment", "fill_floor", "fill_speedups", "format_table",
+    "default_workloads", "environment", "fill_floor", "fill_speedups", "format_table",
     "gemm_seconds", "implementations", "linear_checks", "linear_implementations", "load_trl_logprob_module",
-    "make_inputs", "measure", "measure_cpu_memory", "measure_interleaved", "results_stem", "rotation_count", "run",
+    "make_inputs", "measure", "measure_interleaved", "results_stem", "rotation_count", "run",
     "sweep", "time_calls", "write_json", "write_plots",
 ]

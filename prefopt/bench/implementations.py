@@ -33,7 +33,7 @@ class Implementation:
     name: str
     build: Callable[[], Candidate]
     unavailable: str | None = None
-    # For CPU memory, the arguments its path's memory script (MEMORY_SCRIPTS) takes before the
+    # For CPU memory, the arguments `python -m prefopt.bench.memory PATH` takes before the
     # shape: BACKEND INPLACE for the logits path, BACKEND for the fused linear path.
     memory_script_args: tuple[str, ...] | None = None
     # Fused linear path: the matrix products (names in GEMM_PRODUCTS, on the scored rows) it
@@ -275,7 +275,7 @@ def linear_implementations(device: torch.device) -> list[Implementation]:
         Implementation(CCE_EXACT, _cut_cross_entropy(None), unavailable=cce_reason),
         Implementation("prefopt-cuda", _prefopt_linear("cuda"), gemm_products=PREFOPT_LINEAR_PRODUCTS,
                        unavailable=unavailable_reason("cuda", device) if on_gpu else "GPU only"),
-        # The memory script's "reference" backend computes the same explicit logits (float32 on
+        # The memory process's "reference" backend computes the same explicit logits (float32 on
         # a CPU, the only dtype CPU memory is measured in).
         Implementation(REFERENCE, lambda: _explicit_logits_logprobs, memory_script_args=("reference",)),
         Implementation("prefopt-torch", _prefopt_linear("torch"), gemm_products=PREFOPT_LINEAR_PRODUCTS,

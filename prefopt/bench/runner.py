@@ -18,7 +18,6 @@ import torch
 
 from .floors import fill_speedups
 from .implementations import REFERENCE, Candidate, Implementation, implementations, linear_implementations
-from .memory import cpu_memory_unavailable, measure_cpu_memory
 from .plots import pyplot, write_plots
 from .report import environment, format_table, write_json
 from .timing import Measurement, copy_bandwidth, failure_reason, gemm_seconds, measure, measure_interleaved
@@ -119,8 +118,8 @@ def run(*, device: torch.device | None = None, quick: bool = False, names: Seque
         print("time: perf_counter; each round calls every implementation of a workload once, in turn, starting one "
               "further along each round; median and (min-max) over the timed calls. speed-up: the reference's "
               "median over this one's, (min-max) of the same ratio within one round. peak extra memory: resident "
-              "memory of one fwd+bwd above its inputs, in a fresh process (benches/measure_memory.py, "
-              "benches/measure_linear_memory.py). Floors are measured on GPUs only.", file=out)
+              "memory of one fwd+bwd above its inputs, in a fresh process (python -m prefopt.bench.memory). "
+              "Floors are measured on GPUs only.", file=out)
         load = ("" if load_before is None else
                 f"; one-minute load average {load_before:.2f} before the run, {env['load_average_after']:.2f} after")
         print(f"machine: {env['device_name']}, {os.cpu_count()} logical CPUs{load}", file=out)
@@ -235,6 +234,9 @@ def _add_cpu_memory(results: Sequence[Measurement], chosen: Mapping[str, Sequenc
                     progress: TextIO) -> None:
     """Fill the CPU memory figures, two fresh processes at a time (after the timings, so the
     processes do not share the cores with a timed call)."""
+    # Imported here, not with the package: it is also the fresh process's `python -m` entry.
+    from .memory import cpu_memory_unavailable, measure_cpu_memory
+
     scripts = {(path, i.name): i.memory_script_args for path, candidates in chosen.items() for i in candidates}
     jobs = []
     for r in results:
