@@ -448,20 +448,20 @@ def test_linear_checks_record_each_target_with_its_figures():
     assert cuda["time <= 1.25 x cuBLAS time of the products it performs"]["bound"] == pytest.approx(0.875)
     assert cuda["time <= Cut Cross-Entropy's without filtering"]["passed"] is True
     checks = [c for c in checks if c["implementation"] == "prefopt-triton"]
-    issue5 = {c["check"]: c for c in checks if c["issue5_shape"] and c["ignored_fraction"] == 0.0}
-    assert issue5["time <= Cut Cross-Entropy's (default: filters small gradients)"]["passed"] is True
-    assert issue5["time <= Cut Cross-Entropy's without filtering"]["passed"] is False
-    trl = issue5["time <= TRL's chunked log-prob function's"]
+    targets = {c["check"]: c for c in checks if c["target_shape"] and c["ignored_fraction"] == 0.0}
+    assert targets["time <= Cut Cross-Entropy's (default: filters small gradients)"]["passed"] is True
+    assert targets["time <= Cut Cross-Entropy's without filtering"]["passed"] is False
+    trl = targets["time <= TRL's chunked log-prob function's"]
     assert trl["passed"] is None and bench.TRL_CHUNKED in trl["note"]
-    liger = issue5["time <= 0.4 x Liger-Kernel's fused linear cross entropy"]
+    liger = targets["time <= 0.4 x Liger-Kernel's fused linear cross entropy"]
     assert liger["bound"] == pytest.approx(1.2) and liger["passed"] is True
-    memory = issue5["peak extra memory <= the lowest peer's"]
+    memory = targets["peak extra memory <= the lowest peer's"]
     assert (memory["value"], memory["bound"], memory["passed"]) == (100, 150, True)
-    gemm = issue5["time <= 1.25 x cuBLAS time of the products it performs"]
+    gemm = targets["time <= 1.25 x cuBLAS time of the products it performs"]
     assert gemm["bound"] == pytest.approx(1.125) and gemm["passed"] is True
     half = [c for c in checks if c["check"].startswith("time with half the rows ignored")]
     assert len(half) == 1 and half[0]["bound"] == pytest.approx(0.55) and half[0]["passed"] is True
-    other_shape = [c for c in checks if not c["issue5_shape"]]
+    other_shape = [c for c in checks if not c["target_shape"]]
     assert other_shape and all(c["passed"] is None for c in other_shape if "cuBLAS" in c["check"])
 
 

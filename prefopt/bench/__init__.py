@@ -1,10 +1,20 @@
 """Benchmarks: time, peak extra memory and fraction of the floor, for the logits path and the
 fused linear path.
 
-``python -m prefopt bench`` (see :func:`run`, both paths) and ``pytest benches`` share this
-module: the workloads (:class:`Workload`, :class:`LinearWorkload`), the implementations measured
-(prefopt's backends, the plain-PyTorch reference, ``torch.compile`` of it, and the peers where
-they import), the timers, the floors, the checks of issue 5 and the plots.
+``python -m prefopt bench`` (:func:`run`, both paths) and ``pytest benches`` share this package,
+one module per job:
+
+- ``workloads``: the problems (:class:`Workload`, :class:`LinearWorkload`), the sweeps, the
+  default subsets and their inputs;
+- ``implementations``: what is measured (:class:`Implementation`): prefopt's backends, the
+  plain-PyTorch reference, ``torch.compile`` of it and the peers where they import;
+- ``timing``: the timers, the ceilings (copy bandwidth, cuBLAS products), :func:`measure`,
+  :func:`measure_interleaved` and the :class:`Measurement` they return;
+- ``floors``: a measurement against its floor and the reference, and the fused linear path's
+  targets (:func:`linear_checks`);
+- ``memory``: CPU peak memory, in a fresh process (``python -m prefopt.bench.memory``);
+- ``report`` and ``plots``: the table, the environment and the JSON; the PNG plots;
+- ``runner``: the main job, :func:`run`.
 
 How each figure is measured:
 
@@ -25,14 +35,14 @@ How each figure is measured:
   products the direction needs on the scored rows (the logits for a forward; the logits, the
   hidden gradient and the weight gradient for forward+backward), measured in the same run by
   :func:`gemm_seconds`. prefopt's own backends declare the products they actually perform (the
-  Triton backward recomputes the logits in each of its two kernels), whose cuBLAS time is the
-  bound issue 5 sets (:func:`linear_checks`).
+  backward recomputes the logits once, tile by tile, before the two gradient products), and are
+  held to 1.25x their cuBLAS time (:func:`linear_checks`).
 """
 
 
 # One module per job; every name the callers use (tests/, benches/, prefopt/__main__.py) is here.
 # prefopt.bench.memory is not imported: it is also the fresh process's `python -m` entry.
-from .floors import CHECKED, ISSUE5_SHAPES, fill_floor, fill_speedups, linear_checks
+from .floors import CHECKED, LINEAR_TARGET_SHAPES, fill_floor, fill_speedups, linear_checks
 from .implementations import (ALL_IMPLEMENTATION_NAMES, CCE, CCE_EXACT, IMPLEMENTATION_NAMES, LIGER_LINEAR,
                               LINEAR_IMPLEMENTATION_NAMES, LINEAR_PEERS, PREFOPT_LINEAR_PRODUCTS, REFERENCE,
                               TRL_CHUNKED, Candidate, Implementation, implementations, linear_implementations,
@@ -46,8 +56,8 @@ from .workloads import (DIRECTIONS, GEMM_PRODUCTS, IGNORE_INDEX, LINEAR_DIRECTIO
 
 __all__ = [
     "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_EXACT", "CHECKED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
-    "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "ISSUE5_SHAPES", "LIGER_LINEAR",
-    "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "PATH_TITLES",
+    "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "LIGER_LINEAR",
+    "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "LINEAR_TARGET_SHAPES", "PATH_TITLES",
     "PREFOPT_LINEAR_PRODUCTS", "REFERENCE", "TRL_CHUNKED", "CallBudget", "Candidate", "Implementation",
     "LinearWorkload", "Measurement", "MissingExtraError", "Workload", "chosen_implementations", "copy_bandwidth",
     "default_workloads", "environment", "fill_floor", "fill_speedups", "format_table",
