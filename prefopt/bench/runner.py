@@ -237,10 +237,10 @@ def _add_cpu_memory(results: Sequence[Measurement], chosen: Mapping[str, Sequenc
     # Imported here, not with the package: it is also the fresh process's `python -m` entry.
     from .memory import cpu_memory_unavailable, measure_cpu_memory
 
-    scripts = {(path, i.name): i.memory_script_args for path, candidates in chosen.items() for i in candidates}
+    memory_args = {(path, i.name): i.memory_script_args for path, candidates in chosen.items() for i in candidates}
     jobs = []
     for r in results:
-        args = scripts.get((r.workload.path, r.implementation))
+        args = memory_args.get((r.workload.path, r.implementation))
         if r.skipped is None and args is not None:
             reason = cpu_memory_unavailable(r.workload)
             if reason is None:

@@ -148,7 +148,7 @@ def default_workloads(device: torch.device, quick: bool = False) -> list[Workloa
     """The representative subset ``python -m prefopt bench`` runs, forward+backward: the logits
     path's workloads, then the fused linear path's.
 
-    CPU: float32 (what the CPU path is for), a quarter of the rows ignored (the memory scripts'
+    CPU: float32 (what the CPU path is for), a quarter of the rows ignored (the memory process's
     prompt); 512 tokens x V 128256, and 1024 tokens x H 256 x V 32000. One workload per path:
     each row's memory figure costs a fresh process (about 4 s of CPU, mostly importing torch), and
     the whole CPU run stays near half a minute.
