@@ -13,9 +13,9 @@ session (prefopt.bench.results_stem):
 
 - DIR/STEM.json: the environment of each session, the kernel microbenchmark's runs and figures
   (``kernel_runs``, ``kernels``), the correctness counts, every measured row
-  (raw figures, speed-up over the reference filled in), the DPO/KTO step rows, issue 5's checks
-  (prefopt.bench.linear_checks: passed or failed, never asserted) and every row not run, with
-  the reason;
+  (raw figures, speed-up over the reference filled in), the DPO/KTO step rows, the fused linear
+  path's target checks (prefopt.bench.linear_checks: passed or failed, never asserted) and every
+  row not run, with the reason;
 - DIR/STEM.md: the summary tables, stating the commands that produced them;
 - DIR/STEM/*.png: time and peak memory against tokens and vocabulary size (needs matplotlib;
   not with ``--no-plots``).
@@ -143,14 +143,14 @@ def markdown(document: dict, measurements: Sequence[bench.Measurement], stem: st
         for suite in document["correctness"]:
             lines += [f"- failed in {suite['suite']}: `{name}`" for name in suite["failed_tests"]]
     if document["linear_checks"]:
-        lines += ["", "## Fused linear path: issue 5's targets for prefopt's GPU backends (forward+backward, bf16)", "",
-                  "Recorded, not asserted. Issue 5 names 16384 x 4096 x 128256 and 16384 x 2048 x 248320 "
-                  "(in bold).", "",
+        targets = " and ".join(" x ".join(map(str, shape)) for shape in bench.LINEAR_TARGET_SHAPES)
+        lines += ["", "## Fused linear path: the targets of prefopt's GPU backends (forward+backward, bf16)", "",
+                  f"Recorded, not asserted. The target problems are {targets} (in bold).", "",
                   "| workload | implementation | check | value | bound | result |", "|---|---|---|---:|---:|---|"]
-        ordered = sorted(document["linear_checks"], key=lambda c: not c["issue5_shape"])
+        ordered = sorted(document["linear_checks"], key=lambda c: not c["target_shape"])
         for check in ordered:
             shape = check["workload"].removeprefix("fwd+bwd ")
-            shape = f"**{shape}**" if check["issue5_shape"] else shape
+            shape = f"**{shape}**" if check["target_shape"] else shape
             result = {True: "pass", False: "FAIL", None: f"not known: {check['note']}"}[check["passed"]]
             lines.append(f"| {shape} | {check['implementation']} | {check['check']} | {_check_value(check, 'value')} | "
                          f"{_check_value(check, 'bound')} | {result} |")

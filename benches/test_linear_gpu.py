@@ -1,6 +1,6 @@
 """The fused linear path on a GPU: per-token log-probs from hidden states and the LM-head weight.
 
-Workloads (bf16), in the order a run cut short needs them: issue 5's two problems (16384 tokens
+Workloads (bf16), in the order a run cut short needs them: the two target problems (16384 tokens
 x H 4096 x V 128256 and 16384 x 2048 x 248320) forward+backward with every row scored and with
 half of them ignored; H 2048 and 4096 x V 32000-262144 at 16384 tokens; 4096-16384 tokens at V
 128256; then the forward alone (with the autograd graph, a policy's) and under torch.no_grad (a
@@ -14,7 +14,7 @@ Each row: median of CUDA events over rotating input sets, max_memory_allocated a
 the floor (cuBLAS time of the products the direction needs on the scored rows, measured in the
 same run) and the fraction of it achieved; for prefopt's backends also the cuBLAS time of the
 products they actually perform. Figures land in extra_info (and, with PREFOPT_BENCH_RECORD, in
-its file: see conftest.py); issue 5's targets are computed from them by prefopt.bench.linear_checks
+its file: see conftest.py); the targets are computed from them by prefopt.bench.linear_checks
 in benches/report.py: recorded as passed or failed, never asserted here.
 """
 
@@ -32,15 +32,15 @@ VOCABS = (32000, 128256, 151936, 262144)
 PIVOT_TOKENS, PIVOT_VOCAB = 16384, 128256
 CALLS, WARMUP = timed_calls(default=5), 2
 DEVICE = torch.device("cuda")
-# The rows benches/gpu_session.sh measures first (-m headline): issue 5's two shapes, forward+backward,
-# every row scored, prefopt's GPU backends and the peers.
+# The rows benches/gpu_session.sh measures first (-m headline): the two target shapes,
+# forward+backward, every row scored, prefopt's GPU backends and the peers.
 HEADLINE_IMPLEMENTATIONS = ("prefopt-triton", "prefopt-cuda", bench.TRL_CHUNKED, bench.CCE, bench.LIGER_LINEAR)
 
 
 def shapes() -> list[tuple[int, int, int]]:
-    """(tokens, hidden, vocab): issue 5's first, then every vocabulary at PIVOT_TOKENS and every
-    token count at PIVOT_VOCAB, for each hidden size; no repeats."""
-    listed = [*bench.ISSUE5_SHAPES]
+    """(tokens, hidden, vocab): the target shapes first, then every vocabulary at PIVOT_TOKENS and
+    every token count at PIVOT_VOCAB, for each hidden size; no repeats."""
+    listed = [*bench.LINEAR_TARGET_SHAPES]
     listed += [(PIVOT_TOKENS, h, v) for h in HIDDEN_SIZES for v in VOCABS]
     listed += [(t, h, PIVOT_VOCAB) for h in HIDDEN_SIZES for t in TOKENS]
     return sorted(set(listed), key=listed.index)
@@ -50,7 +50,7 @@ def workloads() -> list[bench.LinearWorkload]:
     def at(shape, ignored, direction):
         return bench.LinearWorkload(*shape, dtype=torch.bfloat16, ignored_fraction=ignored, direction=direction)
 
-    ordered = [at(shape, ignored, "fwd+bwd") for shape in bench.ISSUE5_SHAPES for ignored in (0.0, 0.5)]
+    ordered = [at(shape, ignored, "fwd+bwd") for shape in bench.LINEAR_TARGET_SHAPES for ignored in (0.0, 0.5)]
     ordered += [at(shape, 0.0, "fwd+bwd") for shape in shapes()]
     ordered += [at(shape, 0.0, direction) for direction in ("fwd", "fwd-nograd") for shape in shapes()]
     ordered += [at(shape, 0.5, "fwd+bwd") for shape in shapes()]
@@ -66,8 +66,8 @@ def row_id(workload: bench.LinearWorkload, name: str) -> str:
 # short has complete comparisons for the workloads it reached.
 def is_headline(workload: bench.LinearWorkload, name: str) -> bool:
     shape = (workload.tokens, workload.hidden, workload.vocab)
-    return (shape in bench.ISSUE5_SHAPES and workload.direction == "fwd+bwd" and workload.ignored_fraction == 0.0
-            and name in HEADLINE_IMPLEMENTATIONS)
+    return (shape in bench.LINEAR_TARGET_SHAPES and workload.direction == "fwd+bwd"
+            and workload.ignored_fraction == 0.0 and name in HEADLINE_IMPLEMENTATIONS)
 
 
 ROWS = [pytest.param(w, name, id=row_id(w, name), marks=[pytest.mark.headline] if is_headline(w, name) else [])

@@ -5,27 +5,19 @@ benches/test_linear_gpu.py's.
 The torch backend must keep its working memory, the peak above the inputs less the
 gradients the call returns (grad_hidden and grad_weight, 164 MB, which any method must allocate),
 under 10% of the explicit logits; the reference, which materializes them, needs several times
-their size. Each measurement runs in a fresh process (measure_linear_memory.py).
+their size. Each measurement runs in a fresh process (prefopt.bench.memory).
 """
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("measure_linear_memory.py")
+from prefopt.bench.memory import fresh_process
+
 TOKENS, HIDDEN, VOCAB = 8192, 1024, 32000
 WORKING_BOUND = {"torch": 0.10, "reference": None}
 
 
 def measure(backend: str) -> dict:
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    arguments = [sys.executable, str(SCRIPT), backend, str(TOKENS), str(HIDDEN), str(VOCAB)]
-    result = subprocess.run(arguments, env=environment, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return fresh_process("linear", [backend, TOKENS, HIDDEN, VOCAB])
 
 
 @pytest.mark.parametrize("backend", list(WORKING_BOUND))

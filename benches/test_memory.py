@@ -2,27 +2,20 @@
 
 The chunked torch backend must stay within 10% of the logits' size with inplace_backward=True
 and within 1.1x without it (the gradient itself); the reference, which materializes the
-log-softmax and its gradient, needs about 3x. Each measurement runs in a fresh process.
+log-softmax and its gradient, needs about 3x. Each measurement runs in a fresh process
+(prefopt.bench.memory).
 """
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("measure_memory.py")
+from prefopt.bench.memory import fresh_process
+
 TOKENS, VOCAB = 4096, 32000
 BOUNDS = {("torch", True): 0.10, ("torch", False): 1.10, ("reference", False): None}
 
 
 def measure(backend: str, inplace: bool) -> dict:
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    arguments = [sys.executable, str(SCRIPT), backend, "1" if inplace else "0", str(TOKENS), str(VOCAB)]
-    result = subprocess.run(arguments, env=environment, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return fresh_process("logits", [backend, 1 if inplace else 0, TOKENS, VOCAB])
 
 
 @pytest.mark.parametrize(("backend", "inplace"), list(BOUNDS))

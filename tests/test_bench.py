@@ -189,7 +189,7 @@ def test_plot_into_a_file_is_an_error(tmp_path, capsys):
 
 def test_missing_matplotlib_names_the_extra_before_measuring(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before failing"))
+    monkeypatch.setattr(bench.runner, "measure", lambda *a, **k: pytest.fail("measured before failing"))
     assert main(["bench", "--quick", "--plot", str(tmp_path / "plots")]) == 1
     error = capsys.readouterr().err
     assert "matplotlib" in error and "prefopt[bench]" in error
@@ -273,7 +273,7 @@ def test_interleaved_speedup_range_pairs_the_calls_of_one_round(monkeypatch):
         timed(0, prepare(0))
         return [next(scripted)], None
 
-    monkeypatch.setattr(bench, "time_calls", fake_time_calls)
+    monkeypatch.setattr(bench.timing, "time_calls", fake_time_calls)
     reference, b = bench.measure_interleaved([recording(name, []) for name in ("reference", "b")], FORWARD, CPU,
                                              warmup=0, min_calls=3, max_calls=3, budget_s=0.0)
     assert reference.times_s == [4.0, 3.0, 6.0] and b.times_s == [2.0, 1.0, 2.0]
@@ -347,9 +347,9 @@ def test_a_failing_implementation_is_reported_and_the_run_goes_on(monkeypatch, c
 
     chosen = [next(i for i in bench.implementations(CPU) if i.name == "reference"),
               bench.Implementation("broken", lambda: broken)]
-    monkeypatch.setattr(bench, "implementations", lambda device: chosen)
-    monkeypatch.setattr(bench, "linear_implementations", lambda device: [])  # the logits path alone
-    monkeypatch.setattr(bench, "_add_cpu_memory", lambda *args: None)  # no fresh processes here
+    monkeypatch.setattr(bench.runner, "implementations", lambda device: chosen)
+    monkeypatch.setattr(bench.runner, "linear_implementations", lambda device: [])  # the logits path alone
+    monkeypatch.setattr(bench.runner, "_add_cpu_memory", lambda *args: None)  # no fresh processes here
     results = bench.run(device=CPU, quick=True, calls=1)
     assert [r.implementation for r in results] == ["reference", "broken"]
     assert results[0].median_s > 0
@@ -448,20 +448,20 @@ def test_linear_checks_record_each_target_with_its_figures():
     assert cuda["time <= 1.25 x cuBLAS time of the products it performs"]["bound"] == pytest.approx(0.875)
     assert cuda["time <= Cut Cross-Entropy's without filtering"]["passed"] is True
     checks = [c for c in checks if c["implementation"] == "prefopt-triton"]
-    issue5 = {c["check"]: c for c in checks if c["issue5_shape"] and c["ignored_fraction"] == 0.0}
-    assert issue5["time <= Cut Cross-Entropy's (default: filters small gradients)"]["passed"] is True
-    assert issue5["time <= Cut Cross-Entropy's without filtering"]["passed"] is False
-    trl = issue5["time <= TRL's chunked log-prob function's"]
+    targets = {c["check"]: c for c in checks if c["target_shape"] and c["ignored_fraction"] == 0.0}
+    assert targets["time <= Cut Cross-Entropy's (default: filters small gradients)"]["passed"] is True
+    assert targets["time <= Cut Cross-Entropy's without filtering"]["passed"] is False
+    trl = targets["time <= TRL's chunked log-prob function's"]
     assert trl["passed"] is None and bench.TRL_CHUNKED in trl["note"]
-    liger = issue5["time <= 0.4 x Liger-Kernel's fused linear cross entropy"]
+    liger = targets["time <= 0.4 x Liger-Kernel's fused linear cross entropy"]
     assert liger["bound"] == pytest.approx(1.2) and liger["passed"] is True
-    memory = issue5["peak extra memory <= the lowest peer's"]
+    memory = targets["peak extra memory <= the lowest peer's"]
     assert (memory["value"], memory["bound"], memory["passed"]) == (100, 150, True)
-    gemm = issue5["time <= 1.25 x cuBLAS time of the products it performs"]
+    gemm = targets["time <= 1.25 x cuBLAS time of the products it performs"]
     assert gemm["bound"] == pytest.approx(1.125) and gemm["passed"] is True
     half = [c for c in checks if c["check"].startswith("time with half the rows ignored")]
     assert len(half) == 1 and half[0]["bound"] == pytest.approx(0.55) and half[0]["passed"] is True
-    other_shape = [c for c in checks if not c["issue5_shape"]]
+    other_shape = [c for c in checks if not c["target_shape"]]
     assert other_shape and all(c["passed"] is None for c in other_shape if "cuBLAS" in c["check"])
 
 
