@@ -5,12 +5,12 @@ parameter's gradient, float32, to 1e-5); a DTensor LM head given to prefopt's ow
 padding-free packed batches through TRL's fused LM head and its SFTTrainer."""
 
 import importlib.util
-import math
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -47,33 +47,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(engine: str, directory: Path, world_size: int = 2) -> dict:
-    """``tests/trl_engine_worker.py engine`` on ``world_size`` CPU processes; rank 0's results."""
-    results = directory / "results.pt"
+class World(NamedTuple):
+    engine: str
+    directory: Path
+    processes: list[subprocess.Popen]
+
+
+def start_world(engine: str, directory: Path, world_size: int = 2) -> World:
+    """``tests/trl_engine_worker.py engine`` on ``world_size`` CPU processes, in the background."""
     port = str(free_port())
     processes = []
     for rank in range(world_size):
         environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                       "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-        log = open(directory / f"rank{rank}.log", "w")
-        processes.append((subprocess.Popen([sys.executable, str(TESTS / "trl_engine_worker.py"), engine, str(results)],
-                                           env=environment, stdout=log, stderr=subprocess.STDOUT), log))
+                       "OMP_NUM_THREADS": "1",
+                       "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        with open(directory / f"rank{rank}.log", "w") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, str(TESTS / "trl_engine_worker.py"), engine, str(directory / "results.pt")],
+                env=environment, stdout=log, stderr=subprocess.STDOUT))
+    return World(engine, directory, processes)
+
+
+def finish_world(world: World) -> dict:
+    """Waits for the world's ranks (killing them after WORLD_TIMEOUT_S) and returns rank 0's results."""
     failures = []
-    for rank, (process, log) in enumerate(processes):
+    for rank, process in enumerate(world.processes):
         try:
             process.wait(timeout=WORLD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
             failures.append(f"rank {rank} still running after {WORLD_TIMEOUT_S} s")
-        log.close()
         if process.returncode != 0:
-            tail = (directory / f"rank{rank}.log").read_text()[-3000:]
+            tail = (world.directory / f"rank{rank}.log").read_text()[-3000:]
             failures.append(f"rank {rank} exited with {process.returncode}:\n{tail}")
     if failures:
-        pytest.fail(f"{engine} on {world_size} processes: " + "\n".join(failures))
-    return torch.load(results)
+        pytest.fail(f"{world.engine} on {len(world.processes)} processes: " + "\n".join(failures))
+    return torch.load(world.directory / "results.pt")
 
 
 def differences(step: dict, reference: dict) -> dict[str, float]:
@@ -94,39 +105,130 @@ def steps(results: dict) -> list[tuple]:
     return list(zip(results["loss"], results["metrics"], results["gradients"]))
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
-    """The same two steps in this process, on the whole batch."""
-    return worker.run("none", str(tmp_path_factory.mktemp("one-process")))
-
-
-def assert_engine_matches(results: dict, one_process: dict) -> None:
-    (trl_step, prefopt_step), (whole_batch_step, _) = steps(results), steps(one_process)
-    for gradient in trl_step[2].values():
-        assert gradient.norm() > 0
-    for against, reference in (("TRL on the engine", trl_step), ("one process", whole_batch_step)):
-        found = differences(prefopt_step, reference)
-        worst = max(found, key=found.get)
-        print(f"prefopt against {against}: largest relative difference {found[worst]:.2e} ({worst})")
-        assert found[worst] <= TOLERANCE, (against, worst, found[worst])
-
-
-def test_one_process_steps_agree(one_process):
-    trl_step, prefopt_step = steps(one_process)
-    found = differences(prefopt_step, trl_step)
-    assert max(found.values()) <= TOLERANCE
-
-
-def test_fsdp2_dpo_step(tmp_path, one_process):
-    assert_engine_matches(run_world("fsdp2", tmp_path), one_process)
-
-
 def deepspeed_unavailable() -> str | None:
     if importlib.util.find_spec("deepspeed") is None:
         return "DeepSpeed is not installed (.ci/run installs it)"
     return None
 
 
+ENGINES = ["fsdp2", "zero3"] if deepspeed_unavailable() is None else ["fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory) -> dict[str, World]:
+    """Every engine's world, started together: their start-up (imports, the engines' setup) overlaps."""
+    started = {engine: start_world(engine, tmp_path_factory.mktemp(engine)) for engine in ENGINES}
+    yield started
+    for world in started.values():
+        for process in world.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def one_process(worlds, tmp_path_factory) -> dict:
+    """The same two steps in this process, on the whole batch (while the worlds run)."""
+    return worker.run("none", str(tmp_path_factory.mktemp("one-process")))
+
+
+def assert_engine_matches(results: dict, one_process: dict, head: str) -> None:
+    assert results["fused_calls"][0] == 0 and results["fused_calls"][1] >= 2  # the policy and the reference
+    assert all(layout.startswith(head) for layout in results["heads"]), results["heads"]
+    (trl_step, prefopt_step), (whole_batch_step, _) = steps(results), steps(one_process)
+    for gradient in trl_step[2].values():
+        assert gradient.norm() > 0
+    for against, reference in (("TRL on the engine", trl_step), ("one process", whole_batch_step)):
+        found = differences(prefopt_step, reference)
+        worst = max(found, key=found.get)
+        print(f"{results['heads'][0]}: prefopt against {against}: largest relative difference "
+              f"{found[worst]:.2e} ({worst})")
+        assert found[worst] <= TOLERANCE, (against, worst, found[worst])
+
+
+def test_one_process_steps_agree(one_process):
+    trl_step, prefopt_step = steps(one_process)
+    assert one_process["fused_calls"][0] == 0 and one_process["fused_calls"][1] >= 2
+    found = differences(prefopt_step, trl_step)
+    assert max(found.values()) <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def fsdp2(worlds) -> dict:
+    return finish_world(worlds["fsdp2"])
+
+
+def test_fsdp2_dpo_step(fsdp2, one_process):
+    # Between steps FSDP2 holds each rank's half of the head's rows.
+    assert_engine_matches(fsdp2, one_process, "DTensor (Shard(dim=0),) of (19, 32) with (10, 32)")
+
+
+def test_fsdp2_dtensor_head_in_prefopt_functions(fsdp2):
+    # DPOLoss on an LMHeadInput and linear_token_logprobs, given the sharded head's DTensors.
+    found = fsdp2["dtensor_head"]
+    print(f"DTensor head against the plain head on the whole batch: {found}")
+    assert max(found.values()) <= TOLERANCE, found
+
+
 @pytest.mark.skipif(deepspeed_unavailable() is not None, reason=str(deepspeed_unavailable()))
-def test_deepspeed_zero3_dpo_step(tmp_path, one_process):
-    assert_engine_matches(run_world("zero3", tmp_path), one_process)
+def test_deepspeed_zero3_dpo_step(worlds, one_process):
+    assert_engine_matches(finish_world(worlds["zero3"]), one_process, "zero3 partition of 608 with 0 here")
+
+
+# ----------------------------------------------------------------------------- padding-free batches
+
+
+def sft_step(trainer, batch) -> tuple:
+    """Loss, TRL's metrics and every parameter's gradient of one compute_loss + backward."""
+    trainer.model.zero_grad()
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items() if name != "num_tokens"}
+    return loss.item(), metrics, {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+
+
+def test_padding_free_sft_step(tmp_path):
+    # TRL 1.16 packs only in its SFTTrainer (its DPOTrainer turns padding_free=True off, with a
+    # warning): the batch is one row of every example, with position_ids restarting at each.
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=len(worker.PROMPTS),
+                     padding_free=True, packing=True, packing_strategy="bfd", max_length=64, use_cpu=True, bf16=False,
+                     max_steps=1, disable_tqdm=True)
+    dataset = Dataset.from_dict({"prompt": worker.PROMPTS, "completion": worker.CHOSEN})
+    trainer = SFTTrainer(model=worker.tiny_llama(0), args=args, train_dataset=dataset,
+                         processing_class=worker.tokenizer())
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert int((batch["position_ids"] == 0).sum()) == len(worker.PROMPTS)
+    trl_step = sft_step(trainer, batch)
+    with prefopt_trl.enabled("torch"):
+        prefopt_step = sft_step(trainer, batch)
+    found = differences(prefopt_step, trl_step)
+    worst = max(found, key=found.get)
+    print(f"padding-free SFT step: largest relative difference {found[worst]:.2e} ({worst})")
+    assert found[worst] <= TOLERANCE, (worst, found[worst])
+
+
+def test_packed_shift_labels_match_the_padded_batch(monkeypatch):
+    # TRL's fused head on one packed row with position_ids and pre-shifted shift_labels (as under
+    # context parallelism) gives, through prefopt, each sequence's log-probs of the padded batch.
+    model = worker.tiny_llama(0)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    generator = torch.Generator().manual_seed(4)
+    lengths = [5, 3, 7]
+    sequences = [torch.randint(3, model.config.vocab_size, (n,), generator=generator) for n in lengths]
+    packed = torch.cat(sequences)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    # Each sequence's last token predicts nothing: -100 where the next position starts another.
+    shift_labels = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in sequences])[None]
+    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=1)
+    labels = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=-100)
+    attention_mask = labels != -100
+    with prefopt_trl.enabled("torch"):
+        packed_out = model(input_ids=packed, position_ids=position_ids, shift_labels=shift_labels, fused_lm_head=True)
+        padded_out = model(input_ids=padded, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    packed_sums = torch.stack([part.sum() for part in packed_out.log_probs[0].split(lengths)])
+    assert relative_error(packed_sums, padded_out.log_probs.sum(-1)) <= TOLERANCE
+    trl_out = model(input_ids=packed, position_ids=position_ids, shift_labels=shift_labels, fused_lm_head=True)
+    for field in ("log_probs", "entropy"):
+        assert relative_error(getattr(packed_out, field), getattr(trl_out, field)) <= TOLERANCE, field

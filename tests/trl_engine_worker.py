@@ -32,10 +32,12 @@ NOT_METRICS = ("loss", "epoch", "step", "learning_rate", "num_tokens", "grad_nor
 ENGINE_ARGS: dict[str, dict[str, Any]] = {
     "none": {},
     # What TRL's accelerate configs for FSDP2 set: each decoder layer and the root sharded.
-    "fsdp2": {"fsdp": "full_shard",
+    "fsdp2": {"fsdp": True,
               "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                               "reshard_after_forward": True}},
-    "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": False},
+    # Parameters under the persistence threshold (all of a tiny model by default) are never
+    # partitioned: 0 partitions every one, as ZeRO-3 does the large ones of a real model.
+    "zero3": {"deepspeed": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "bf16": {"enabled": False},
                             "fp16": {"enabled": False}, "train_micro_batch_size_per_gpu": "auto",
                             "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
                             "gradient_clipping": "auto"}},
@@ -70,6 +72,34 @@ def full_gradient(parameter: torch.Tensor) -> torch.Tensor:
     return gradient.detach().clone()
 
 
+def fsdp_on_cpu() -> None:
+    """Accelerate turns its FSDP plugin on for accelerator devices only (CUDA, XPU, NPU, ...), and
+    leaves CPU processes to DDP: here the CPU ranks take it as an accelerator's would, so that the
+    Trainer prepares the model with accelerate's own FSDP2 code (``fully_shard`` per decoder layer
+    and on the root) and TRL its reference model (``prepare_fsdp``)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    initialize = AcceleratorState.__init__
+
+    def initialize_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        initialize(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = initialize_with_fsdp
+
+
+def head_layout(weight: torch.Tensor) -> str:
+    """How the engine holds the LM head between steps: what the test checks it really shards."""
+    if hasattr(weight, "ds_id"):
+        return f"zero3 partition of {weight.ds_numel} with {weight.numel()} here"
+    if isinstance(weight, torch.distributed.tensor.DTensor):
+        return f"DTensor {weight.placements} of {tuple(weight.shape)} with {tuple(weight.to_local().shape)} here"
+    return f"tensor of {tuple(weight.shape)}"
+
+
 class _SequentialDPOTrainer(DPOTrainer):
     """Rank r always gets the same pairs (the r-th slice of the batch), step after step."""
 
@@ -80,13 +110,18 @@ class _SequentialDPOTrainer(DPOTrainer):
 class _Steps(TrainerCallback):
     """Gradients of each step before the optimizer's; prefopt on from the second step."""
 
-    def __init__(self, model_of, at_optimizer_step: bool) -> None:
+    def __init__(self, model_of, at_optimizer_step: bool, fused_calls: list) -> None:
         self.model_of = model_of
         self.at_optimizer_step = at_optimizer_step
         self.gradients: list[dict[str, torch.Tensor]] = []
+        self.heads: list[str] = []
+        self.fused_calls: list[int] = []
+        self.calls = fused_calls
 
     def record(self) -> None:
         model = self.model_of()
+        self.heads.append(head_layout(model.lm_head.weight))
+        self.fused_calls.append(len(self.calls))
         self.gradients.append({name: full_gradient(parameter) for name, parameter in model.named_parameters()})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -100,7 +135,8 @@ class _Steps(TrainerCallback):
 def run(engine: str, output_dir: str) -> dict[str, list]:
     """Two DPO steps (TRL's, then prefopt's) of this process's share of the 4 pairs.
 
-    Returns {"loss": [2 floats], "metrics": [2 dicts], "gradients": [2 dicts name -> full tensor]}.
+    Returns {"loss": [2 floats], "metrics": [2 dicts], "gradients": [2 dicts name -> full tensor],
+    "heads": [2 layouts of the LM head's weight], "fused_calls": [prefopt's fused calls by each step]}.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     engine_args = ENGINE_ARGS[engine]
@@ -108,10 +144,18 @@ def run(engine: str, output_dir: str) -> dict[str, list]:
                      max_steps=2, logging_steps=1, learning_rate=0.0, max_grad_norm=0.0, use_cpu=True, bf16=False,
                      save_strategy="no", disable_tqdm=True, **engine_args)
     dataset = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    # One entry per call of TRL's fused LM head that reached prefopt.
+    fused_calls: list[int] = []
+    fused = prefopt_trl.lm_head_token_stats
+
+    def counted(*call_args, **call_kwargs):
+        fused_calls.append(1)
+        return fused(*call_args, **call_kwargs)
+
     trainer = _SequentialDPOTrainer(model=tiny_llama(0), ref_model=tiny_llama(1), args=args, train_dataset=dataset,
                                     processing_class=tokenizer())
     steps = _Steps(lambda: trainer.model_wrapped.module if engine == "zero3" else trainer.model,
-                   at_optimizer_step=engine != "zero3")
+                   at_optimizer_step=engine != "zero3", fused_calls=fused_calls)
     trainer.add_callback(steps)
     if engine == "zero3":
         # Under ZeRO-3 the optimizer step runs inside accelerate's backward, before any callback:
@@ -126,21 +170,81 @@ def run(engine: str, output_dir: str) -> dict[str, list]:
 
         DeepSpeedEngine.step = recording_step
     prefopt_trl.disable()
+    prefopt_trl.lm_head_token_stats = counted
     try:
         trainer.train()
     finally:
         prefopt_trl.disable()
+        prefopt_trl.lm_head_token_stats = fused
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
         "loss": [entry["loss"] for entry in logged],
         "metrics": [{key: value for key, value in entry.items() if key not in NOT_METRICS} for entry in logged],
         "gradients": steps.gradients,
+        "heads": steps.heads,
+        "fused_calls": steps.fused_calls,
     }
+
+
+def dtensor_head() -> dict[str, float]:
+    """prefopt's own functions on an FSDP2-sharded LM head (a DTensor weight and bias), each rank
+    with its own half of the batch, against the plain head on the whole batch: relative differences
+    of the loss and of the head's gradients (FSDP2 averages a gradient over the ranks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    import prefopt
+    from prefopt.nn import DPOLoss, LMHeadInput
+
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    generator = torch.Generator().manual_seed(5)
+    pairs, length, hidden_size, vocab_size = 2 * world_size, 6, 32, 19
+    hidden = torch.randn(2 * pairs, length, hidden_size, generator=generator)
+    labels = torch.randint(0, vocab_size, (2 * pairs, length), generator=generator)
+    labels[:, :2] = -100  # the prompt
+    ref_logps = -20 * torch.rand(2 * pairs, generator=generator)
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(hidden_size, vocab_size)
+    sharded = torch.nn.Linear(hidden_size, vocab_size)
+    sharded.load_state_dict(plain.state_dict())
+    fully_shard(sharded)
+    assert isinstance(sharded.weight, torch.distributed.tensor.DTensor)
+
+    def loss_of(head: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+        chosen, rejected = rows, rows + pairs  # TRL's [chosen; rejected] layout, these pairs only
+        index = torch.cat([chosen, rejected])
+        loss, _ = DPOLoss(beta=0.3, backend="torch")(
+            LMHeadInput(hidden[index], head.weight, head.bias), labels[index],
+            ref_logps=ref_logps[index])
+        token_logps = prefopt.linear_token_logprobs(hidden[index], head.weight, labels[index], bias=head.bias,
+                                                    backend="torch")
+        return loss + 0.01 * token_logps.sum()
+
+    mine = torch.arange(rank * pairs // world_size, (rank + 1) * pairs // world_size)
+    loss = loss_of(sharded, mine)  # the gathered head is not a module call: FSDP2's hooks stay out
+    loss.backward()
+    whole = torch.stack([loss_of(plain, torch.arange(r * pairs // world_size, (r + 1) * pairs // world_size))
+                         for r in range(world_size)]).mean()
+    whole.backward()
+    losses = [torch.zeros(()) for _ in range(world_size)]
+    torch.distributed.all_gather(losses, loss.detach())
+    from conftest import relative_error
+
+    whole = whole.item()
+    found = {"loss": abs(torch.stack(losses).mean().item() - whole) / abs(whole)}
+    for name in ("weight", "bias"):
+        gradient = getattr(sharded, name).grad
+        assert isinstance(gradient, torch.distributed.tensor.DTensor), name
+        found[name] = relative_error(gradient.full_tensor(), getattr(plain, name).grad)
+    return found
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     engine_name, results_path = sys.argv[1:]
+    if engine_name == "fsdp2":
+        fsdp_on_cpu()
     results = run(engine_name, os.path.dirname(results_path))
+    if engine_name == "fsdp2":
+        results["dtensor_head"] = dtensor_head()
     if int(os.environ["RANK"]) == 0:
         torch.save(results, results_path)
