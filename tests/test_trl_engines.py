@@ -5,10 +5,9 @@ parameter's gradient, float32, to 1e-5); a DTensor LM head given to prefopt's ow
 padding-free packed batches through TRL's fused LM head and its SFTTrainer."""
 
 import importlib.util
-import os
+import multiprocessing
 import socket
-import subprocess
-import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +28,6 @@ from conftest import relative_error  # noqa: E402
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated:FutureWarning")
 
-TESTS = Path(__file__).parent
 # One world of 2 ranks starts in about 15 s here (imports, the engines' setup); far more is a hang.
 WORLD_TIMEOUT_S = 240
 TOLERANCE = 1e-5
@@ -50,38 +48,37 @@ def free_port() -> int:
 class World(NamedTuple):
     engine: str
     directory: Path
-    processes: list[subprocess.Popen]
+    processes: list
 
 
 def start_world(engine: str, directory: Path, world_size: int = 2) -> World:
-    """``tests/trl_engine_worker.py engine`` on ``world_size`` CPU processes, in the background."""
-    port = str(free_port())
-    processes = []
-    for rank in range(world_size):
-        environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                       "OMP_NUM_THREADS": "1",
-                       "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-        with open(directory / f"rank{rank}.log", "w") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, str(TESTS / "trl_engine_worker.py"), engine, str(directory / "results.pt")],
-                env=environment, stdout=log, stderr=subprocess.STDOUT))
+    """``trl_engine_worker.rank_main`` on ``world_size`` CPU processes, in the background."""
+    # Forked from a server process that has imported the worker (torch, Transformers, TRL) once:
+    # each rank starts without importing them again.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["trl_engine_worker"])
+    port = free_port()
+    processes = [context.Process(target=worker.rank_main,
+                                 args=(engine, rank, world_size, port, str(directory / "results.pt")))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
     return World(engine, directory, processes)
 
 
 def finish_world(world: World) -> dict:
     """Waits for the world's ranks (killing them after WORLD_TIMEOUT_S) and returns rank 0's results."""
+    deadline = time.monotonic() + WORLD_TIMEOUT_S
     failures = []
     for rank, process in enumerate(world.processes):
-        try:
-            process.wait(timeout=WORLD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
             process.kill()
-            process.wait()
+            process.join()
             failures.append(f"rank {rank} still running after {WORLD_TIMEOUT_S} s")
-        if process.returncode != 0:
+        elif process.exitcode != 0:
             tail = (world.directory / f"rank{rank}.log").read_text()[-3000:]
-            failures.append(f"rank {rank} exited with {process.returncode}:\n{tail}")
+            failures.append(f"rank {rank} exited with {process.exitcode}:\n{tail}")
     if failures:
         pytest.fail(f"{world.engine} on {len(world.processes)} processes: " + "\n".join(failures))
     return torch.load(world.directory / "results.pt")
@@ -121,9 +118,9 @@ def worlds(tmp_path_factory) -> dict[str, World]:
     yield started
     for world in started.values():
         for process in world.processes:
-            if process.poll() is None:
+            if process.is_alive():
                 process.kill()
-                process.wait()
+                process.join()
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +165,7 @@ def test_fsdp2_dtensor_head_in_prefopt_functions(fsdp2):
     found = fsdp2["dtensor_head"]
     print(f"DTensor head against the plain head on the whole batch: {found}")
     assert max(found.values()) <= TOLERANCE, found
+    assert fsdp2["dtensor_refusal"].startswith("weight: a DTensor with process_group"), fsdp2["dtensor_refusal"]
 
 
 @pytest.mark.skipif(deepspeed_unavailable() is not None, reason=str(deepspeed_unavailable()))

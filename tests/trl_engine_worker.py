@@ -2,7 +2,7 @@
 for tests/test_trl_engines.py: two steps on the same batch with a learning rate of 0, the first
 through TRL's own fused LM head and the second with ``prefopt.integrations.trl.enable()``.
 
-    python tests/trl_engine_worker.py {fsdp2,zero3} RESULTS_PATH     # with RANK, WORLD_SIZE, ... set
+    rank_main("fsdp2" or "zero3", rank, world_size, port, results_path)   # in each rank's process
 
 Each step's loss, TRL's logged metrics and every parameter's full gradient (gathered from the
 shards before the optimizer step, with clipping off) go to RESULTS_PATH (``torch.save``, from rank 0).
@@ -10,7 +10,6 @@ shards before the optimizer step, with clipping off) go to RESULTS_PATH (``torch
 """
 
 import os
-import sys
 from typing import Any
 
 import torch
@@ -186,10 +185,11 @@ def run(engine: str, output_dir: str) -> dict[str, list]:
     }
 
 
-def dtensor_head() -> dict[str, float]:
+def dtensor_head() -> tuple[dict[str, float], str | None]:
     """prefopt's own functions on an FSDP2-sharded LM head (a DTensor weight and bias), each rank
     with its own half of the batch, against the plain head on the whole batch: relative differences
-    of the loss and of the head's gradients (FSDP2 averages a gradient over the ranks)."""
+    of the loss and of the head's gradients (FSDP2 averages a gradient over the ranks), and the
+    error a DTensor with ``process_group`` raises (None if it raised none)."""
     from torch.distributed.fsdp import fully_shard
 
     import prefopt
@@ -231,20 +231,32 @@ def dtensor_head() -> dict[str, float]:
 
     whole = whole.item()
     found = {"loss": abs(torch.stack(losses).mean().item() - whole) / abs(whole)}
+    try:  # a vocabulary-parallel call takes this rank's rows, not a DTensor to gather
+        prefopt.linear_token_logprobs(hidden, sharded.weight, labels, process_group=torch.distributed.group.WORLD)
+        refusal = None
+    except TypeError as error:
+        refusal = str(error)
     for name in ("weight", "bias"):
         gradient = getattr(sharded, name).grad
         assert isinstance(gradient, torch.distributed.tensor.DTensor), name
         found[name] = relative_error(gradient.full_tensor(), getattr(plain, name).grad)
-    return found
+    return found, refusal
 
 
-if __name__ == "__main__":
+def rank_main(engine: str, rank: int, world_size: int, port: int, results_path: str) -> None:
+    """One rank of a world of ``world_size`` on this machine (forked by tests/test_trl_engines.py from
+    a server that has imported this module once); its output goes to rank{rank}.log beside the results."""
+    directory = os.path.dirname(results_path)
+    with open(os.path.join(directory, f"rank{rank}.log"), "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    engine_name, results_path = sys.argv[1:]
-    if engine_name == "fsdp2":
+    if engine == "fsdp2":
         fsdp_on_cpu()
-    results = run(engine_name, os.path.dirname(results_path))
-    if engine_name == "fsdp2":
-        results["dtensor_head"] = dtensor_head()
-    if int(os.environ["RANK"]) == 0:
+    results = run(engine, directory)
+    if engine == "fsdp2":
+        results["dtensor_head"], results["dtensor_refusal"] = dtensor_head()
+    if rank == 0:
         torch.save(results, results_path)
