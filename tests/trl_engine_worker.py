@@ -243,6 +243,41 @@ def dtensor_head() -> tuple[dict[str, float], str | None]:
     return found, refusal
 
 
+def zero3_head_outside_a_forward() -> dict[str, float]:
+    """prefopt's LM-head path on a ZeRO-3 partitioned head that no module forward gathers (a frozen
+    one, as a reference model's): it gathers the head for the forward, and again for the backward,
+    whose hidden-state gradient needs the whole weight. Relative differences of the log-probs, the
+    entropy and that gradient from the plain head's."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from conftest import relative_error
+    from prefopt.integrations.transformers import lm_head_token_stats
+
+    generator = torch.Generator().manual_seed(6)
+    hidden = torch.randn(9, 32, generator=generator)
+    labels = torch.randint(0, 19, (9,), generator=generator)
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(32, 19).requires_grad_(False)
+    # In float32 (without a config DeepSpeed 0.19.8 partitions into a 16-bit dtype whatever dtype= says).
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3},
+                                                  "bf16": {"enabled": False}, "fp16": {"enabled": False}}):
+        partitioned = torch.nn.Linear(32, 19).requires_grad_(False)
+    with deepspeed.zero.GatheredParameters(list(partitioned.parameters()), modifier_rank=0), torch.no_grad():
+        partitioned.load_state_dict(plain.state_dict())
+    assert partitioned.weight.ds_status == ZeroParamStatus.NOT_AVAILABLE and partitioned.weight.numel() == 0
+    outputs = []
+    for head in (plain, partitioned):
+        rows = hidden.clone().requires_grad_()
+        stats = lm_head_token_stats(rows, head.weight, head.bias, labels, stats=("entropy",), ignore_index=None,
+                                    temperature=1.0, softcap=None, logit_scale=1.0, backend="torch")
+        assert partitioned.weight.ds_status == ZeroParamStatus.NOT_AVAILABLE  # partitioned before the backward
+        (stats.logps.sum() + 0.5 * stats.entropy.sum()).backward()
+        outputs.append((stats.logps.detach(), stats.entropy.detach(), rows.grad))
+    return {name: relative_error(mine, reference)
+            for name, mine, reference in zip(("logps", "entropy", "hidden gradient"), outputs[1], outputs[0])}
+
+
 def rank_main(engine: str, rank: int, world_size: int, port: int, results_path: str) -> None:
     """One rank of a world of ``world_size`` on this machine (forked by tests/test_trl_engines.py from
     a server that has imported this module once); its output goes to rank{rank}.log beside the results."""
@@ -258,5 +293,7 @@ def rank_main(engine: str, rank: int, world_size: int, port: int, results_path: 
     results = run(engine, directory)
     if engine == "fsdp2":
         results["dtensor_head"], results["dtensor_refusal"] = dtensor_head()
+    if engine == "zero3":
+        results["zero3_head"] = zero3_head_outside_a_forward()
     if rank == 0:
         torch.save(results, results_path)

@@ -91,11 +91,13 @@ def zero3_gathered(*tensors: Tensor | None) -> Iterator[None]:
     a fused LM head reads the head's weight without calling the head. Those not yet gathered are
     gathered here with DeepSpeed's ``GatheredParameters`` (ones already gathered, e.g. a head tied
     to the embedding, are left alone, since re-partitioning them on exit would take them from the
-    module that gathered them). The backward runs after DeepSpeed has partitioned them again, so
-    the saved parameter is gathered once more (``GatheredParameters``) and its full data copied out
-    for the backward, which then returns the full gradient: DeepSpeed's own gradient hooks on the
-    parameter reduce-scatter it onto the partitions, as for any module's weight. Other tensors, and
-    everything outside ZeRO-3, pass through untouched.
+    module that gathered them). The backward runs after DeepSpeed has partitioned them again: a
+    saved parameter still partitioned then is gathered once more (``GatheredParameters``) and its
+    full data copied out for the backward (one DeepSpeed already gathered, as its backward hooks do
+    when the head was used inside the model's forward, is read as is). The backward returns the
+    full gradient: DeepSpeed's own gradient hooks on the parameter reduce-scatter it onto the
+    partitions, as for any module's weight. Other tensors, and everything outside ZeRO-3, pass
+    through untouched.
     """
     partitioned = {id(tensor): tensor for tensor in tensors if tensor is not None and hasattr(tensor, "ds_id")}
     if not partitioned:
