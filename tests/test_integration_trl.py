@@ -240,17 +240,6 @@ def test_fused_lm_head_with_no_scored_row_stays_differentiable(monkeypatch):
     assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
 
 
-def test_deepspeed_zero3_is_refused(monkeypatch):
-    import transformers.integrations.deepspeed
-
-    monkeypatch.setattr(transformers.integrations.deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
-    prefopt_trl.enable(backend="torch")
-    # Called as the fused LM head calls it (which under ZeRO-3 first gathers the head with DeepSpeed).
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        trl_utils._ChunkedLogProbFunction.apply(torch.randn(4, 8), torch.randn(5, 8), None, torch.zeros(4, dtype=torch.long),
-                                                1.0, 32768, None, 1.0, ("log_probs",))
-
-
 # ----------------------------------------------------------------------------- selective_log_softmax
 
 

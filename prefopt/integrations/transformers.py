@@ -18,7 +18,8 @@ read from its config by ``logits_transform``. Nothing here imports Transformers:
 ``base_model``, ``get_output_embeddings()`` and ``config`` in the Transformers layout works.
 """
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -74,6 +75,55 @@ def _logit_scale(text_config: Any) -> float:
     return 1.0 / float(logits_scaling)
 
 
+class _Partitioned(NamedTuple):
+    """What autograd keeps of a ZeRO-3 parameter saved for backward: the parameter, not its data,
+    which DeepSpeed frees when it re-partitions the head after the forward."""
+
+    parameter: Tensor
+
+
+@contextlib.contextmanager
+def zero3_gathered(*tensors: Tensor | None) -> Iterator[None]:
+    """While inside: DeepSpeed ZeRO-3 parameters among ``tensors`` (an LM head's weight and bias)
+    hold their full data, and whatever autograd saves of them is gathered again for the backward.
+
+    ZeRO-3 partitions every parameter and gathers a module's own only around that module's forward;
+    a fused LM head reads the head's weight without calling the head. Those not yet gathered are
+    gathered here with DeepSpeed's ``GatheredParameters`` (ones already gathered, e.g. a head tied
+    to the embedding, are left alone, since re-partitioning them on exit would take them from the
+    module that gathered them). The backward runs after DeepSpeed has partitioned them again: a
+    saved parameter still partitioned then is gathered once more (``GatheredParameters``) and its
+    full data copied out for the backward (one DeepSpeed already gathered, as its backward hooks do
+    when the head was used inside the model's forward, is read as is). The backward returns the
+    full gradient: DeepSpeed's own gradient hooks on the parameter reduce-scatter it onto the
+    partitions, as for any module's weight. Other tensors, and everything outside ZeRO-3, pass
+    through untouched.
+    """
+    partitioned = {id(tensor): tensor for tensor in tensors if tensor is not None and hasattr(tensor, "ds_id")}
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def pack(tensor: Tensor) -> Tensor | _Partitioned:
+        return _Partitioned(tensor) if partitioned.get(id(tensor)) is tensor else tensor
+
+    def unpack(saved: Tensor | _Partitioned) -> Tensor:
+        if not isinstance(saved, _Partitioned):
+            return saved
+        parameter = saved.parameter
+        if parameter.ds_status == ZeroParamStatus.AVAILABLE:
+            return parameter.detach()
+        with deepspeed.zero.GatheredParameters([parameter]):
+            return parameter.detach().clone()
+
+    not_gathered = [tensor for tensor in partitioned.values() if tensor.ds_status != ZeroParamStatus.AVAILABLE]
+    gathered = deepspeed.zero.GatheredParameters(not_gathered) if not_gathered else contextlib.nullcontext()
+    with gathered, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 def lm_head_token_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -92,6 +142,8 @@ def lm_head_token_stats(
     That dtype is autocast's when autocast is on for hidden's device, else hidden's (TRL's fused LM
     head reads it the same way). Hidden, weight and bias are cast to it (a weight in another dtype
     is copied once) and autocast is off inside, so the fused path's float32 products are not recast.
+    A DeepSpeed ZeRO-3 head is gathered for the forward and again for the backward
+    (``zero3_gathered``); a DTensor head (FSDP2) is gathered by ``prefopt.linear_token_stats``.
 
     Args:
         hidden: [..., H] float; weight: [V, H]; bias: [V] or None; labels: hidden.shape[:-1].
@@ -104,7 +156,7 @@ def lm_head_token_stats(
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else hidden.dtype)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False), zero3_gathered(weight, bias):
         return linear_token_stats(
             hidden.to(compute_dtype), weight.to(compute_dtype), labels,
             bias=None if bias is None else bias.to(compute_dtype), stats=stats, ignore_index=ignore_index,

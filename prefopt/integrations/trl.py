@@ -24,8 +24,19 @@ What ``enable()`` replaces, while it is on:
 Outputs are float32, as from TRL's GPU kernels (float64 for float64 logits, as TRL). TRL's metrics keep their names; their values agree
 with TRL's to float32 rounding (in bfloat16, prefopt keeps the logits in float32 where TRL rounds
 each logits tile to bfloat16, so the two differ at bfloat16 rounding). TRL's ``chunk_size`` is not
-used: prefopt sizes its own tiles. DeepSpeed ZeRO-3 is refused with an error, since prefopt's
-backward does not re-gather a partitioned LM head the way TRL's does.
+used: prefopt sizes its own tiles.
+
+Beyond one process (each tested on 2 CPU processes against TRL's own step and against one process
+on the whole batch, ``tests/test_trl_engines.py``):
+
+- FSDP2: TRL gathers a DTensor head into a full tensor before the call, and FSDP2 reduce-scatters
+  its gradient; prefopt's own functions gather a DTensor weight themselves (``prefopt.logprobs.linear``).
+- DeepSpeed ZeRO-3: TRL gathers the partitioned head around the forward; prefopt's backward gathers
+  it again (``prefopt.integrations.transformers.zero3_gathered``) and returns the full gradient,
+  which DeepSpeed's hooks reduce-scatter onto the partitions.
+- Padding-free batches (one packed row, ``position_ids``, pre-shifted ``shift_labels``): TRL's
+  fused head passes them through unchanged. (TRL 1.16's DPOTrainer turns ``padding_free=True``
+  off with a warning; its SFTTrainer packs.)
 
 The TRL versions supported are ``SUPPORTED_TRL_VERSIONS``: the replaced functions are TRL
 internals whose call signature and outputs may change in any minor release, and a mismatch would
@@ -91,13 +102,6 @@ class _FusedLMHeadLogProbs:
         """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of hidden [N, H] against
         targets [N] (every target in [0, V)), each [N] float32 (is_top1 bool); a statistic not
         named in ``outputs`` is None. ``chunk_size`` is TRL's tiling and is not used."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            raise NotImplementedError(
-                "prefopt.integrations.trl: DeepSpeed ZeRO-3 is not supported (the LM head is partitioned and "
-                "prefopt's backward does not re-gather it); call prefopt.integrations.trl.disable()"
-            )
         result = lm_head_token_stats(
             hidden, weight, bias, targets, stats=tuple(name for name in STAT_NAMES if name in outputs),
             ignore_index=None, temperature=temperature, softcap=final_logit_softcapping,

@@ -18,6 +18,8 @@ entropy, mean logit (of z), log sum p^2 and is-top-1 (ties to the earlier token)
 - Gradients flow to hidden, weight and bias through logps, entropy, mean_logits and
   log_sum_sq_probs. The weight and bias gradients are accumulated in float32 and rounded to the
   parameter dtype once, at the end.
+- A DTensor weight or bias (FSDP2, tensor parallelism) is gathered into the full tensor first,
+  its gradient averaged back onto the shards (``_full_head``).
 - ``process_group``: the weight and bias are this rank's rows of an LM head sharded over the
   vocabulary, hidden and labels are replicated (see ``prefopt.logprobs.distributed``).
 
@@ -76,11 +78,30 @@ from .op import (dense_upstream, empty_stats_outputs, logps_upstream, lse_label_
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Partial
 
 Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def _full_head(name: str, tensor: Tensor | None, process_group: "ProcessGroup | None") -> Tensor | None:
+    """The LM head's weight or bias as one plain tensor: a DTensor (an FSDP2 parameter outside its
+    module's forward, or a tensor-parallel one) is gathered whole, anything else is returned as is.
+
+    The gathered tensor's gradient goes back to the DTensor averaged over its mesh's ranks
+    (``Partial("avg")``), so each shard gets the data-parallel mean FSDP2 gives it (and ranks
+    that computed the same gradient, from replicated inputs, keep it). With ``process_group`` the
+    weight is already this rank's vocabulary rows: a DTensor is refused there rather than gathered.
+    """
+    if not (torch.distributed.is_available() and isinstance(tensor, DTensor)):
+        return tensor
+    if process_group is not None:
+        raise TypeError(f"{name}: a DTensor with process_group; pass this rank's rows as a plain tensor "
+                        f"({name}.to_local()), or no process_group to gather the whole head")
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -512,7 +533,9 @@ def linear_token_stats(
 
     Args:
         hidden: [..., H] bfloat16/float16/float32 (float64 for the reference), any strides.
-        weight: [V, H], hidden's dtype and device. bias: optional [V], the same.
+        weight: [V, H], hidden's dtype and device. bias: optional [V], the same. Either may be a
+            DTensor (FSDP2, tensor parallelism): it is gathered whole, and its gradient averaged
+            over the mesh's ranks onto the shards.
         labels: [...] = hidden.shape[:-1], int64/int32; ``ignore_index`` (None: score every
             position) marks unscored positions.
         stats: any of "entropy", "mean_logits", "log_sum_sq_probs", "is_top1".
@@ -539,6 +562,7 @@ def linear_token_stats(
     _validation.check_ignore_index(ignore_index)
     asked = _validation.check_stats(stats, STAT_NAMES)
     backend = backends.resolve("linear", backend, hidden.device, hidden.dtype)
+    weight, bias = _full_head("weight", weight, process_group), _full_head("bias", bias, process_group)
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
                "logit_scale": float(logit_scale), "backend": backend}
     if process_group is None:
