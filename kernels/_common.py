@@ -44,3 +44,16 @@ def transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP: tl.con
         t = tanh(x / softcap)
         return (1.0 - t * t) * inv_temperature
     return tl.zeros_like(x) + inv_temperature
+
+
+@triton.jit
+def lse_and_residual(m, log_s):
+    """(lse, residual): lse = m + log s rounded to float32 and residual = (m + log s) - lse, exact
+    (Fast2Sum, the larger magnitude first). A non-finite lse (no finite logit, a NaN or an inf)
+    has residual 0, so the backward sees that lse unchanged."""
+    lse = m + log_s
+    m_larger = tl.abs(m) >= tl.abs(log_s)
+    larger = tl.where(m_larger, m, log_s)
+    smaller = tl.where(m_larger, log_s, m)
+    residual = smaller - (lse - larger)
+    return lse, tl.where(tl.abs(lse) < float("inf"), residual, 0.0)

@@ -1,7 +1,8 @@
 """Backward: the gradient of the per-token outputs with respect to the raw logits, written once.
 
-With p = softmax(z), saved lse (so p_j = exp(z_j - lse)) and the upstream gradients g of each
-output, the gradient with respect to the transformed logits z is
+With p = softmax(z), the saved lse and its rounding residual (so p_j = exp((z_j - lse) -
+lse_residual), at float32 rounding of z_j - m even at large |z|: see ``token_stats_fwd``) and the
+upstream gradients g of each output, the gradient with respect to the transformed logits z is
 
     d log p_y / dz_j          = 1[j = y] - p_j
     d entropy / dz_j          = -p_j (log p_j + entropy)
@@ -34,6 +35,7 @@ def _token_stats_bwd_kernel(
     grad_ptr,
     labels_ptr,
     lse_ptr,
+    lse_residual_ptr,
     entropy_ptr,
     log_sum_sq_ptr,
     grad_logps_ptr,
@@ -52,6 +54,7 @@ def _token_stats_bwd_kernel(
     inv_temperature,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
     GRAD_MEAN: tl.constexpr,
     GRAD_SUM_SQ: tl.constexpr,
@@ -75,7 +78,10 @@ def _token_stats_bwd_kernel(
     ).to(tl.float32)
     z = transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + row)
-    p = tl.exp(z - lse)
+    log_p = z - lse
+    if HAS_RESIDUAL:
+        log_p -= tl.load(lse_residual_ptr + row)
+    p = tl.exp(log_p)
 
     g = tl.load(grad_logps_ptr + row)
     dz = g * (tl.where(cols == label - column_offset, 1.0, 0.0) - p)
@@ -83,7 +89,7 @@ def _token_stats_bwd_kernel(
         entropy = tl.load(entropy_ptr + row)
         g_entropy = tl.load(grad_entropy_ptr + row)
         # p_j = 0 for a -inf logit, whose (log p_j + entropy) is -inf: its term is 0.
-        dz -= g_entropy * p * tl.where(p > 0.0, z - lse + entropy, 0.0)
+        dz -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
     if GRAD_MEAN:
         dz += tl.load(grad_mean_ptr + row) / softmax_size
     if GRAD_SUM_SQ:
@@ -115,14 +121,15 @@ def token_stats_backward(
     softcap: float | None,
     column_offset: int = 0,
     softmax_size: int | None = None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Write the logits gradient for one block of rows.
 
     logits, grad_logits: [outer, inner, V] views with a contiguous last dimension; they may be
     the same tensor (in-place backward: each element is read before it is overwritten, by the
-    same program). labels: [outer * inner] int32/int64; lse, entropy, log_sum_sq_probs and the
-    upstream gradients: [outer * inner] float32, contiguous. A gradient passed as None
-    contributes nothing (entropy must be given with grad_entropy, log_sum_sq_probs with
+    same program). labels: [outer * inner] int32/int64; lse, lse_residual (the forward's; None
+    takes lse as exact), entropy, log_sum_sq_probs and the upstream gradients: [outer * inner]
+    float32, contiguous. A gradient passed as None contributes nothing (entropy must be given with grad_entropy, log_sum_sq_probs with
     grad_log_sum_sq_probs). The logits may be one tile of columns of each row: columns
     [column_offset, column_offset + V) of a softmax over ``softmax_size`` columns (default V:
     whole rows), with labels and per-row statistics of the whole rows.
@@ -137,6 +144,7 @@ def token_stats_backward(
         grad_logits,
         labels,
         lse,
+        lse if lse_residual is None else lse_residual,
         lse if entropy is None else entropy,
         lse if log_sum_sq_probs is None else log_sum_sq_probs,
         grad_logps,
@@ -155,6 +163,7 @@ def token_stats_backward(
         1.0 / temperature,
         1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None,
+        HAS_RESIDUAL=lse_residual is not None,
         GRAD_ENTROPY=grad_entropy is not None,
         GRAD_MEAN=grad_mean_logits is not None,
         GRAD_SUM_SQ=grad_log_sum_sq_probs is not None,

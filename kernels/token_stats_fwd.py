@@ -16,15 +16,21 @@ are rescaled by a = exp(m - m'): s <- a s (so r <- a (1 + r) - 1, the new maximu
 new 1), s2 <- a^2 s2, and t <- a (t + s (m - m')) because every earlier z_j - m shifts by m - m'.
 A scored row with no finite logit (all -inf) has no distribution: its log-prob, lse, entropy and
 log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes every statistic of its row NaN,
-as on every backend. A row whose label is ``ignore_index`` runs zero iterations: it is never read, and all its
-outputs are 0. Only lse (float32, one per row) is kept for the backward pass.
+as on every backend. A row whose label is ``ignore_index`` runs zero iterations: it is never read,
+and all its outputs are 0.
+
+The backward pass keeps lse and its rounding residual lse_residual = (m + log s) - lse, exact
+(float32, one each per row): p_j = exp((z_j - lse) - lse_residual). At large |z| a float32 lse is
+off by up to half an ulp of |m| (2^-9 at |z| = 65536), an error every p_j would inherit; z_j - lse
+is exact wherever p_j is not negligible (Sterbenz), so the residual brings p_j back to float32
+rounding of z_j - m.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import log1p, transform_logits
+from ._common import log1p, lse_and_residual, transform_logits
 
 _MAX_BLOCK_V = 8192
 
@@ -35,6 +41,7 @@ def _token_stats_fwd_kernel(
     labels_ptr,
     logps_ptr,
     lse_ptr,
+    lse_residual_ptr,
     entropy_ptr,
     mean_logits_ptr,
     log_sum_sq_ptr,
@@ -47,6 +54,7 @@ def _token_stats_fwd_kernel(
     inv_temperature,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    WITH_RESIDUAL: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_MEAN: tl.constexpr,
     WITH_SUM_SQ: tl.constexpr,
@@ -114,7 +122,10 @@ def _token_stats_fwd_kernel(
     log_s = tl.where(scored, tl.where(m > neg_inf, log1p(r), float("nan")), 0.0)
     logp = tl.minimum(label_z - m, 0.0) - log_s
     tl.store(logps_ptr + row, tl.where(scored, logp, 0.0))
-    tl.store(lse_ptr + row, tl.where(scored, m + log_s, 0.0))
+    lse, lse_residual = lse_and_residual(m, log_s)
+    tl.store(lse_ptr + row, tl.where(scored, lse, 0.0))
+    if WITH_RESIDUAL:
+        tl.store(lse_residual_ptr + row, tl.where(scored, lse_residual, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(scored, log_s - t / (1.0 + r), 0.0))
     if WITH_SUM_SQ:
@@ -138,12 +149,14 @@ def token_stats_forward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Fill the per-row outputs for one block of rows.
 
     logits: [outer, inner, V] view (any float dtype, last dimension contiguous, other strides
     free). labels: [outer * inner] int32/int64, contiguous. Outputs: [outer * inner] contiguous,
-    float32 (is_top1: bool); a statistic passed as None is not computed.
+    float32 (is_top1: bool); a statistic passed as None is not computed. lse_residual, if given
+    ([outer * inner] float32), receives (m + log s) - lse, which the backward takes with lse.
     """
     outer, inner, vocab_size = logits.shape
     rows = outer * inner
@@ -155,6 +168,7 @@ def token_stats_forward(
         labels,
         logps,
         lse,
+        lse if lse_residual is None else lse_residual,
         lse if entropy is None else entropy,
         lse if mean_logits is None else mean_logits,
         lse if log_sum_sq_probs is None else log_sum_sq_probs,
@@ -167,6 +181,7 @@ def token_stats_forward(
         1.0 / temperature,
         1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None,
+        WITH_RESIDUAL=lse_residual is not None,
         WITH_ENTROPY=entropy is not None,
         WITH_MEAN=mean_logits is not None,
         WITH_SUM_SQ=log_sum_sq_probs is not None,

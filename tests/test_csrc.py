@@ -167,49 +167,49 @@ int main() {
   const cudaError_t invalid = cudaErrorInvalidValue;
 
   // forward(logits, dtype, outer, inner, V, stride_outer, stride_inner, labels, int64, ignore,
-  //         inv_T, softcap, logps, lse, entropy, mean, sum_sq, top1, workspace, splits, stream)
+  //         inv_T, softcap, logps, lse, lse_residual, entropy, mean, sum_sq, top1, workspace, splits, stream)
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_BFLOAT16, 0, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == cudaSuccess);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == cudaSuccess);
   EXPECT(prefopt_token_stats_forward(fake, 17, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 0, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     nullptr, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     nullptr, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 0.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, -1.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 2, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 2, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, fake, PREFOPT_MAX_FORWARD_SPLITS + 1,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, fake, PREFOPT_MAX_FORWARD_SPLITS + 1,
                                      nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, (1LL << 31), 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
 
   // backward(logits, grad, dtype, outer, inner, V, column_offset, softmax_size, so, si, gso, gsi, labels,
-  //          int64, ignore, inv_T, softcap, lse, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
+  //          int64, ignore, inv_T, softcap, lse, lse_residual, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == cudaSuccess);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, out, nullptr, nullptr, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, out, nullptr, nullptr, 132, nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, out, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, out, 132, nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, nullptr, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, fake, -1, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
   // A tile of columns must lie inside its softmax: [column_offset, column_offset + V) within softmax_size.
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 4, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
-                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      0.f, out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == cudaSuccess);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 5, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
-                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      0.f, out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, -1, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
-                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      0.f, out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == invalid);
 
   // Split-V plans on an H200 (132 SMs): thousands of rows are never split; a few rows of a
@@ -322,10 +322,10 @@ int main() {
     EXPECT(launch_failed(forward(PREFOPT_FLOAT16, 8, &orpo, &orpo_config)));
     EXPECT(launch_failed(backward(orpo, orpo_config, nullptr, fake)));
     EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                       out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
+                                       out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
                                        nullptr) != cudaSuccess);
     EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                        out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                        out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                         nullptr) != cudaSuccess);
   }
   std::printf("%d failure(s)\n", failures);
@@ -431,11 +431,11 @@ def simulator_library(tmp_path_factory) -> ctypes.CDLL:
     lib.prefopt_token_stats_forward.restype = c.c_int
     lib.prefopt_token_stats_forward.argtypes = [
         c.c_void_p, c.c_int, *[c.c_int64] * 5, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
-        *[c.c_void_p] * 6, c.c_void_p, c.c_int, c.c_void_p]
+        *[c.c_void_p] * 7, c.c_void_p, c.c_int, c.c_void_p]
     lib.prefopt_token_stats_backward.restype = c.c_int
     lib.prefopt_token_stats_backward.argtypes = [
         c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 9, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
-        *[c.c_void_p] * 7, c.c_int, c.c_void_p]
+        *[c.c_void_p] * 8, c.c_int, c.c_void_p]
     lib.prefopt_token_stats_forward_splits.restype = c.c_int
     lib.prefopt_token_stats_forward_splits.argtypes = [c.c_int64, c.c_int64, c.c_int, c.c_int]
     lib.prefopt_token_stats_forward_workspace_bytes.restype = c.c_size_t
@@ -482,7 +482,7 @@ def simulator(simulator_library):
     lib = simulator_library
 
     def forward(logits, labels, logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1, ignore_index,
-                temperature, softcap, splits=None):
+                temperature, softcap, lse_residual=None, splits=None):
         outer, inner, vocab_size = logits.shape
         rows = outer * inner
         dtype = DTYPE_CODES[logits.dtype]
@@ -492,20 +492,20 @@ def simulator(simulator_library):
         status = lib.prefopt_token_stats_forward(
             logits.data_ptr(), dtype, outer, inner, vocab_size, logits.stride(0), logits.stride(1),
             labels.data_ptr(), labels.dtype == torch.int64, ignore_index, 1.0 / temperature,
-            0.0 if softcap is None else softcap, logps.data_ptr(), lse.data_ptr(), pointer(entropy),
+            0.0 if softcap is None else softcap, logps.data_ptr(), lse.data_ptr(), pointer(lse_residual), pointer(entropy),
             pointer(mean_logits), pointer(log_sum_sq_probs), pointer(is_top1),
             workspace.data_ptr() if workspace.numel() else None, splits, None)
         assert status == 0, f"cudaError {status}"
 
     def backward(logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
                  grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, column_offset,
-                 softmax_size):
+                 softmax_size, lse_residual):
         outer, inner, vocab_size = logits.shape
         status = lib.prefopt_token_stats_backward(
             logits.data_ptr(), grad_logits.data_ptr(), DTYPE_CODES[logits.dtype], outer, inner, vocab_size,
             column_offset, softmax_size, logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
             labels.dtype == torch.int64, ignore_index, 1.0 / temperature, 0.0 if softcap is None else softcap,
-            lse.data_ptr(), pointer(entropy), pointer(log_sum_sq_probs), grad_logps.data_ptr(),
+            lse.data_ptr(), pointer(lse_residual), pointer(entropy), pointer(log_sum_sq_probs), grad_logps.data_ptr(),
             pointer(grad_entropy), pointer(grad_mean_logits), pointer(grad_log_sum_sq_probs),
             H200_MULTIPROCESSORS, None)
         assert status == 0, f"cudaError {status}"
@@ -554,12 +554,13 @@ def suite_cases():
     """Every test of the correctness suite that takes a ``backend`` (and no fixture but monkeypatch),
     expanded over its parametrizations, GPU-only tests excepted."""
     import test_fused_losses
+    import test_large_logits
     import test_linear
     import test_sequence_logprobs
     import test_token_logprobs
 
     cases = []
-    for module in (test_token_logprobs, test_sequence_logprobs, test_fused_losses, test_linear):
+    for module in (test_token_logprobs, test_sequence_logprobs, test_fused_losses, test_linear, test_large_logits):
         for name, function in vars(module).items():
             if not name.startswith("test_") or not inspect.isfunction(function):
                 continue
