@@ -12,7 +12,7 @@ upstream gradients g of each output, the gradient with respect to the transforme
 and dx_j = dz_j * dz/dx (see ``_common.transform_logits_derivative``). Each program writes one
 block of one row, in the logits' dtype, either into a fresh gradient buffer or over the logits
 themselves (in-place backward). Rows whose label is ``ignore_index`` are not read and get exact
-zeros.
+zeros. p is ``_common.exp2`` in the log2 domain (``ex2.approx.ftz.f32`` when compiled).
 
 A launch may cover one tile of columns of each row, [column_offset, column_offset + V) of a
 softmax over softmax_size columns (the fused linear path builds its logits a vocabulary tile at a
@@ -20,11 +20,13 @@ time): the label term lands in the tile that holds the label, the mean term divi
 row's size.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import transform_logits, transform_logits_derivative
+from ._common import LOG2_E, exp2, transform_logits, transform_logits_derivative
 
 _MAX_BLOCK_V = 4096
 
@@ -58,7 +60,9 @@ def _token_stats_bwd_kernel(
     GRAD_ENTROPY: tl.constexpr,
     GRAD_MEAN: tl.constexpr,
     GRAD_SUM_SQ: tl.constexpr,
+    APPROX: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    log2_e: tl.constexpr = LOG2_E,
 ):
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -66,42 +70,39 @@ def _token_stats_bwd_kernel(
     inner = row % inner_size
     cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = cols < vocab_size
+    grad_row = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
     label = tl.load(labels_ptr + row).to(tl.int64)
-    scored = label != ignore_index
+    if label == ignore_index:
+        # An ignored row reads nothing and gets exact zeros.
+        tl.store(grad_row + cols, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty), mask=in_vocab)
+    else:
+        # The label's column in this tile, in 32 bits (outside [0, V) when another tile holds it).
+        label_column = (label - column_offset).to(tl.int32)
+        x = tl.load(logits_ptr + outer * stride_outer + inner * stride_inner + cols, mask=in_vocab,
+                    other=0.0).to(tl.float32)
+        # Without a softcap dz/dx = 1/T is folded into the row's coefficients.
+        k = 1.0 if HAS_SOFTCAP else inv_temperature
+        z = transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP)
+        # z - lse is exact where p matters; the residual (0 if not kept) makes it z - m - log s.
+        z_minus_lse = z - tl.load(lse_ptr + row)
+        residual = tl.load(lse_residual_ptr + row) if HAS_RESIDUAL else 0.0
+        p = exp2(z_minus_lse * log2_e - residual * log2_e, APPROX)
 
-    # An ignored row reads nothing: its load bound is 0.
-    read_limit = tl.where(scored, vocab_size, 0)
-    x = tl.load(
-        logits_ptr + outer * stride_outer + inner * stride_inner + cols,
-        mask=cols < read_limit,
-        other=0.0,
-    ).to(tl.float32)
-    z = transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP)
-    lse = tl.load(lse_ptr + row)
-    log_p = z - lse
-    if HAS_RESIDUAL:
-        log_p -= tl.load(lse_residual_ptr + row)
-    p = tl.exp(log_p)
-
-    g = tl.load(grad_logps_ptr + row)
-    dz = g * (tl.where(cols == label - column_offset, 1.0, 0.0) - p)
-    if GRAD_ENTROPY:
-        entropy = tl.load(entropy_ptr + row)
-        g_entropy = tl.load(grad_entropy_ptr + row)
-        # p_j = 0 for a -inf logit, whose (log p_j + entropy) is -inf: its term is 0.
-        dz -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
-    if GRAD_MEAN:
-        dz += tl.load(grad_mean_ptr + row) / softmax_size
-    if GRAD_SUM_SQ:
-        sum_sq = tl.exp(tl.load(log_sum_sq_ptr + row))
-        dz += tl.load(grad_log_sum_sq_ptr + row) * (2.0 * p * p / sum_sq - 2.0 * p)
-    dx = dz * transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP)
-    dx = tl.where(scored, dx, 0.0)
-    tl.store(
-        grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner + cols,
-        dx.to(grad_ptr.dtype.element_ty),
-        mask=in_vocab,
-    )
+        g = tl.load(grad_logps_ptr + row) * k
+        dz = tl.where(cols == label_column, g, 0.0) - g * p
+        if GRAD_ENTROPY:
+            entropy = tl.load(entropy_ptr + row)
+            g_entropy = tl.load(grad_entropy_ptr + row) * k
+            # p_j = 0 for a -inf logit, whose (log p_j + entropy) is -inf: its term is 0.
+            dz -= g_entropy * p * tl.where(p > 0.0, z_minus_lse - residual + entropy, 0.0)
+        if GRAD_MEAN:
+            dz += tl.load(grad_mean_ptr + row) * k / softmax_size
+        if GRAD_SUM_SQ:
+            sum_sq = tl.exp(tl.load(log_sum_sq_ptr + row))
+            dz += tl.load(grad_log_sum_sq_ptr + row) * k * (2.0 * p * p / sum_sq - 2.0 * p)
+        if HAS_SOFTCAP:
+            dz = dz * transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP)
+        tl.store(grad_row + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
 def token_stats_backward(
@@ -167,6 +168,7 @@ def token_stats_backward(
         GRAD_ENTROPY=grad_entropy is not None,
         GRAD_MEAN=grad_mean_logits is not None,
         GRAD_SUM_SQ=grad_log_sum_sq_probs is not None,
+        APPROX=os.environ.get("TRITON_INTERPRET") != "1",
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 4096 else 4,
     )
