@@ -93,7 +93,7 @@ void cuda_token_stats_forward(const at::Tensor& logits, const at::Tensor& labels
                               const std::optional<at::Tensor>& mean_logits,
                               const std::optional<at::Tensor>& log_sum_sq_probs,
                               const std::optional<at::Tensor>& is_top1, int64_t ignore_index, double temperature,
-                              std::optional<double> softcap) {
+                              std::optional<double> softcap, const std::optional<at::Tensor>& lse_residual) {
   check_logits(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0) * logits.size(1);
@@ -102,6 +102,7 @@ void cuda_token_stats_forward(const at::Tensor& logits, const at::Tensor& labels
   check_rows(labels, logits, rows, "labels", {at::kLong, at::kInt});
   check_rows(logps, logits, rows, "logps", {at::kFloat});
   check_rows(lse, logits, rows, "lse", {at::kFloat});
+  float* residual_ptr = optional_rows<float>(lse_residual, logits, rows, "lse_residual", at::kFloat);
   float* entropy_ptr = optional_rows<float>(entropy, logits, rows, "entropy", at::kFloat);
   float* mean_ptr = optional_rows<float>(mean_logits, logits, rows, "mean_logits", at::kFloat);
   float* sum_sq_ptr = optional_rows<float>(log_sum_sq_probs, logits, rows, "log_sum_sq_probs", at::kFloat);
@@ -119,7 +120,7 @@ void cuda_token_stats_forward(const at::Tensor& logits, const at::Tensor& labels
   const cudaError_t status = prefopt_token_stats_forward(
       logits.data_ptr(), dtype, logits.size(0), logits.size(1), vocab_size, logits.stride(0), logits.stride(1),
       labels.data_ptr(), labels.scalar_type() == at::kLong, ignore_index, inverse_temperature(temperature),
-      softcap_value(softcap), logps.data_ptr<float>(), lse.data_ptr<float>(), entropy_ptr, mean_ptr, sum_sq_ptr,
+      softcap_value(softcap), logps.data_ptr<float>(), lse.data_ptr<float>(), residual_ptr, entropy_ptr, mean_ptr, sum_sq_ptr,
       top1_ptr, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, splits, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "prefopt: the CUDA token-stats forward failed to launch: ",
               cudaGetErrorString(status));
@@ -132,7 +133,7 @@ void cuda_token_stats_backward(const at::Tensor& logits, const at::Tensor& grad_
                                const std::optional<at::Tensor>& grad_mean_logits,
                                const std::optional<at::Tensor>& grad_log_sum_sq_probs, int64_t ignore_index,
                                double temperature, std::optional<double> softcap, int64_t column_offset,
-                               int64_t softmax_size) {
+                               int64_t softmax_size, const std::optional<at::Tensor>& lse_residual) {
   check_logits(logits, "logits");
   check_logits(grad_logits, "grad_logits");
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type() &&
@@ -143,6 +144,7 @@ void cuda_token_stats_backward(const at::Tensor& logits, const at::Tensor& grad_
   check_rows(labels, logits, rows, "labels", {at::kLong, at::kInt});
   check_rows(lse, logits, rows, "lse", {at::kFloat});
   check_rows(grad_logps, logits, rows, "grad_logps", {at::kFloat});
+  const float* residual_ptr = optional_rows<const float>(lse_residual, logits, rows, "lse_residual", at::kFloat);
   const float* entropy_ptr = optional_rows<const float>(entropy, logits, rows, "entropy", at::kFloat);
   const float* sum_sq_ptr = optional_rows<const float>(log_sum_sq_probs, logits, rows, "log_sum_sq_probs", at::kFloat);
   const float* grad_entropy_ptr = optional_rows<const float>(grad_entropy, logits, rows, "grad_entropy", at::kFloat);
@@ -160,7 +162,7 @@ void cuda_token_stats_backward(const at::Tensor& logits, const at::Tensor& grad_
       logits.data_ptr(), grad_logits.data_ptr(), dtype_code(logits, "logits"), logits.size(0), logits.size(1), logits.size(2),
       column_offset, softmax_size, logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
       labels.scalar_type() == at::kLong, ignore_index, inverse_temperature(temperature), softcap_value(softcap),
-      lse.data_ptr<float>(), entropy_ptr, sum_sq_ptr, grad_logps.data_ptr<float>(), grad_entropy_ptr, grad_mean_ptr,
+      lse.data_ptr<float>(), residual_ptr, entropy_ptr, sum_sq_ptr, grad_logps.data_ptr<float>(), grad_entropy_ptr, grad_mean_ptr,
       grad_sum_sq_ptr, multiprocessors(logits), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "prefopt: the CUDA token-stats backward failed to launch: ",
               cudaGetErrorString(status));
@@ -335,12 +337,12 @@ TORCH_LIBRARY_FRAGMENT(prefopt, m) {
   m.def(
       "cuda_token_stats_forward(Tensor logits, Tensor labels, Tensor(a!) logps, Tensor(b!) lse, "
       "Tensor(c!)? entropy, Tensor(d!)? mean_logits, Tensor(e!)? log_sum_sq_probs, Tensor(f!)? is_top1, "
-      "int ignore_index, float temperature, float? softcap) -> ()");
+      "int ignore_index, float temperature, float? softcap, Tensor(g!)? lse_residual) -> ()");
   m.def(
       "cuda_token_stats_backward(Tensor logits, Tensor(a!) grad_logits, Tensor labels, Tensor lse, "
       "Tensor? entropy, Tensor? log_sum_sq_probs, Tensor grad_logps, Tensor? grad_entropy, "
       "Tensor? grad_mean_logits, Tensor? grad_log_sum_sq_probs, int ignore_index, float temperature, "
-      "float? softcap, int column_offset, int softmax_size) -> ()");
+      "float? softcap, int column_offset, int softmax_size, Tensor? lse_residual) -> ()");
   m.def(
       "cuda_preference_loss_forward(Tensor chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? margin, Tensor? chosen_lengths, Tensor? rejected_lengths, Tensor? desirable, Tensor? offset, "

@@ -52,6 +52,8 @@ size_t prefopt_token_stats_forward_workspace_bytes(int64_t rows, int splits);
 
 /* Per-row log-probability of the label and the optional statistics, in one pass over the logits.
  *   logps, lse: float32 [rows], required (lse is what the backward needs).
+ *   lse_residual: float32 [rows] or NULL: (m + log s) - lse, exact, for the backward's
+ *   p = exp((z - lse) - lse_residual), precise at large |z|.
  *   entropy, mean_logits, log_sum_sq_probs: float32 [rows] or NULL; is_top1: bool (1 byte) [rows]
  *   or NULL (the label is the first maximal logit).
  *   workspace: prefopt_token_stats_forward_workspace_bytes(rows, splits) bytes of device memory
@@ -61,8 +63,8 @@ cudaError_t prefopt_token_stats_forward(
     int64_t stride_outer, int64_t stride_inner,
     const void* labels, int labels_are_int64, int64_t ignore_index,
     float inv_temperature, float softcap,
-    float* logps, float* lse, float* entropy, float* mean_logits, float* log_sum_sq_probs,
-    uint8_t* is_top1,
+    float* logps, float* lse, float* lse_residual, float* entropy, float* mean_logits,
+    float* log_sum_sq_probs, uint8_t* is_top1,
     void* workspace, int splits, cudaStream_t stream);
 
 /* Gradient of sum_r (g_logp[r] logp[r] + g_entropy[r] entropy[r] + g_mean[r] mean[r]
@@ -70,7 +72,8 @@ cudaError_t prefopt_token_stats_forward(
  * dtype through the [outer, inner, vocab] view grad_logits (strides grad_stride_*), which may be
  * the logits themselves (in-place backward: every element is read before it is overwritten, by
  * the same thread).
- *   lse, grad_logps: float32 [rows], required. grad_entropy needs entropy, grad_log_sum_sq_probs
+ *   lse, grad_logps: float32 [rows], required; lse_residual: the forward's, or NULL (lse taken
+ *   as exact). grad_entropy needs entropy, grad_log_sum_sq_probs
  *   needs log_sum_sq_probs; an upstream gradient that is NULL contributes nothing.
  *   The view may be one tile of columns of each row: columns [column_offset, column_offset +
  *   vocab_size) of a softmax over softmax_size columns, whose statistics (lse, entropy, ...) and
@@ -81,7 +84,7 @@ cudaError_t prefopt_token_stats_backward(
     int64_t grad_stride_outer, int64_t grad_stride_inner,
     const void* labels, int labels_are_int64, int64_t ignore_index,
     float inv_temperature, float softcap,
-    const float* lse, const float* entropy, const float* log_sum_sq_probs,
+    const float* lse, const float* lse_residual, const float* entropy, const float* log_sum_sq_probs,
     const float* grad_logps, const float* grad_entropy, const float* grad_mean_logits,
     const float* grad_log_sum_sq_probs,
     int multiprocessors, cudaStream_t stream);

@@ -58,6 +58,7 @@ struct BackwardParams {
   float softcap;
   float inv_softcap;
   const float* lse;
+  const float* lse_residual;
   const float* entropy;
   const float* log_sum_sq_probs;
   const float* grad_logps;
@@ -68,7 +69,7 @@ struct BackwardParams {
 
 // The per-row constants of dL/dz_j; all zero for an ignored row, whose gradient is exactly 0.
 struct RowCoefficients {
-  float lse, g, a, b, c, d;
+  float lse, lse_residual, g, a, b, c, d;
   int64_t label;
 };
 
@@ -84,7 +85,8 @@ __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const R
     z = x * p.inv_temperature;
     dz_dx = p.inv_temperature;
   }
-  const float log_p = z - k.lse;
+  // z - lse is exact where p_j matters (Sterbenz); the residual makes it z - m - log s.
+  const float log_p = (z - k.lse) - k.lse_residual;
   const float prob = __expf(log_p);  // argument <= 0 (up to rounding): the approximation is ~2 ulp
   // p_j = 0 (a -inf logit) has log p_j = -inf: its whole p-term is 0, selected, not multiplied.
   const float q = prob > 0.f ? fmaf(k.d, log_p, fmaf(k.c, prob, k.b)) : 0.f;
@@ -102,12 +104,13 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   const int tid = threadIdx.x;
   const bool last_chunk = chunk == p.chunks - 1;
 
-  RowCoefficients k = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -1};
+  RowCoefficients k = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -1};
   const int64_t label = load_label(p.labels, p.labels_are_int64, row);
   const bool scored = label != p.ignore_index;
   if (scored) {
     k.label = label - p.column_offset;  // outside [0, vocab_size) when another tile holds the label
     k.lse = p.lse[row];
+    k.lse_residual = p.lse_residual ? p.lse_residual[row] : 0.f;
     k.g = p.grad_logps[row];
     k.b = -k.g;
     if (p.grad_entropy != nullptr) {
@@ -226,7 +229,7 @@ extern "C" cudaError_t prefopt_token_stats_backward(
     int64_t grad_stride_outer, int64_t grad_stride_inner,
     const void* labels, int labels_are_int64, int64_t ignore_index,
     float inv_temperature, float softcap,
-    const float* lse, const float* entropy, const float* log_sum_sq_probs,
+    const float* lse, const float* lse_residual, const float* entropy, const float* log_sum_sq_probs,
     const float* grad_logps, const float* grad_entropy, const float* grad_mean_logits,
     const float* grad_log_sum_sq_probs,
     int multiprocessors, cudaStream_t stream) {
@@ -288,6 +291,7 @@ extern "C" cudaError_t prefopt_token_stats_backward(
   p.softcap = softcap;
   p.inv_softcap = softcap > 0.f ? 1.f / softcap : 0.f;
   p.lse = lse;
+  p.lse_residual = lse_residual;
   p.entropy = entropy;
   p.log_sum_sq_probs = log_sum_sq_probs;
   p.grad_logps = grad_logps;

@@ -32,6 +32,18 @@ constexpr int kResidentBlocksPerSm = 4;
 #define PREFOPT_LAUNCH(kernel, grid, block, stream, params) kernel<<<(grid), (block), 0, (stream)>>>(params)
 #endif
 
+// (lse, residual) of lse = m + log s rounded to float32: residual = (m + log s) - lse, exact
+// (Fast2Sum, the larger magnitude first; IEEE arithmetic, no fast-math). The backward takes
+// p_j = exp((z_j - lse) - residual), at float32 rounding of z_j - m however large |m| is; a
+// non-finite lse gets residual 0 (kernels/_common.py's lse_and_residual).
+__device__ __forceinline__ float2 lse_and_residual(float m, float log_s) {
+  const float lse = m + log_s;
+  const bool m_larger = fabsf(m) >= fabsf(log_s);
+  const float larger = m_larger ? m : log_s;
+  const float smaller = m_larger ? log_s : m;
+  return make_float2(lse, fabsf(lse) < INFINITY ? smaller - (lse - larger) : 0.f);
+}
+
 // Element traits: float conversion (explicit intrinsics: torch builds with
 // __CUDA_NO_HALF_CONVERSIONS__) and the number of elements in one 16-byte vector.
 template <typename T>

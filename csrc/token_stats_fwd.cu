@@ -78,6 +78,7 @@ struct ForwardParams {
   float inv_softcap;
   float* logps;
   float* lse;
+  float* lse_residual;
   float* entropy;
   float* mean_logits;
   float* log_sum_sq_probs;
@@ -220,6 +221,7 @@ __device__ __forceinline__ State block_reduce(State s) {
 __device__ __forceinline__ void write_ignored(const ForwardParams& p, int64_t row) {
   p.logps[row] = 0.f;
   p.lse[row] = 0.f;
+  if (p.lse_residual) p.lse_residual[row] = 0.f;
   if (p.entropy) p.entropy[row] = 0.f;
   if (p.mean_logits) p.mean_logits[row] = 0.f;
   if (p.log_sum_sq_probs) p.log_sum_sq_probs[row] = 0.f;
@@ -235,7 +237,9 @@ __device__ __forceinline__ void finalize(const ForwardParams& p, int64_t row, in
   // log1p(r) >= 0 and z_y <= m make every log-prob <= 0 by construction; the fminf keeps it so
   // even if the label's z were a last ulp above the maximum.
   p.logps[row] = fminf(label_z - s.m, 0.f) - log_s;
-  p.lse[row] = s.m + log_s;
+  const float2 lse = lse_and_residual(s.m, log_s);
+  p.lse[row] = lse.x;
+  if (p.lse_residual) p.lse_residual[row] = lse.y;
   if (p.entropy) p.entropy[row] = log_s - s.t / (1.f + s.r);
   if (p.log_sum_sq_probs) p.log_sum_sq_probs[row] = log1pf(s.r2) - 2.f * log_s;
   if (p.mean_logits) p.mean_logits[row] = s.z_sum / static_cast<float>(p.vocab_size);
@@ -441,8 +445,8 @@ extern "C" cudaError_t prefopt_token_stats_forward(
     int64_t stride_outer, int64_t stride_inner,
     const void* labels, int labels_are_int64, int64_t ignore_index,
     float inv_temperature, float softcap,
-    float* logps, float* lse, float* entropy, float* mean_logits, float* log_sum_sq_probs,
-    uint8_t* is_top1,
+    float* logps, float* lse, float* lse_residual, float* entropy, float* mean_logits,
+    float* log_sum_sq_probs, uint8_t* is_top1,
     void* workspace, int splits, cudaStream_t stream) {
   // Argument errors are reported before anything is launched (and without touching the device).
   if (vector_width(dtype) == 0 || outer < 0 || inner < 0 || vocab_size < 1 || vocab_size > INT_MAX) {
@@ -472,6 +476,7 @@ extern "C" cudaError_t prefopt_token_stats_forward(
   p.inv_softcap = softcap > 0.f ? 1.f / softcap : 0.f;
   p.logps = logps;
   p.lse = lse;
+  p.lse_residual = lse_residual;
   p.entropy = entropy;
   p.mean_logits = mean_logits;
   p.log_sum_sq_probs = log_sum_sq_probs;

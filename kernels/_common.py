@@ -10,6 +10,19 @@ so that temperature and soft-capping cost no extra pass and no extra memory.
 import triton
 import triton.language as tl
 
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def exp2(x, APPROX: tl.constexpr):
+    """2^x: ``ex2.approx.ftz.f32`` (one MUFU instruction, no denormal fix-up: results below 2^-126
+    are 0, relative error ~2^-22) when APPROX; ``tl.exp2`` otherwise, which is what runs under the
+    interpreter (it cannot run inline PTX), so that the launchers set APPROX off there."""
+    if APPROX:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.exp2(x)
+
 
 @triton.jit
 def tanh(y):
@@ -44,3 +57,16 @@ def transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP: tl.con
         t = tanh(x / softcap)
         return (1.0 - t * t) * inv_temperature
     return tl.zeros_like(x) + inv_temperature
+
+
+@triton.jit
+def lse_and_residual(m, log_s):
+    """(lse, residual): lse = m + log s rounded to float32 and residual = (m + log s) - lse, exact
+    (Fast2Sum, the larger magnitude first). A non-finite lse (no finite logit, a NaN or an inf)
+    has residual 0, so the backward sees that lse unchanged."""
+    lse = m + log_s
+    m_larger = tl.abs(m) >= tl.abs(log_s)
+    larger = tl.where(m_larger, m, log_s)
+    smaller = tl.where(m_larger, log_s, m)
+    residual = smaller - (lse - larger)
+    return lse, tl.where(tl.abs(lse) < float("inf"), residual, 0.0)

@@ -1,32 +1,107 @@
 """Forward: per-token log-probability of the label, and optional softmax statistics, in one pass.
 
-For a row of transformed logits z (see ``_common.transform_logits``) and its label y, streamed
-over the vocabulary in blocks with an online maximum m and rescaled sums:
+For a row of transformed logits z = k y (y = x without a softcap, y = tanh(x / c) with one, and
+k = 1 / T or c / T; see ``_common.transform_logits``) and its label l, the statistics are, with
+the row maximum m and d_j = (y_j - y_max) k log2(e) <= 0 (log2 units):
 
-    s  = sum_j exp(z_j - m) = 1 + r                 lse     = m + log1p(r)
-    t  = sum_j exp(z_j - m) (z_j - m)               entropy = log1p(r) - t / s
-    s2 = sum_j exp(z_j - m)^2 = 1 + r2              log sum_j p_j^2 = log1p(r2) - 2 log1p(r)
-    log p_y = (z_y - m) - log1p(r)                  mean logit = sum_j z_j / V
-    is_top1 = (first argmax_j z_j) == y
+    s  = sum_j 2^d_j = 1 + r                       lse     = m + log1p(r)
+    t  = sum_j 2^d_j d_j                           entropy = log1p(r) - ln 2 t / s
+    s2 = sum_j 4^d_j = 1 + r2                      log sum_j p_j^2 = log1p(r2) - 2 log1p(r)
+    log p_l = (z_l - m) - log1p(r)                 mean logit = sum_j z_j / V
+    is_top1 = (first argmax_j z_j) == l
 
-The maximum's own term exp(0) = 1 is kept out of the running sums r and r2: on a peaked row
+Each element of a [ROWS, BLOCK_V] tile keeps its own online state (maximum, r, t, r2, ...) over
+the tiles that stream through it, so the loop has no reduction and no barrier; the states of a
+row are merged once, at the end. An element y updates a state (m, r) with d = (y - m) k log2(e)
+and a single exponential e = 2^-|d|:
+
+    d <= 0:  r <- r + e                 t <- t + e d           r2 <- r2 + e^2
+    d >  0:  r <- e (1 + r)             t <- e (t - d (1 + r)) r2 <- e^2 (1 + r2)   m <- y
+
+i.e. r <- c r + e with c = (d > 0 ? e : 1), and t <- c t - |d| (d > 0 ? r_new : e). The
+maximum's own term 2^0 = 1 never enters r or r2 (a state starts empty, r = -1): on a peaked row
 (p_max ~ 1) r is tiny, and 1 + r in float32 would lose it, and with it the relative precision of
-log p, the entropy and log sum p^2. When a block raises the maximum from m to m', earlier sums
-are rescaled by a = exp(m - m'): s <- a s (so r <- a (1 + r) - 1, the new maximum bringing the
-new 1), s2 <- a^2 s2, and t <- a (t + s (m - m')) because every earlier z_j - m shifts by m - m'.
-A scored row with no finite logit (all -inf) has no distribution: its log-prob, lse, entropy and
-log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes every statistic of its row NaN,
-as on every backend. A row whose label is ``ignore_index`` runs zero iterations: it is never read, and all its
-outputs are 0. Only lse (float32, one per row) is kept for the backward pass.
+log p, the entropy and log sum p^2; ties each add their exact 1. y - m is exact wherever 2^d is
+not negligible (Sterbenz), so the sums keep float32 rounding of z - m however large |z| is
+(scaling y by k log2(e) first would round it at the scale of |z|). Ignored rows are never read
+and get 0; a scored row with no finite logit (all -inf) has no distribution: its log-prob, lse,
+entropy and log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes every statistic of
+its row NaN, as on every backend.
+
+The main loop reads whole tiles unmasked and one masked tail follows. A vocabulary that fills less
+than a tile puts several rows in one program. Compiled, 2^x is ``ex2.approx.ftz.f32`` and the
+softcap's reciprocal ``rcp.approx.ftz.f32`` (one MUFU instruction each, no denormal fix-up: terms
+below 2^-126 are 0; relative errors ~2^-22 and 1 ulp, inside the float32 tolerance of 1e-5 of the
+tests); under the interpreter, which cannot run inline PTX, they are ``tl.exp2`` and a division
+(``APPROX`` is off). The CPU tests therefore check the formulas, not the instructions: the
+instructions' accuracy is for the GPU run of the same tests.
+
+The backward pass keeps lse and its rounding residual lse_residual = (m + log s) - lse, exact
+(float32, one each per row): p_j = exp((z_j - lse) - lse_residual). At large |z| a float32 lse is
+off by up to half an ulp of |m| (2^-9 at |z| = 65536), an error every p_j would inherit; z_j - lse
+is exact wherever p_j is not negligible (Sterbenz), so the residual brings p_j back to float32
+rounding of z_j - m.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import log1p, transform_logits
+from ._common import LOG2_E, exp2, log1p, lse_and_residual
 
-_MAX_BLOCK_V = 8192
+_MAX_BLOCK_V = 4096
+# Elements per program and tile: a small vocabulary puts several rows in one tile.
+_TILE = 4096
+
+
+@triton.jit
+def _reciprocal(x, APPROX: tl.constexpr):
+    if APPROX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return 1.0 / x
+
+
+@triton.jit
+def _tanh(x, tanh_scale, APPROX: tl.constexpr):
+    """tanh(x / c) = sign(x) (1 - e) / (1 + e), e = 2^(-2 log2(e) |x| / c) (tanh_scale = 2 log2(e) /
+    c): two MUFU instructions and five others. e is in [0, 1], so nothing overflows and 1 - e is
+    exact for e >= 1/2: the error is that of e, an absolute ~3e-8 near 0, as for
+    ``_common.tanh``; a -inf logit gives -1, as in the backward."""
+    e = exp2(-(tl.abs(x) * tanh_scale), APPROX)
+    magnitude = (1.0 - e) * _reciprocal(1.0 + e, APPROX)
+    # The sign of x put on the magnitude: one bitwise instruction.
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr,
+            WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, APPROX: tl.constexpr):
+    """One element of every state (see the module docstring)."""
+    difference = y - m
+    raises = difference > 0.0
+    # -|d| with |.| and - as operand modifiers of the multiply and the exponential.
+    neg_abs = -(tl.abs(difference) * scale2)
+    e = exp2(neg_abs, APPROX)
+    c = tl.where(raises, e, 1.0)
+    r_new = r * c + e
+    if WITH_ENTROPY:
+        # |d| is clamped so that a -inf logit (e = 0) or the state's first element (r_new = 0)
+        # adds 0, not inf * 0.
+        t = t * c + tl.maximum(neg_abs, -3.0e38) * tl.where(raises, r_new, e)
+    if WITH_SUM_SQ:
+        r2 = r2 * (c * c) + e * e
+    if WITH_MEAN:
+        z_sum += y
+    if WITH_TOP1:
+        # The tile that raised the state's maximum (the column is that plus the lane); strictly
+        # greater: ties keep the earlier column.
+        best = tl.where(raises, tile_start, best)
+    m = tl.where(raises, y, m)
+    return m, r_new, t, r2, z_sum, best
 
 
 @triton.jit
@@ -35,94 +110,113 @@ def _token_stats_fwd_kernel(
     labels_ptr,
     logps_ptr,
     lse_ptr,
+    lse_residual_ptr,
     entropy_ptr,
     mean_logits_ptr,
     log_sum_sq_ptr,
     is_top1_ptr,
+    rows,
     inner_size,
     stride_outer,
     stride_inner,
     vocab_size,
     ignore_index,
-    inv_temperature,
-    softcap,
+    z_scale,
+    scale2,
+    tanh_scale,
     HAS_SOFTCAP: tl.constexpr,
+    WITH_RESIDUAL: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_MEAN: tl.constexpr,
     WITH_SUM_SQ: tl.constexpr,
     WITH_TOP1: tl.constexpr,
+    APPROX: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = row < rows
+    row = tl.where(row_ok, row, 0)
     # 64-bit offsets: rows x vocab passes 2^31 at 16k tokens of a 128k vocabulary.
     row_ptr = logits_ptr + (row // inner_size) * stride_outer + (row % inner_size) * stride_inner
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    scored = label != ignore_index
-    num_blocks = tl.where(scored, tl.cdiv(vocab_size, BLOCK_V), 0)
-
+    label = tl.load(labels_ptr + row, mask=row_ok, other=ignore_index).to(tl.int64)
+    scored = row_ok & (label != ignore_index)
     # Labels were validated before launch; the bounds test only keeps a bad one from reading
     # outside the row.
     in_row = scored & (label >= 0) & (label < vocab_size)
     label_x = tl.load(row_ptr + tl.where(in_row, label, 0), mask=in_row, other=0.0).to(tl.float32)
-    label_z = transform_logits(label_x, inv_temperature, softcap, HAS_SOFTCAP)
+    if HAS_SOFTCAP:
+        label_x = _tanh(label_x, tanh_scale, APPROX)
 
-    neg_inf = float("-inf")
-    m = tl.full((), neg_inf, tl.float32)
-    r = tl.zeros((), tl.float32)
-    t = tl.zeros((), tl.float32)
-    r2 = tl.zeros((), tl.float32)
-    z_sum = tl.zeros((), tl.float32)
-    best_index = tl.zeros((), tl.int64) - 1
-    for block in range(0, num_blocks):
-        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        in_vocab = cols < vocab_size
-        x = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
-        z = tl.where(in_vocab, transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP), neg_inf)
-        block_max = tl.max(z, 0)
-        new_max = block_max > m
-        m_new = tl.maximum(m, block_max)
-        # A block of -inf logits (masked vocabulary) must not turn the sums into NaN.
-        m_safe = tl.where(m_new > neg_inf, m_new, 0.0)
-        scale = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe)
-        # The block's maximal elements are summed apart from the rest, exactly: each is
-        # exp(block_max - m'), and when the block raises the maximum one of them is the 1 of s.
-        at_block_max = z == block_max
-        e_below = tl.where(at_block_max, 0.0, e)
-        e_at_max = tl.exp(block_max - m_safe)
-        extra_maxima = (tl.sum(at_block_max.to(tl.int32), 0) - new_max.to(tl.int32)).to(tl.float32)
-        if WITH_ENTROPY:
-            shift = tl.where(m > neg_inf, m - m_safe, 0.0)
-            # Select before multiplying: a -inf logit has e = 0 and z - m = -inf.
-            t = scale * (t + (1.0 + r) * shift) + tl.sum(e * tl.where(e > 0.0, z - m_safe, 0.0), 0)
-        if WITH_SUM_SQ:
-            r2 = tl.where(new_max, scale * scale * (1.0 + r2), r2)
-            r2 += tl.sum(e_below * e_below, 0) + extra_maxima * e_at_max * e_at_max
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full((ROWS, BLOCK_V), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
+    r = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)  # s = 1 + r = 0: empty
+    t = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    r2 = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)
+    z_sum = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    best = tl.full((ROWS, BLOCK_V), 2**31 - 1 - BLOCK_V, tl.int32)  # no column
+    tile_ptr = row_ptr[:, None] + lanes[None, :]
+    # The columns a program reads: V for a scored row, none for an ignored one.
+    read_limit = tl.where(tl.max(scored.to(tl.int32), 0) > 0, vocab_size, 0)
+    tail_start = 0
+    if ROWS == 1:
+        # The main loop: whole tiles, unmasked (an ignored row runs none).
+        for tile_start in range(0, read_limit - BLOCK_V + 1, BLOCK_V):
+            y = tl.load(tile_ptr).to(tl.float32)
+            if HAS_SOFTCAP:
+                y = _tanh(y, tanh_scale, APPROX)
+            m, r, t, r2, z_sum, best = _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY,
+                                               WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
+            tile_ptr += BLOCK_V
+        tail_start = (read_limit // BLOCK_V) * BLOCK_V
+    tail = scored[:, None] & (tail_start + lanes[None, :] < vocab_size)
+    if tail_start < read_limit:
+        y = tl.load(tile_ptr, mask=tail, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            y = _tanh(y, tanh_scale, APPROX)
+        y = tl.where(tail, y, float("-inf"))  # after the cap, which would map -inf to -1
+        m, r, t, r2, z_sum_tail, best = _absorb(y, tail_start, m, r, t, r2, tl.zeros_like(z_sum), best, scale2,
+                                                WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
         if WITH_MEAN:
-            z_sum += tl.sum(tl.where(in_vocab, z, 0.0), 0)
-        if WITH_TOP1:
-            # Strictly greater: on ties the earlier block keeps the argmax, and tl.argmax keeps
-            # the earliest column within a block.
-            best_index = tl.where(new_max, block * BLOCK_V + tl.argmax(z, 0), best_index)
-        r = tl.where(new_max, scale * (1.0 + r), r) + tl.sum(e_below, 0) + extra_maxima * e_at_max
-        m = m_new
+            z_sum += tl.where(tail, z_sum_tail, 0.0)
 
-    # log1p(r) >= 0 and z_y <= m make every log-prob <= 0 by construction. The min() guards z_y
+    # The states of a row merged: rescaled to the row maximum y_max, each state's own 1 kept out
+    # of the sum except for one, so that a peaked row keeps r's relative precision.
+    y_max = tl.max(m, 1)
+    shift = (m - y_max[:, None]) * scale2
+    weight = tl.exp2(shift)
+    holds_max = m == y_max[:, None]
+    maxima = tl.sum(holds_max.to(tl.float32), 1)
+    r_row = tl.sum(r * weight, 1) + tl.sum(tl.where(holds_max, 0.0, weight), 1) + (maxima - 1.0)
+    # A state with no element (r = -1, m = -FLT_MAX) weighs 0 against any element, and an
+    # all-empty row keeps r = -1: no finite logit.
+    no_logit = r_row == -1.0
+    log_s = tl.where(scored, tl.where(no_logit, float("nan"), log1p(r_row)), 0.0)
+    m_z = y_max * z_scale
+    label_z = label_x * z_scale
+    # log1p(r) >= 0 and z_l <= m make every log-prob <= 0 by construction; the min() guards z_l
     # against a last-ulp difference between the scalar and the vector evaluation of the transform.
-    # A row with no finite logit (m = -inf) has no distribution: log s = NaN makes its log-prob,
-    # lse, entropy and log sum p^2 NaN, where min(NaN, 0) = 0 would have read as probability 1.
-    log_s = tl.where(scored, tl.where(m > neg_inf, log1p(r), float("nan")), 0.0)
-    logp = tl.minimum(label_z - m, 0.0) - log_s
-    tl.store(logps_ptr + row, tl.where(scored, logp, 0.0))
-    tl.store(lse_ptr + row, tl.where(scored, m + log_s, 0.0))
+    logp = tl.minimum(label_z - m_z, 0.0) - log_s
+    tl.store(logps_ptr + row, tl.where(scored, logp, 0.0), mask=row_ok)
+    lse, lse_residual = lse_and_residual(m_z, log_s)
+    tl.store(lse_ptr + row, tl.where(scored, lse, 0.0), mask=row_ok)
+    if WITH_RESIDUAL:
+        tl.store(lse_residual_ptr + row, tl.where(scored, lse_residual, 0.0), mask=row_ok)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(scored, log_s - t / (1.0 + r), 0.0))
+        moved = tl.where(weight > 0.0, weight * (t + shift * (1.0 + r)), 0.0)
+        t_row = tl.sum(moved, 1)
+        entropy = log_s - 0.6931471805599453 * t_row / (1.0 + r_row)
+        tl.store(entropy_ptr + row, tl.where(scored, entropy, 0.0), mask=row_ok)
     if WITH_SUM_SQ:
-        tl.store(log_sum_sq_ptr + row, tl.where(scored, log1p(r2) - 2.0 * log_s, 0.0))
+        weight2 = weight * weight
+        r2_row = tl.sum(r2 * weight2, 1) + tl.sum(tl.where(holds_max, 0.0, weight2), 1) + (maxima - 1.0)
+        tl.store(log_sum_sq_ptr + row, tl.where(scored, log1p(r2_row) - 2.0 * log_s, 0.0), mask=row_ok)
     if WITH_MEAN:
-        tl.store(mean_logits_ptr + row, tl.where(scored, z_sum / vocab_size, 0.0))
+        tl.store(mean_logits_ptr + row, tl.where(scored, tl.sum(z_sum, 1) * z_scale / vocab_size, 0.0),
+                 mask=row_ok)
     if WITH_TOP1:
-        tl.store(is_top1_ptr + row, scored & (best_index == label))
+        first = tl.min(tl.where(holds_max, best + lanes[None, :], 2**31 - 1), 1)
+        tl.store(is_top1_ptr + row, scored & (first == label), mask=row_ok)
 
 
 def token_stats_forward(
@@ -138,39 +232,52 @@ def token_stats_forward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Fill the per-row outputs for one block of rows.
 
     logits: [outer, inner, V] view (any float dtype, last dimension contiguous, other strides
     free). labels: [outer * inner] int32/int64, contiguous. Outputs: [outer * inner] contiguous,
-    float32 (is_top1: bool); a statistic passed as None is not computed.
+    float32 (is_top1: bool); a statistic passed as None is not computed. lse_residual, if given
+    ([outer * inner] float32), receives (m + log s) - lse, which the backward takes with lse.
     """
     outer, inner, vocab_size = logits.shape
     rows = outer * inner
     if rows == 0:
         return
     block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
-    _token_stats_fwd_kernel[(rows,)](
+    rows_per_program = max(1, min(_TILE // block_v, triton.next_power_of_2(rows)))
+    # z = k y: y = x, k = 1/T without a softcap; y = tanh(x / c), k = c / T with one.
+    z_scale = (1.0 if softcap is None else softcap) / temperature
+    all_stats = mean_logits is not None or log_sum_sq_probs is not None or is_top1 is not None
+    _token_stats_fwd_kernel[(triton.cdiv(rows, rows_per_program),)](
         logits,
         labels,
         logps,
         lse,
+        lse if lse_residual is None else lse_residual,
         lse if entropy is None else entropy,
         lse if mean_logits is None else mean_logits,
         lse if log_sum_sq_probs is None else log_sum_sq_probs,
         lse if is_top1 is None else is_top1,
+        rows,
         inner,
         logits.stride(0),
         logits.stride(1),
         vocab_size,
         ignore_index,
-        1.0 / temperature,
-        1.0 if softcap is None else softcap,
+        z_scale,
+        z_scale * LOG2_E,
+        0.0 if softcap is None else 2.0 * LOG2_E / softcap,
         HAS_SOFTCAP=softcap is not None,
+        WITH_RESIDUAL=lse_residual is not None,
         WITH_ENTROPY=entropy is not None,
         WITH_MEAN=mean_logits is not None,
         WITH_SUM_SQ=log_sum_sq_probs is not None,
         WITH_TOP1=is_top1 is not None,
+        APPROX=os.environ.get("TRITON_INTERPRET") != "1",
+        ROWS=rows_per_program,
         BLOCK_V=block_v,
-        num_warps=16 if block_v >= 8192 else 8 if block_v >= 2048 else 4,
+        # 16 elements per thread, 8 with the states of the other statistics.
+        num_warps=(16 if all_stats else 8) if block_v >= 4096 else 4,
     )

@@ -274,17 +274,18 @@ def token_stats_forward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Fill the per-row outputs for one block of rows (contract of
     ``prefopt.kernels.token_stats_forward``): logits [outer, inner, V]; labels and outputs flat
-    [outer * inner]; a statistic passed as None is not computed."""
+    [outer * inner]; a statistic passed as None is not computed, nor lse_residual."""
     outer, inner, _ = logits.shape
     if outer * inner == 0:
         return
     load()
     _ops().cuda_token_stats_forward(
         logits, labels, logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1,
-        int(ignore_index), float(temperature), None if softcap is None else float(softcap),
+        int(ignore_index), float(temperature), None if softcap is None else float(softcap), lse_residual,
     )
 
 
@@ -305,6 +306,7 @@ def token_stats_backward(
     softcap: float | None,
     column_offset: int = 0,
     softmax_size: int | None = None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Write the logits gradient for one block of rows (contract of
     ``prefopt.kernels.token_stats_backward``); ``grad_logits`` may be ``logits`` itself.
@@ -320,7 +322,7 @@ def token_stats_backward(
         logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
         grad_mean_logits, grad_log_sum_sq_probs, int(ignore_index), float(temperature),
         None if softcap is None else float(softcap), int(column_offset),
-        vocab_size if softmax_size is None else int(softmax_size),
+        vocab_size if softmax_size is None else int(softmax_size), lse_residual,
     )
 
 

@@ -88,11 +88,11 @@ def simulator_library(tmp_path_factory) -> ctypes.CDLL:
     lib.prefopt_token_stats_forward.restype = c.c_int
     lib.prefopt_token_stats_forward.argtypes = [
         c.c_void_p, c.c_int, *[c.c_int64] * 5, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
-        *[c.c_void_p] * 6, c.c_void_p, c.c_int, c.c_void_p]
+        *[c.c_void_p] * 7, c.c_void_p, c.c_int, c.c_void_p]
     lib.prefopt_token_stats_backward.restype = c.c_int
     lib.prefopt_token_stats_backward.argtypes = [
         c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 9, c.c_void_p, c.c_int, c.c_int64, c.c_float, c.c_float,
-        *[c.c_void_p] * 7, c.c_int, c.c_void_p]
+        *[c.c_void_p] * 8, c.c_int, c.c_void_p]
     lib.prefopt_token_stats_forward_splits.restype = c.c_int
     lib.prefopt_token_stats_forward_splits.argtypes = [c.c_int64, c.c_int64, c.c_int, c.c_int]
     lib.prefopt_token_stats_forward_workspace_bytes.restype = c.c_size_t
@@ -139,7 +139,7 @@ def simulator(simulator_library):
     lib = simulator_library
 
     def forward(logits, labels, logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1, ignore_index,
-                temperature, softcap, splits=None):
+                temperature, softcap, lse_residual=None, splits=None):
         outer, inner, vocab_size = logits.shape
         rows = outer * inner
         dtype = DTYPE_CODES[logits.dtype]
@@ -149,20 +149,20 @@ def simulator(simulator_library):
         status = lib.prefopt_token_stats_forward(
             logits.data_ptr(), dtype, outer, inner, vocab_size, logits.stride(0), logits.stride(1),
             labels.data_ptr(), labels.dtype == torch.int64, ignore_index, 1.0 / temperature,
-            0.0 if softcap is None else softcap, logps.data_ptr(), lse.data_ptr(), pointer(entropy),
-            pointer(mean_logits), pointer(log_sum_sq_probs), pointer(is_top1),
+            0.0 if softcap is None else softcap, logps.data_ptr(), lse.data_ptr(), pointer(lse_residual),
+            pointer(entropy), pointer(mean_logits), pointer(log_sum_sq_probs), pointer(is_top1),
             workspace.data_ptr() if workspace.numel() else None, splits, None)
         assert status == 0, f"cudaError {status}"
 
     def backward(logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_entropy,
                  grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, column_offset,
-                 softmax_size):
+                 softmax_size, lse_residual):
         outer, inner, vocab_size = logits.shape
         status = lib.prefopt_token_stats_backward(
             logits.data_ptr(), grad_logits.data_ptr(), DTYPE_CODES[logits.dtype], outer, inner, vocab_size,
             column_offset, softmax_size, logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1), labels.data_ptr(),
             labels.dtype == torch.int64, ignore_index, 1.0 / temperature, 0.0 if softcap is None else softcap,
-            lse.data_ptr(), pointer(entropy), pointer(log_sum_sq_probs), grad_logps.data_ptr(),
+            lse.data_ptr(), pointer(lse_residual), pointer(entropy), pointer(log_sum_sq_probs), grad_logps.data_ptr(),
             pointer(grad_entropy), pointer(grad_mean_logits), pointer(grad_log_sum_sq_probs),
             H200_MULTIPROCESSORS, None)
         assert status == 0, f"cudaError {status}"

@@ -141,49 +141,49 @@ int main() {
   const cudaError_t invalid = cudaErrorInvalidValue;
 
   // forward(logits, dtype, outer, inner, V, stride_outer, stride_inner, labels, int64, ignore,
-  //         inv_T, softcap, logps, lse, entropy, mean, sum_sq, top1, workspace, splits, stream)
+  //         inv_T, softcap, logps, lse, lse_residual, entropy, mean, sum_sq, top1, workspace, splits, stream)
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_BFLOAT16, 0, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == cudaSuccess);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == cudaSuccess);
   EXPECT(prefopt_token_stats_forward(fake, 17, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 0, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     nullptr, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     nullptr, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 0.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, -1.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 2, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 2, nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, fake, PREFOPT_MAX_FORWARD_SPLITS + 1,
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, fake, PREFOPT_MAX_FORWARD_SPLITS + 1,
                                      nullptr) == invalid);
   EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, (1LL << 31), 35, 7, fake, 1, -100, 1.f, 0.f,
-                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
+                                     out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, nullptr) == invalid);
 
   // backward(logits, grad, dtype, outer, inner, V, column_offset, softmax_size, so, si, gso, gsi, labels,
-  //          int64, ignore, inv_T, softcap, lse, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
+  //          int64, ignore, inv_T, softcap, lse, lse_residual, entropy, sum_sq, g_logps, g_entropy, g_mean, g_sum_sq, SMs, stream)
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == cudaSuccess);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, out, nullptr, nullptr, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, out, nullptr, nullptr, 132, nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, out, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, out, 132, nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, nullptr, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, fake, -1, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                      out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
+                                      out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132, nullptr) == invalid);
   // A tile of columns must lie inside its softmax: [column_offset, column_offset + V) within softmax_size.
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 0, 9, 4, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
-                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      0.f, out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == cudaSuccess);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 5, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
-                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      0.f, out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == invalid);
   EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, -1, 13, 9, 9, 9, 9, fake, 0, -100, 1.f,
-                                      0.f, out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                      0.f, out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                       nullptr) == invalid);
 
   // Split-V plans on an H200 (132 SMs): thousands of rows are never split; a few rows of a
@@ -296,10 +296,10 @@ int main() {
     EXPECT(launch_failed(forward(PREFOPT_FLOAT16, 8, &orpo, &orpo_config)));
     EXPECT(launch_failed(backward(orpo, orpo_config, nullptr, fake)));
     EXPECT(prefopt_token_stats_forward(fake, PREFOPT_FLOAT32, 1, 5, 7, 35, 7, fake, 1, -100, 1.f, 0.f,
-                                       out, out, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
+                                       out, out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1,
                                        nullptr) != cudaSuccess);
     EXPECT(prefopt_token_stats_backward(fake, fake, PREFOPT_FLOAT16, 3, 1, 9, 0, 9, 9, 9, 9, 9, fake, 0, -100, 1.f, 0.f,
-                                        out, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
+                                        out, nullptr, nullptr, nullptr, out, nullptr, nullptr, nullptr, 132,
                                         nullptr) != cudaSuccess);
   }
   std::printf("%d failure(s)\n", failures);

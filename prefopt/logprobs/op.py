@@ -3,8 +3,10 @@
 
 - ``prefopt::token_stats``: the forward pass. Inputs are the logits [..., V] (any strides with a
   contiguous last dimension, read where they lie) and the flattened labels [N]; outputs are flat
-  [N] float32 log-probs, the float32 log-sum-exp kept for backward, and the optional statistics
-  (empty tensors when not asked for).
+  [N] float32 log-probs, the float32 log-sum-exp kept for backward, the optional statistics
+  (empty tensors when not asked for) and last the log-sum-exp's rounding residual, which only the
+  backward reads (p = exp((z - lse) - residual) stays precise at large |z|; see
+  kernels/token_stats_fwd.py).
 - ``prefopt::token_stats_backward``: writes the logits gradient into a fresh tensor.
 - ``prefopt::token_stats_backward_``: writes it over the logits (``inplace_backward=True``).
 
@@ -104,8 +106,9 @@ def empty_stats_outputs(like: Tensor, rows: int, with_entropy: bool, with_mean_l
 
 def shaped_stats(outputs: tuple[Tensor, ...], shape: torch.Size, asked: frozenset[str]) -> tuple[TokenStats, Tensor]:
     """(TokenStats, lse) of the labels' ``shape`` from an operator's flat outputs (the layout of
-    ``empty_stats_outputs``); fields not ``asked`` for are None."""
-    logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs
+    ``empty_stats_outputs``, then possibly backward-only outputs, left out); fields not ``asked``
+    for are None."""
+    logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = outputs[:6]
 
     def shaped(flat: Tensor, name: str) -> Tensor | None:
         return flat.view(shape) if name in asked else None
@@ -128,12 +131,14 @@ def token_stats_op(
     with_is_top1: bool,
     inplace_backward: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1), each [N] (or [0]
-    when not asked for). ``inplace_backward`` only tells autograd how to run the backward."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1, lse_residual), each
+    [N] (or [0] when not asked for). ``inplace_backward`` only tells autograd how to run the
+    backward."""
     forward, levels = _implementation(backend, "forward")
     logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1 = empty_stats_outputs(
         logits, labels.numel(), with_entropy, with_mean_logits, with_log_sum_sq_probs, with_is_top1)
+    lse_residual = torch.empty_like(lse)
     for block, first_row in row_blocks(logits, levels):
         rows = _flat_rows(block, first_row)
         forward(
@@ -148,15 +153,17 @@ def token_stats_op(
             ignore_index=ignore_index,
             temperature=temperature,
             softcap=softcap,
+            lse_residual=lse_residual[rows],
         )
-    return logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1
+    return logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1, lse_residual
 
 
 @token_stats_op.register_fake
 def _(logits, labels, ignore_index, temperature, softcap, with_entropy, with_mean_logits,
       with_log_sum_sq_probs, with_is_top1, inplace_backward, backend):
-    return empty_stats_outputs(logits, labels.numel(), with_entropy, with_mean_logits,
-                               with_log_sum_sq_probs, with_is_top1)
+    outputs = empty_stats_outputs(logits, labels.numel(), with_entropy, with_mean_logits,
+                                  with_log_sum_sq_probs, with_is_top1)
+    return (*outputs, torch.empty_like(outputs[1]))
 
 
 def _run_backward(
@@ -164,6 +171,7 @@ def _run_backward(
     grad_logits: Tensor,
     labels: Tensor,
     lse: Tensor,
+    lse_residual: Tensor,
     entropy: Tensor | None,
     log_sum_sq_probs: Tensor | None,
     grad_logps: Tensor,
@@ -196,6 +204,7 @@ def _run_backward(
             ignore_index=ignore_index,
             temperature=temperature,
             softcap=softcap,
+            lse_residual=lse_residual[rows],
         )
 
 
@@ -204,6 +213,7 @@ def token_stats_backward_op(
     logits: Tensor,
     labels: Tensor,
     lse: Tensor,
+    lse_residual: Tensor,
     entropy: Tensor | None,
     log_sum_sq_probs: Tensor | None,
     grad_logps: Tensor,
@@ -219,7 +229,7 @@ def token_stats_backward_op(
     """The logits gradient as a new contiguous tensor of the logits' shape and dtype.
     ``grad_logps`` is g_logp - g_lse when ``grad_lse`` is given (see the module docstring)."""
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _run_backward(logits, grad_logits, labels, lse, entropy, log_sum_sq_probs, grad_logps,
+    _run_backward(logits, grad_logits, labels, lse, lse_residual, entropy, log_sum_sq_probs, grad_logps,
                   grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
                   temperature, softcap, backend)
     if grad_lse is not None:
@@ -238,6 +248,7 @@ def token_stats_backward_inplace_op(
     logits: Tensor,
     labels: Tensor,
     lse: Tensor,
+    lse_residual: Tensor,
     entropy: Tensor | None,
     log_sum_sq_probs: Tensor | None,
     grad_logps: Tensor,
@@ -253,7 +264,7 @@ def token_stats_backward_inplace_op(
     """Overwrites the logits with their gradient (``grad_logps`` as in token_stats_backward)."""
     label_gradient = None if grad_lse is None else _lse_gradient_at_labels(
         logits, labels, grad_lse, ignore_index, temperature, softcap)
-    _run_backward(logits, logits, labels, lse, entropy, log_sum_sq_probs, grad_logps,
+    _run_backward(logits, logits, labels, lse, lse_residual, entropy, log_sum_sq_probs, grad_logps,
                   grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
                   temperature, softcap, backend)
     if label_gradient is not None:
@@ -262,8 +273,9 @@ def token_stats_backward_inplace_op(
 
 def _setup_context(ctx, inputs, output) -> None:
     (logits, labels, ignore_index, temperature, softcap, *_, inplace_backward, backend) = inputs
-    _, lse, entropy, _, log_sum_sq_probs, _ = output
-    ctx.save_for_backward(logits, labels, lse, entropy, log_sum_sq_probs)
+    _, lse, entropy, _, log_sum_sq_probs, _, lse_residual = output
+    ctx.save_for_backward(logits, labels, lse, lse_residual, entropy, log_sum_sq_probs)
+    ctx.mark_non_differentiable(lse_residual)  # a rounding error, read by the backward only
     ctx.hyperparameters = (ignore_index, temperature, softcap, backend)
     ctx.inplace_backward = inplace_backward
     # Outputs nobody differentiated arrive as None, not as zeros: without a gradient for the
@@ -289,8 +301,9 @@ def dense_upstream(grad: Tensor | None) -> Tensor | None:
     return grad.contiguous()
 
 
-def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, grad_is_top1):
-    logits, labels, lse, entropy, log_sum_sq_probs = ctx.saved_tensors
+def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, grad_is_top1,
+              grad_lse_residual):
+    logits, labels, lse, lse_residual, entropy, log_sum_sq_probs = ctx.saved_tensors
     grad_entropy = dense_upstream(grad_entropy)
     grad_mean_logits = dense_upstream(grad_mean_logits)
     grad_log_sum_sq_probs = dense_upstream(grad_log_sum_sq_probs)
@@ -298,6 +311,7 @@ def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_lo
     arguments = (
         labels,
         lse,
+        lse_residual,
         entropy if grad_entropy is not None else None,
         log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
         logps_upstream(dense_upstream(grad_logps), grad_lse, lse),

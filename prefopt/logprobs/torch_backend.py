@@ -17,6 +17,16 @@ def rows_per_chunk(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
+def rounding_residual(m: torch.Tensor, log_s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(m + log_s) - lse, exact, for lse = m + log_s rounded (Fast2Sum, the larger magnitude
+    first); 0 where lse is not finite. The backward's p = exp((z - lse) - residual) then keeps
+    float32 rounding of z - m at large |z| (see kernels/token_stats_fwd.py)."""
+    m_larger = m.abs() >= log_s.abs()
+    larger = torch.where(m_larger, m, log_s)
+    smaller = torch.where(m_larger, log_s, m)
+    return torch.where(lse.isfinite(), smaller - (lse - larger), 0.0)
+
+
 def token_stats_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -30,6 +40,7 @@ def token_stats_forward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Fill the per-row outputs for ``logits`` [rows, V] (same contract as the Triton launcher)."""
     rows, vocab_size = logits.shape
@@ -58,7 +69,10 @@ def token_stats_forward(
         r = e_rest.sum(-1)
         log_s = torch.where(no_finite_logit, float("nan"), r.log1p())
         logps[chunk] = torch.where(scored, label_z - m - log_s, 0.0)
-        lse[chunk] = torch.where(scored, m + log_s, 0.0)
+        row_lse = m + log_s
+        lse[chunk] = torch.where(scored, row_lse, 0.0)
+        if lse_residual is not None:
+            lse_residual[chunk] = torch.where(scored, rounding_residual(m, log_s, row_lse), 0.0)
         if entropy is not None:
             # e * (z - m) -> 0 for a -inf logit, not 0 * -inf; the maximum's term is 0 anyway.
             t = torch.where(e_rest > 0, e_rest * shifted, 0.0).sum(-1)
@@ -83,6 +97,7 @@ def token_stats_backward(
     ignore_index: int,
     temperature: float,
     softcap: float | None,
+    lse_residual: torch.Tensor | None = None,
 ) -> None:
     """Write the gradient for ``logits`` [rows, V] into ``grad_logits`` [rows, V], which may be
     ``logits`` itself (same contract and formulas as the Triton launcher)."""
@@ -95,6 +110,8 @@ def token_stats_backward(
         x = logits[chunk]
         z = transformed_logits(x, temperature, softcap)
         log_p = z.sub_(lse[chunk].unsqueeze(-1))
+        if lse_residual is not None:
+            log_p.sub_(lse_residual[chunk].unsqueeze(-1))
         p = log_p.exp()
         g = torch.where(scored, grad_logps[chunk], 0.0).unsqueeze(-1)
         dz = p * -g
