@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused_losses import LOSS_TYPE_CODES
+from ..losses.fused import LOSS_TYPE_CODES
 from ._common import log1p
 
 # Loss-type codes, those of prefopt.fused_losses (the CUDA C++ kernels use the same).

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailableError
-from .fused_losses import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
+from .losses.fused import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
 
 EXTENSION_NAME = "prefopt_cuda"
 SOURCES = ("binding.cpp", "token_stats_fwd.cu", "token_stats_bwd.cu", "preference_loss.cu")

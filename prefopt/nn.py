@@ -59,7 +59,7 @@ from .backends import BACKEND_CHOICES, resolve_backend
 from .linear import _check_inputs as _check_lm_head_inputs
 from .linear import linear_sequence_logprobs, linear_token_stats
 from .logprobs import sequence_logprobs, token_stats
-from .losses import (
+from .losses.api import (
     _SORTING_LOSS_TYPES,
     KTO_LOSS_TYPES,
     _check_loss_type,

@@ -32,8 +32,9 @@ import torch
 from conftest import DEVICE
 
 import prefopt
-from prefopt import backends, cuda_ext, losses
-from prefopt.fused_losses import METRIC_NAMES
+from prefopt import backends, cuda_ext
+from prefopt.losses import api as loss_api
+from prefopt.losses.fused import METRIC_NAMES
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -546,7 +547,7 @@ def cuda_on_cpu(simulator, monkeypatch):
         return None if backend == "cuda" else real_reason(backend, device)
 
     monkeypatch.setattr(backends, "unavailable_reason", reason)
-    monkeypatch.setattr(losses, "unavailable_reason", reason)
+    monkeypatch.setattr(loss_api, "unavailable_reason", reason)
     return simulator
 
 

@@ -87,13 +87,13 @@ def _launch(
     """Forward (``outputs`` given) or backward (``grads`` given, laid out as each backend's
     launcher takes them) of one loss."""
     if backend == "cuda":
-        from . import cuda_ext
+        from .. import cuda_ext
 
         cuda_ext.preference_loss(family, tensors, config, outputs, grads)
         return
     if backend != "triton":
         raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
-    from .kernels import preference_loss as kernels
+    from ..kernels import preference_loss as kernels
 
     (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths,
      desirable, offset, nll) = tensors

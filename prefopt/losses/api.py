@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import fused_losses
-from .backends import BackendUnavailableError, resolve_backend, unavailable_reason
+from . import fused as fused_losses
+from ..backends import BackendUnavailableError, resolve_backend, unavailable_reason
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
