@@ -8,7 +8,7 @@
 //   prefopt::cuda_preference_loss_backward  (writes the gradients of the log-prob inputs)
 //
 // They have the contract of the Triton launchers in kernels/ (see prefopt/cuda_ext.py, which calls
-// them from the Python custom operators of prefopt/ops.py and prefopt/fused_losses.py): logits is
+// them from the Python custom operators of prefopt/ops.py and prefopt/losses/fused.py): logits is
 // a [outer, inner, V] view with a contiguous last dimension, the per-row tensors are flat
 // [outer * inner] and contiguous; the loss inputs are contiguous [B] vectors of one dtype, the
 // loss family and types come as the codes of prefopt_csrc.h. The work is enqueued on the current

@@ -351,7 +351,7 @@ __device__ __forceinline__ S log_odds(const S& x, C tiny) {
 // The families: the loss of one example from its variables x (see the top of the file).
 // ---------------------------------------------------------------------------------------------
 
-// How many metrics each family writes (prefopt.fused_losses.METRIC_NAMES).
+// How many metrics each family writes (prefopt._codes.METRIC_NAMES).
 __host__ __device__ __forceinline__ int metric_count(int family) {
   switch (family) {
     case PREFOPT_FAMILY_DPO:
@@ -620,7 +620,7 @@ __device__ __forceinline__ void add_to_sums(C (&sums)[kSums], int family, const 
   }
 }
 
-// The metrics in prefopt.fused_losses.METRIC_NAMES order. A KTO class absent from the batch has
+// The metrics in prefopt._codes.METRIC_NAMES order. A KTO class absent from the batch has
 // no mean: 0/0 gives NaN, as a mean of nothing should.
 template <typename C>
 __device__ __forceinline__ void write_loss_and_metrics(const LossParams& p, const C (&sums)[kSums]) {

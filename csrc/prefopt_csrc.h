@@ -160,7 +160,7 @@ typedef struct prefopt_preference_config {
   int mean;
 } prefopt_preference_config;
 
-/* How many batch metrics the forward writes for `family` (prefopt.fused_losses.METRIC_NAMES);
+/* How many batch metrics the forward writes for `family` (prefopt._codes.METRIC_NAMES);
  * 0 for an unknown family. */
 int prefopt_preference_loss_metric_count(int family);
 

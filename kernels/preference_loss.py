@@ -14,17 +14,17 @@ float64 inputs. Triton passes Python floats as float32, so the scalar arguments 
 float64, and the per-type weights of a combined DPO loss (a tuple, which cannot be annotated)
 travel as float32 (hi, lo) pairs whose sum carries 48 bits.
 
-The metrics are written in the order ``prefopt.fused_losses.METRIC_NAMES`` gives for each family.
+The metrics are written in the order ``prefopt._codes.METRIC_NAMES`` gives for each family.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ..losses.fused import LOSS_TYPE_CODES
+from .._codes import LOSS_TYPE_CODES
 from ._common import log1p
 
-# Loss-type codes, those of prefopt.fused_losses (the CUDA C++ kernels use the same).
+# Loss-type codes, those of prefopt._codes (the CUDA C++ kernels use the same).
 _SIGMOID = tl.constexpr(LOSS_TYPE_CODES["sigmoid"])
 _ROBUST = tl.constexpr(LOSS_TYPE_CODES["robust"])
 _HINGE = tl.constexpr(LOSS_TYPE_CODES["hinge"])

@@ -15,7 +15,7 @@ and registered as the torch operators ``prefopt::cuda_token_stats_forward``,
   ``prefopt.kernels.token_stats_forward`` / ``token_stats_backward`` (the Triton launchers):
   logits as [outer, inner, V] views with a contiguous last dimension, flat [rows] outputs.
 - ``preference_loss`` is one launch of the fused loss reduction of a family, forward or backward,
-  on the arguments of the operators of ``prefopt.fused_losses``.
+  on the arguments of the operators of ``prefopt.losses.fused``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailableError
-from .losses.fused import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
+from ._codes import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
 
 EXTENSION_NAME = "prefopt_cuda"
 SOURCES = ("binding.cpp", "token_stats_fwd.cu", "token_stats_bwd.cu", "preference_loss.cu")
@@ -344,7 +344,7 @@ def preference_loss(
     grads: Sequence[torch.Tensor | None] | None,
 ) -> None:
     """One launch of the fused loss reduction of ``family`` on the arguments of the operators of
-    ``prefopt.fused_losses``: ``tensors`` = (chosen, rejected, ref_chosen, ref_rejected, margin,
+    ``prefopt.losses.fused``: ``tensors`` = (chosen, rejected, ref_chosen, ref_rejected, margin,
     chosen_lengths, rejected_lengths, desirable, offset, nll), contiguous, [B] (offset 0-d, nll 0-d
     or [B]) or None; ``config`` = (loss_types as "a,b", loss_weights, beta, label_smoothing,
     discopop_tau, simpo_gamma, cpo_alpha, desirable_weight, undesirable_weight, offset_value,

@@ -59,19 +59,8 @@ from .backends import BACKEND_CHOICES, resolve_backend
 from .linear import _check_inputs as _check_lm_head_inputs
 from .linear import linear_sequence_logprobs, linear_token_stats
 from .logprobs import sequence_logprobs, token_stats
-from .losses.api import (
-    _SORTING_LOSS_TYPES,
-    KTO_LOSS_TYPES,
-    _check_loss_type,
-    _check_loss_types,
-    _check_real,
-    _check_smoothing,
-    dpo_loss,
-    kto_kl,
-    kto_loss,
-    orpo_loss,
-    simpo_loss,
-)
+from .losses import KTO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
+from .losses._checks import _SORTING_LOSS_TYPES, _check_loss_type, _check_loss_types, _check_real, _check_smoothing
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

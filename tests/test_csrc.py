@@ -8,7 +8,7 @@
 - csrc/binding.cpp compiles (syntax and types) against the installed torch headers.
 - The kernels' own source, compiled as C++ with csrc/testing/host_simulator.h, runs on the CPU
   under every test of the correctness suite that takes a ``backend`` (the log-prob tests and the
-  fused-loss tests), through the real Python path (prefopt.ops or prefopt.fused_losses ->
+  fused-loss tests), through the real Python path (prefopt.ops or prefopt.losses.fused ->
   prefopt.cuda_ext -> operators with binding.cpp's schemas -> C launchers). This checks indexing,
   split-V, alignment, ignored rows and the math; it does not replace running the compiled kernels
   on a GPU, where the main suite runs with backend="cuda" (tests/conftest.py).
@@ -34,7 +34,7 @@ from conftest import DEVICE
 import prefopt
 from prefopt import backends, cuda_ext
 from prefopt.losses import api as loss_api
-from prefopt.losses.fused import METRIC_NAMES
+from prefopt._codes import METRIC_NAMES
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))

@@ -13,7 +13,7 @@ from conftest import DEVICE, available_backend
 
 from prefopt import BackendUnavailableError
 from prefopt.backends import unavailable_reason
-from prefopt.losses.fused import FUSED_BACKENDS, METRIC_NAMES
+from prefopt._codes import FUSED_BACKENDS, METRIC_NAMES
 from prefopt.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss
 
 DTYPES = [torch.float32, torch.float64]
