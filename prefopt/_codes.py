@@ -20,10 +20,13 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "sft",
 )
 KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+# TRL's f_divergence_type values, in the order of the kernels' codes (reverse_kl, the default, is 0).
+F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 FAMILIES = ("dpo", "kto", "cpo", "orpo")
 

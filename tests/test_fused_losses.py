@@ -17,7 +17,8 @@ from prefopt._codes import FUSED_BACKENDS, METRIC_NAMES
 from prefopt.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss
 
 DTYPES = [torch.float32, torch.float64]
-FUSED_DPO_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired")]
+# aot and aot_unpaired sort across the batch; sft (a batch-level NLL) has no fused kernel yet.
+FUSED_DPO_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired", "sft")]
 MARGIN_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
@@ -215,6 +216,25 @@ def test_sorting_types_stay_on_the_reference_path(backend):
         # "auto" computes them (on the reference path) wherever it runs.
         auto = dpo_loss(*logps, loss_type=kind)
         torch.testing.assert_close(auto.losses, dpo_loss(*logps, loss_type=kind, backend="reference").losses)
+
+
+def test_options_without_a_fused_kernel_stay_on_the_reference_path(backend):
+    logps = [t.to(DEVICE) for t in rand_logps(4, torch.float32, seed=27)]
+    lengths = torch.tensor([3, 1, 4, 2], device=DEVICE)
+    weights = torch.rand(4, device=DEVICE)
+    cases = [
+        ("loss_type 'sft'", dpo_loss, dict(loss_type=["sigmoid", "sft"], chosen_lengths=lengths,
+                                           rejected_lengths=lengths)),
+        ("f_divergence_type='js_divergence'", dpo_loss, dict(f_divergence_type="js_divergence")),
+        ("chosen_weights", dpo_loss, dict(chosen_weights=weights, rejected_weights=weights)),
+    ]
+    for reason, loss, options in cases:
+        with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.*{reason}"):
+            loss(*logps, backend=backend, **options)
+        auto = loss(*logps, **options)
+        torch.testing.assert_close(auto.losses, loss(*logps, backend="reference", **options).losses)
+    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.*alpha"):
+        cpo_loss(*logps[:2], alpha=0.2, chosen_lengths=lengths, backend=backend)
 
 
 def test_bad_backend_is_rejected_before_any_kernel():

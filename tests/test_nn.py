@@ -456,3 +456,18 @@ def test_bad_kto_inputs():
 def test_bad_module_options(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_dpo_module_trl_option_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"ld_alpha must be None or lie in \[0, 1\]"):
+        DPOLoss(ld_alpha=1.5)
+    with pytest.raises(TypeError, match="ld_alpha must be a real Python number"):
+        DPOLoss(ld_alpha="0.5")
+    with pytest.raises(TypeError, match="use_weighting must be a bool"):
+        DPOLoss(use_weighting=1)
+    with pytest.raises(ValueError, match=r"use_weighting cannot weigh loss_type \['aot'\]"):
+        DPOLoss(loss_type="aot", use_weighting=True)
+    with pytest.raises(ValueError, match="f_divergence_type must be one of"):
+        DPOLoss(f_divergence_type="chi2")
+    with pytest.raises(ValueError, match="f_divergence_type='js_divergence' is only defined"):
+        DPOLoss(loss_type="apo_zero", f_divergence_type="js_divergence")

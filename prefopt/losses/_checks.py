@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._codes import DPO_LOSS_TYPES, REDUCTIONS
+from .._codes import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, REDUCTIONS
 
 
 # Types whose losses pair quantiles of the whole batch (a sort), not examples: no fused kernel.
@@ -32,6 +32,11 @@ _SMOOTHING_RANGES: dict[str, tuple[float, bool, float, bool]] = {
 # each completion on its own or sort across the batch, where a per-pair margin has none.
 _MARGIN_LOSS_TYPES = frozenset(
     {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"}
+)
+
+# The types whose log-ratios TRL lets an f-divergence replace by its scores (TRL 1.16's set).
+_F_DIVERGENCE_LOSS_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 )
 
 
@@ -146,3 +151,40 @@ def _check_length_pair(
     _check_lengths("chosen_lengths", chosen_lengths, like, like_name)
     _check_lengths("rejected_lengths", rejected_lengths, like, like_name)
 
+
+
+def _check_f_divergence(f_divergence_type: object, coef: object, loss_types: Sequence[str]) -> float:
+    """TRL's f-DPO options: the divergence's name, and α (finite) for alpha_divergence."""
+    if not isinstance(f_divergence_type, str) or f_divergence_type not in F_DIVERGENCE_TYPES:
+        raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got {f_divergence_type!r}")
+    coef = _check_real("f_alpha_divergence_coef", coef)
+    if f_divergence_type != "reverse_kl":
+        unsupported = [kind for kind in loss_types if kind not in _F_DIVERGENCE_LOSS_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"f_divergence_type={f_divergence_type!r} is only defined for loss_type in "
+                f"{sorted(_F_DIVERGENCE_LOSS_TYPES)}, got loss_type {unsupported}"
+            )
+    return coef
+
+
+def _check_pair_weights(
+    chosen_weights: object, rejected_weights: object, like: torch.Tensor, like_name: str, loss_types: Sequence[str]
+) -> None:
+    """WPO's per-completion weights: both or neither, [B] like the log-probs; not with the types
+    that sort across the batch, where a pair's loss is not its own (TRL refuses them too), nor
+    with sft."""
+    if chosen_weights is None and rejected_weights is None:
+        return
+    if chosen_weights is None or rejected_weights is None:
+        missing = "chosen_weights" if chosen_weights is None else "rejected_weights"
+        raise ValueError(f"{missing} must be given together with the other completion weights")
+    _check_vector("chosen_weights", chosen_weights, like, like_name)
+    _check_vector("rejected_weights", rejected_weights, like, like_name)
+    sorting = [kind for kind in loss_types if kind in _SORTING_LOSS_TYPES]
+    if sorting:
+        raise ValueError(f"chosen_weights (WPO) cannot weigh loss_type {sorting}, which pairs quantiles of the batch")
+    if "sft" in loss_types:
+        # TRL 1.16 fails on this combination (it scales its expanded batch NLL in place), so
+        # there is no reference value to match.
+        raise ValueError("chosen_weights (WPO) cannot weigh loss_type 'sft', which TRL 1.16 does not define")

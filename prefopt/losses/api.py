@@ -1,8 +1,8 @@
-"""Reference preference losses on per-sequence log-probabilities.
+"""The preference losses on per-sequence log-probabilities: validation, then the reference
+formulas of :mod:`prefopt.losses.formulas` or one fused launch (:mod:`prefopt.losses.fused`).
 
-Every loss of the package is written here once, in plain PyTorch, on per-sequence vectors of
-shape ``[B]`` (one entry per example or per chosen/rejected pair). The fused kernels are checked
-against these functions; they are never a second hand copy of the math.
+Every function takes per-sequence vectors of shape ``[B]`` (one entry per example or per
+chosen/rejected pair). The fused kernels are checked against the reference formulas.
 
 Conventions shared by every function:
 
@@ -20,8 +20,9 @@ Conventions shared by every function:
   backward; ``"auto"`` (default) takes the fused kernel of the backend the log-prob kernels
   would run (CUDA tensors, or ``PREFOPT_BACKEND``) and the reference elsewhere. Validation always
   runs first, on the host. The fused kernels cover every type except ``aot`` and
-  ``aot_unpaired``, which sort across the batch and stay on the reference path (``"auto"`` routes
-  them there; ``"triton"`` and ``"cuda"`` raise).
+  ``aot_unpaired``, which sort across the batch, and ``sft``, and every option but TRL 1.16's
+  ``f_divergence_type``, WPO weights and CPO's AlphaPO ``alpha``: those stay on the reference
+  path (``"auto"`` routes them there; ``"triton"`` and ``"cuda"`` raise).
 * ``return_metrics=True`` also returns the batch metrics as TRL logs them, a dict of 0-d device
   tensors (no host sync: the caller decides when to read them). Pairwise losses give
   ``rewards/chosen``, ``rewards/rejected`` (batch means of the rewards), ``rewards/accuracies``
@@ -51,16 +52,26 @@ from ._checks import (
     _SORTING_LOSS_TYPES,
     _MARGIN_LOSS_TYPES,
     _check_constant,
+    _check_f_divergence,
     _check_length_pair,
     _check_lengths,
     _check_loss_type,
     _check_loss_types,
+    _check_pair_weights,
     _check_real,
     _check_reduction,
     _check_smoothing,
     _check_vector,
 )
-from .formulas import _dpo_pair_losses, _log1mexp, _smoothed_logistic, _token_counts
+from .formulas import (
+    alphapo_rewards,
+    cpo_nll_losses,
+    cpo_pair_losses,
+    dpo_losses,
+    kto_losses,
+    orpo_log_odds,
+    token_counts,
+)
 from .metrics import _kto_metrics, _pair_metrics
 
 if TYPE_CHECKING:
@@ -172,10 +183,17 @@ def dpo_loss(
     reduction: str = "mean",
     bco_delta: float | torch.Tensor = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_weights: torch.Tensor | None = None,
+    rejected_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
     backend: str = "auto",
     return_metrics: bool = False,
 ) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
-    r"""DPO and its pairwise relatives, as TRL's ``DPOTrainer`` defines them (standard reverse-KL scores).
+    r"""DPO and its pairwise relatives, as TRL 1.16's ``DPOTrainer`` defines them, with one
+    deliberate difference: ``sigmoid`` with ``label_smoothing`` > 0 is conservative DPO (cDPO, the
+    paper's and older TRL's), where TRL 1.16's ``sigmoid`` ignores ``label_smoothing``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
@@ -187,7 +205,7 @@ def dpo_loss(
             ``exo_pair``: (0, 1); ignored (but must be in [0, 1)) by the other types.
         chosen_lengths, rejected_lengths: optional ``[B]`` completion token counts (integer or
             floating; clamped at 1). ``ipo`` divides the log-ratios by them when given;
-            ``sigmoid_norm`` requires them; the other types ignore them.
+            ``sigmoid_norm`` and ``sft`` require them; the other types ignore them.
         margin: optional ``[B]`` per-pair margin m (margin-adaptive DPO), same dtype as the
             log-probs. Every type that depends on the pair only through βΔ uses βΔ - m instead:
             sigmoid, robust, hinge, ipo, exo_pair, apo_down, discopop, sigmoid_norm. The other
@@ -200,6 +218,21 @@ def dpo_loss(
             hidden state: the running mean of all chosen and rejected rewards β·(log-ratio) seen
             so far, this batch included; current TRL uses 0. Pass it in to reproduce the former.
         discopop_tau: τ > 0 of ``discopop`` (TRL's default 0.05).
+        f_divergence_type: TRL's f-DPO regularizer: ``"reverse_kl"`` (default, plain DPO),
+            ``"forward_kl"``, ``"js_divergence"`` or ``"alpha_divergence"``. Other than reverse KL,
+            each log-ratio x is replaced by the score f'(e^x) (see
+            :func:`prefopt.losses.formulas.f_divergence_scores`) in the types that TRL allows
+            with it: sigmoid, robust, hinge, ipo, exo_pair, discopop, sigmoid_norm (and sft,
+            which reads no log-ratio); the others raise ValueError. The rewards stay β·x.
+        f_alpha_divergence_coef: α of ``alpha_divergence`` (TRL's default 0.5), finite.
+        chosen_weights, rejected_weights: optional ``[B]`` per-completion weights (WPO, TRL's
+            ``use_weighting``), detached: every type's per-pair loss is multiplied by
+            chosen_weights·rejected_weights before ``loss_weights``. :class:`prefopt.nn.DPOLoss`
+            computes TRL's weights with ``use_weighting=True``; see
+            :func:`prefopt.losses.formulas.wpo_weights`. Not with ``aot``/``aot_unpaired`` (TRL
+            refuses them) nor ``sft`` (TRL 1.16 fails on it, so it has no defined value).
+        sft_chosen_logps: optional ``[B]`` summed chosen log-probs that ``sft`` reads in place of
+            ``policy_chosen_logps`` (LD-DPO weighs the others' but TRL's sft reads the plain sums).
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see the module docstring);
             ``aot`` and ``aot_unpaired`` run on the reference path only.
         return_metrics: also return the batch metrics (see the module docstring).
@@ -228,6 +261,10 @@ def dpo_loss(
     * ``apo_down``: σ(βc) + (1 - σ(z))
     * ``discopop`` (DiscoPOP): (1 - σ(z/τ))·(-logσ(z)) + σ(z/τ)·exp(-z)
     * ``sigmoid_norm``: -logσ(β·(c/len_chosen - r/len_rejected) - m)
+    * ``sft``: the token-mean NLL of the batch's chosen completions, -Σπ_c / Σlen_chosen, the same
+      for every pair (TRL's expanded scalar); with other types in a list, MPO
+
+    Under an f-divergence, c and r in z (and in ipo's and sigmoid_norm's h) are the scores.
     """
     types, weights = _check_loss_types(loss_type, loss_weights)
     _check_vector("policy_chosen_logps", policy_chosen_logps)
@@ -244,7 +281,7 @@ def dpo_loss(
         rejected_lengths,
         policy_chosen_logps,
         "policy_chosen_logps",
-        "loss_type 'sigmoid_norm'" if "sigmoid_norm" in types else None,
+        next((f"loss_type {kind!r}" for kind in ("sigmoid_norm", "sft") if kind in types), None),
     )
     if margin is not None:
         _check_vector("margin", margin, policy_chosen_logps, "policy_chosen_logps")
@@ -256,16 +293,32 @@ def dpo_loss(
             )
     _check_constant("bco_delta", bco_delta, policy_chosen_logps)
     discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
+    f_alpha_divergence_coef = _check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
+    _check_pair_weights(chosen_weights, rejected_weights, policy_chosen_logps, "policy_chosen_logps", types)
+    if sft_chosen_logps is not None:
+        _check_vector("sft_chosen_logps", sft_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
+        if "sft" not in types:
+            raise ValueError(f"sft_chosen_logps is only read by loss_type 'sft', got loss_type {types}")
     _check_reduction(reduction)
     sorting = [kind for kind in types if kind in _SORTING_LOSS_TYPES]
+    unfused = None
+    if sorting:
+        unfused = f"loss_type {sorting} sorts across the batch and has no fused kernel"
+    elif "sft" in types:
+        unfused = "loss_type 'sft' has no fused kernel yet"
+    elif f_divergence_type != "reverse_kl":
+        unfused = f"f_divergence_type={f_divergence_type!r} has no fused kernel yet"
+    elif chosen_weights is not None:
+        unfused = "chosen_weights (WPO) have no fused kernel yet"
     backend = _resolve_backend(
         backend,
         policy_chosen_logps,
-        f"loss_type {sorting} sorts across the batch and has no fused kernel; use backend='reference' or 'auto'"
-        if sorting
-        else None,
+        None if unfused is None else f"{unfused}; use backend='reference' or 'auto'",
     )
     delta = _constant(bco_delta, policy_chosen_logps)
+    pair_weights = None
+    if chosen_weights is not None and rejected_weights is not None:
+        pair_weights = (chosen_weights * rejected_weights).detach()
 
     if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
@@ -291,28 +344,27 @@ def dpo_loss(
     lengths = None
     if chosen_lengths is not None and rejected_lengths is not None:
         lengths = (
-            _token_counts(chosen_lengths, policy_chosen_logps),
-            _token_counts(rejected_lengths, policy_chosen_logps),
+            token_counts(chosen_lengths, policy_chosen_logps),
+            token_counts(rejected_lengths, policy_chosen_logps),
         )
-
-    terms = [
-        weight
-        * _dpo_pair_losses(
-            kind,
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=beta,
-            eps=eps,
-            margin=0.0 if margin is None else margin,
-            lengths=lengths,
-            bco_delta=delta,
-            discopop_tau=discopop_tau,
-        )
-        for kind, weight in zip(types, weights)
-    ]
-    losses = sum(terms[1:], terms[0])
+    losses = dpo_losses(
+        types,
+        weights,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        pair_weights=pair_weights,
+        sft_chosen_logps=sft_chosen_logps,
+        beta=beta,
+        eps=eps,
+        margin=0.0 if margin is None else margin,
+        lengths=lengths,
+        bco_delta=delta,
+        discopop_tau=discopop_tau,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+    )
 
     chosen_rewards = (beta * (policy_chosen_logps - ref_chosen_logps)).detach()
     rejected_rewards = (beta * (policy_rejected_logps - ref_rejected_logps)).detach()
@@ -450,11 +502,8 @@ def kto_loss(
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
     logratios = policy_logps - ref_logps
-    s = beta * (logratios - reference_point)
-    # A desirable example is penalized for a reward below the reference point, an undesirable one
-    # for a reward above it; σ(-s) is the 1 - σ(s) of the paper without its cancellation.
-    value = torch.sigmoid(torch.where(desirable, -s, s))
-    losses = torch.where(desirable, desirable_weight * value, undesirable_weight * value)
+    losses = kto_losses(logratios, desirable, reference_point, beta=beta, desirable_weight=desirable_weight,
+                        undesirable_weight=undesirable_weight)
 
     rewards = (beta * logratios).detach()
     zeros = torch.zeros_like(rewards)
@@ -510,6 +559,7 @@ def cpo_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
+    alpha: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -529,6 +579,9 @@ def cpo_loss(
             ``simpo_gamma``: the loss is -logσ(βh - γ)). SimPO's reference code takes
             ``gamma_beta_ratio`` = γ/β instead.
         cpo_alpha: weight α of the behavior-cloning (NLL) term on the chosen completions.
+        alpha: TRL's AlphaPO α (finite; 0, the default, is plain CPO): each log-prob x (after the
+            per-token averaging of ``ipo`` and ``simpo``) becomes the reward (1 - e^(-αx))/α in
+            the preference term and in the rewards; the NLL term keeps the log-probs.
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (clamped at 1).
             ``ipo`` and ``simpo`` need both, because TRL feeds them per-token average log-probs;
             the NLL term needs ``chosen_lengths`` whenever ``cpo_alpha != 0``.
@@ -547,8 +600,8 @@ def cpo_loss(
 
     and ``losses[i]`` adds α·B·(-policy_chosen_logps[i]) / Σ chosen_lengths, pair i's share of
     the token-mean NLL over all chosen completion tokens, so that ``losses.mean()`` is TRL's
-    ``mean(preference) + cpo_alpha · nll_loss``. TRL's AlphaPO reward transform (``alpha``) is
-    not included.
+    ``mean(preference) + cpo_alpha · nll_loss``. With ``alpha`` != 0, c and r above are
+    AlphaPO's rewards of the log-probs.
 
     Returns:
         :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's, on the same
@@ -562,6 +615,7 @@ def cpo_loss(
     eps = _check_smoothing(label_smoothing, [loss_type])
     simpo_gamma = _check_real("simpo_gamma", simpo_gamma)
     cpo_alpha = _check_real("cpo_alpha", cpo_alpha)
+    alpha = _check_real("alpha", alpha)
     averaged = loss_type in ("ipo", "simpo")  # TRL feeds these two per-token average log-probs
     if chosen_lengths is None and (averaged or cpo_alpha != 0.0):
         needs = f"loss_type {loss_type!r}" if averaged else "the NLL term (cpo_alpha != 0)"
@@ -573,7 +627,11 @@ def cpo_loss(
     if rejected_lengths is not None:
         _check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
     _check_reduction(reduction)
-    backend = _resolve_backend(backend, policy_chosen_logps)
+    backend = _resolve_backend(
+        backend,
+        policy_chosen_logps,
+        "alpha (AlphaPO) has no fused kernel yet; use backend='reference' or 'auto'" if alpha != 0.0 else None,
+    )
 
     if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
@@ -595,24 +653,15 @@ def cpo_loss(
     chosen, rejected = policy_chosen_logps, policy_rejected_logps
     if averaged:
         assert chosen_lengths is not None and rejected_lengths is not None  # checked above
-        chosen = chosen / _token_counts(chosen_lengths, chosen)
-        rejected = rejected / _token_counts(rejected_lengths, rejected)
-    h = chosen - rejected
-
-    if loss_type == "sigmoid":
-        losses = _smoothed_logistic(beta * h, eps)
-    elif loss_type == "hinge":
-        losses = F.relu(1.0 - beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 0.5 / beta) ** 2
-    else:
-        losses = _smoothed_logistic(beta * h - simpo_gamma, eps)
-
+        chosen = chosen / token_counts(chosen_lengths, chosen)
+        rejected = rejected / token_counts(rejected_lengths, rejected)
+    chosen, rejected = alphapo_rewards(chosen, alpha), alphapo_rewards(rejected, alpha)
+    losses = cpo_pair_losses(loss_type, chosen, rejected, beta=beta, eps=eps, simpo_gamma=simpo_gamma)
     if cpo_alpha != 0.0:
         assert chosen_lengths is not None  # checked above
-        total_tokens = _token_counts(chosen_lengths, policy_chosen_logps).sum()
-        batch = policy_chosen_logps.shape[0]
-        losses = losses - cpo_alpha * batch * policy_chosen_logps / total_tokens
+        losses = losses + cpo_nll_losses(
+            policy_chosen_logps, token_counts(chosen_lengths, policy_chosen_logps), cpo_alpha
+        )
 
     output = PreferenceLossOutput(
         _reduce(losses, reduction), losses, (beta * chosen).detach(), (beta * rejected).detach()
@@ -721,9 +770,7 @@ def orpo_loss(
         )
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
-    log_odds = (policy_chosen_logps - _log1mexp(policy_chosen_logps)) - (
-        policy_rejected_logps - _log1mexp(policy_rejected_logps)
-    )
+    log_odds = orpo_log_odds(policy_chosen_logps, policy_rejected_logps)
     nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
     ratio = F.logsigmoid(log_odds)
     losses = nll - beta * ratio
