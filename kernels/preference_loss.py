@@ -572,108 +572,100 @@ def _split_weights(weights: list[float]) -> tuple[tuple[float, ...], tuple[float
     return tuple(hi), tuple(float(torch.tensor(w - h, dtype=torch.float32)) for w, h in zip(weights, hi))
 
 
-def dpo_launch(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, delta,
-    outputs, grads, *, loss_types: list[str], loss_weights: list[float], beta: float, label_smoothing: float,
-    discopop_tau: float, delta_value: float, mean: bool,
-) -> None:
-    """Forward when ``outputs`` = (loss, losses, chosen_rewards, rejected_rewards, metrics) is
-    given, backward when ``grads`` = (grad_loss, grad_losses, grad_policy_chosen,
-    grad_policy_rejected, grad_ref_chosen, grad_ref_rejected, grad_margin) is; the other is None.
-    ``margin``, the lengths and ``delta`` (a 0-d tensor) may be None."""
-    n = policy_chosen.shape[0]
-    dummy = policy_chosen
-    weights_hi, weights_lo = _split_weights(loss_weights)
+def _dpo_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
+    weights_hi, weights_lo = _split_weights(list(call.loss_weights))
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, g_margin = grads or (dummy,) * 7
+    grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, g_margin, _ = grads or (dummy,) * 8
     _dpo_kernel[(1,)](
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-        dummy if margin is None else margin,
-        dummy if chosen_lengths is None else chosen_lengths,
-        dummy if rejected_lengths is None else rejected_lengths,
-        dummy if delta is None else delta,
+        call.chosen, call.rejected, call.ref_chosen, call.ref_rejected,
+        _or(call.margin, dummy), _or(call.chosen_lengths, dummy), _or(call.rejected_lengths, dummy),
+        _or(call.offset, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, dummy if g_margin is None else g_margin,
-        n, beta, label_smoothing, discopop_tau, delta_value, weights_hi, weights_lo,
-        KINDS=tuple(DPO_KINDS[kind] for kind in loss_types),
-        HAS_MARGIN=margin is not None,
-        HAS_LENGTHS=chosen_lengths is not None,
-        DELTA_IN_TENSOR=delta is not None,
-        MEAN=mean,
+        grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, _or(g_margin, dummy),
+        n, call.beta, call.label_smoothing, call.discopop_tau, call.offset_value, weights_hi, weights_lo,
+        KINDS=tuple(DPO_KINDS[kind] for kind in call.loss_types),
+        HAS_MARGIN=call.margin is not None,
+        HAS_LENGTHS=call.chosen_lengths is not None,
+        DELTA_IN_TENSOR=call.offset is not None,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy_chosen),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
 
-def kto_launch(
-    policy, ref, desirable, kl, outputs, grads, *, use_kl: bool, beta: float, kl_value: float,
-    desirable_weight: float, undesirable_weight: float, mean: bool,
-) -> None:
-    """As :func:`dpo_launch`; ``grads`` = (grad_loss, grad_losses, grad_policy, grad_ref)."""
-    n = policy.shape[0]
-    dummy = policy
+def _kto_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_policy, g_ref = grads or (dummy,) * 4
+    grad_loss, grad_losses, g_policy, _, g_ref, _, _, _ = grads or (dummy,) * 8
     _kto_kernel[(1,)](
-        policy, ref, desirable, dummy if kl is None else kl,
+        call.chosen, call.ref_chosen, call.desirable, _or(call.offset, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
         grad_loss, grad_losses, g_policy, g_ref,
-        n, beta, kl_value, desirable_weight, undesirable_weight,
-        USE_KL=use_kl,
-        KL_IN_TENSOR=kl is not None,
-        MEAN=mean,
+        n, call.beta, call.offset_value, call.desirable_weight, call.undesirable_weight,
+        USE_KL=call.loss_types[0] == "kto",
+        KL_IN_TENSOR=call.offset is not None,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
 
-def cpo_launch(
-    policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, outputs, grads, *, loss_type: str,
-    beta: float, label_smoothing: float, simpo_gamma: float, cpo_alpha: float, mean: bool,
-) -> None:
-    """As :func:`dpo_launch`; ``grads`` = (grad_loss, grad_losses, grad_policy_chosen,
-    grad_policy_rejected). ipo and simpo need both lengths, a nonzero ``cpo_alpha`` the chosen ones."""
-    n = policy_chosen.shape[0]
-    dummy = policy_chosen
+def _cpo_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr = grads or (dummy,) * 4
+    grad_loss, grad_losses, g_pc, g_pr, _, _, _, _ = grads or (dummy,) * 8
+    kind = call.loss_types[0]
     _cpo_kernel[(1,)](
-        policy_chosen, policy_rejected,
-        dummy if chosen_lengths is None else chosen_lengths,
-        dummy if rejected_lengths is None else rejected_lengths,
+        call.chosen, call.rejected, _or(call.chosen_lengths, dummy), _or(call.rejected_lengths, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
         grad_loss, grad_losses, g_pc, g_pr,
-        n, beta, label_smoothing, simpo_gamma, cpo_alpha,
-        KIND=CPO_KINDS[loss_type],
-        AVERAGED=loss_type in ("ipo", "simpo"),
-        WITH_NLL=cpo_alpha != 0.0,
-        MEAN=mean,
+        n, call.beta, call.label_smoothing, call.simpo_gamma, call.cpo_alpha,
+        KIND=CPO_KINDS[kind],
+        AVERAGED=kind in ("ipo", "simpo"),
+        WITH_NLL=call.cpo_alpha != 0.0,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy_chosen),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
 
-def orpo_launch(policy_chosen, policy_rejected, nll, outputs, grads, *, beta: float, mean: bool) -> None:
-    """As :func:`dpo_launch`; ``nll`` is None, 0-d or [B]; ``grads`` = (grad_loss, grad_losses,
-    grad_policy_chosen, grad_policy_rejected, grad_nll), grad_nll shaped like ``nll`` (None
-    without it)."""
-    n = policy_chosen.shape[0]
-    dummy = policy_chosen
+def _orpo_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, g_nll = grads or (dummy,) * 5
+    grad_loss, grad_losses, g_pc, g_pr, _, _, _, g_nll = grads or (dummy,) * 8
+    nll = call.nll
     nll_mode = 0 if nll is None else 1 if nll.dim() == 0 else 2
     _orpo_kernel[(1,)](
-        policy_chosen, policy_rejected, dummy if nll is None else nll,
+        call.chosen, call.rejected, _or(nll, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr, dummy if g_nll is None else g_nll,
-        n, beta, torch.finfo(policy_chosen.dtype if policy_chosen.dtype == torch.float64 else torch.float32).tiny,
+        grad_loss, grad_losses, g_pc, g_pr, _or(g_nll, dummy),
+        n, call.beta, torch.finfo(call.chosen.dtype if call.chosen.dtype == torch.float64 else torch.float32).tiny,
         NLL_MODE=nll_mode,
-        MEAN=mean,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy_chosen),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
+
+def _or(t, dummy):
+    """A pointer the kernel never reads in this mode (its flag is off) still needs a tensor."""
+    return dummy if t is None else t
+
+
+_LAUNCHERS = {"dpo": _dpo_launch, "kto": _kto_launch, "cpo": _cpo_launch, "orpo": _orpo_launch}
+
+
+def launch(call, outputs, grads) -> None:
+    """One launch of the family's kernel for ``call`` (a ``prefopt.losses.fused.LossCall``):
+    forward when ``outputs`` (a ``LossOutputs``) is given, backward when ``grads`` (a
+    ``LossGrads``) is; the other is None."""
+    _LAUNCHERS[call.family](call, outputs, grads)

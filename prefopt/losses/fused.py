@@ -22,69 +22,102 @@ nothing here reads a device value on the host. Families and the arguments each o
 ``orpo``   chosen, rejected (per-token averages); ``nll`` None, 0-d or [B]
 =========  ==================================================================================
 
-Callers (``prefopt.losses``) validate every argument first; the formulas are those of
-``prefopt.losses``, which is what the fused path is tested against.
+Callers (``prefopt.losses.api``) validate every argument first; the formulas are those of
+``prefopt.losses.formulas``, which is what the fused path is tested against.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 Tensor = torch.Tensor
 
-from .._codes import FAMILIES, FUSED_BACKENDS, METRIC_NAMES
+from .._codes import FUSED_BACKENDS, METRIC_NAMES
 
 # The dtypes the kernels read and write; float16 and bfloat16 are computed in float32.
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 
-def _launch(
-    backend: str,
-    family: str,
-    tensors: tuple[Tensor | None, ...],
-    config: tuple,
-    outputs: tuple[Tensor, ...] | None,
-    grads: tuple[Tensor | None, ...] | None,
-) -> None:
-    """Forward (``outputs`` given) or backward (``grads`` given, laid out as each backend's
-    launcher takes them) of one loss."""
+class LossCall(NamedTuple):
+    """One fused loss call, the record both kernels' launchers take (``prefopt.kernels.
+    preference_loss.launch`` and ``prefopt.cuda_ext.preference_loss``). Tensors are contiguous
+    ``[B]`` (``offset`` 0-d, ``nll`` 0-d or ``[B]``) or None where absent; the families read the
+    fields the module docstring lists."""
+
+    family: str
+    chosen: Tensor
+    rejected: Tensor | None
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    margin: Tensor | None
+    chosen_lengths: Tensor | None
+    rejected_lengths: Tensor | None
+    desirable: Tensor | None
+    offset: Tensor | None
+    nll: Tensor | None
+    loss_types: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+    simpo_gamma: float
+    cpo_alpha: float
+    desirable_weight: float
+    undesirable_weight: float
+    offset_value: float  # the offset when ``offset`` is None
+    mean: bool  # the reduced loss is the mean of the losses, else their sum
+
+
+class LossOutputs(NamedTuple):
+    """What a forward launch fills: loss 0-d, the others ``[B]``, metrics ``[len(METRIC_NAMES[family])]``."""
+
+    loss: Tensor
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    metrics: Tensor
+
+
+class LossGrads(NamedTuple):
+    """What a backward launch reads (the upstream gradients, 0-d and dense ``[B]``) and fills: the
+    gradient of each differentiable input, shaped like it, or None where it is absent or not
+    wanted. One layout for both backends."""
+
+    grad_loss: Tensor
+    grad_losses: Tensor
+    chosen: Tensor | None
+    rejected: Tensor | None
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    margin: Tensor | None
+    nll: Tensor | None
+
+
+# The operators' tensor inputs, in LossCall's order after ``family``.
+_TENSOR_INPUTS = 10
+
+
+def _record(tensors: Sequence[Tensor | None], family: str, loss_types: str, loss_weights: Sequence[float],
+            *constants: float, reduction: str) -> LossCall:
+    """The call record of the operators' flat arguments (a custom operator's schema is flat)."""
+    return LossCall(family, *tensors, tuple(kind for kind in loss_types.split(",") if kind),
+                    tuple(float(w) for w in loss_weights), *constants, reduction == "mean")
+
+
+def _launch(backend: str, call: LossCall, outputs: LossOutputs | None, grads: LossGrads | None) -> None:
+    """Forward (``outputs`` given) or backward (``grads`` given) of one loss."""
     if backend == "cuda":
         from .. import cuda_ext
 
-        cuda_ext.preference_loss(family, tensors, config, outputs, grads)
-        return
-    if backend != "triton":
-        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
-    from ..kernels import preference_loss as kernels
+        cuda_ext.preference_loss(call, outputs, grads)
+    elif backend == "triton":
+        from ..kernels import preference_loss as kernels
 
-    (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths,
-     desirable, offset, nll) = tensors
-    (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-     desirable_weight, undesirable_weight, offset_value, reduction) = config
-    mean = reduction == "mean"
-    loss_types = loss_types.split(",")
-    if family == "dpo":
-        kernels.dpo_launch(
-            chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, offset,
-            outputs, grads, loss_types=loss_types, loss_weights=loss_weights, beta=beta,
-            label_smoothing=label_smoothing, discopop_tau=discopop_tau, delta_value=offset_value, mean=mean,
-        )
-    elif family == "kto":
-        kernels.kto_launch(
-            chosen, ref_chosen, desirable, offset, outputs, grads, use_kl=loss_types[0] == "kto", beta=beta,
-            kl_value=offset_value, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-            mean=mean,
-        )
-    elif family == "cpo":
-        kernels.cpo_launch(
-            chosen, rejected, chosen_lengths, rejected_lengths, outputs, grads, loss_type=loss_types[0],
-            beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, mean=mean,
-        )
-    elif family == "orpo":
-        kernels.orpo_launch(chosen, rejected, nll, outputs, grads, beta=beta, mean=mean)
+        kernels.launch(call, outputs, grads)
     else:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
 
 
 def _empty_outputs(chosen: Tensor, family: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -127,9 +160,9 @@ def preference_loss_op(
     outputs = _empty_outputs(chosen, family)
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
                offset, nll)
-    config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-              desirable_weight, undesirable_weight, offset_value, reduction)
-    _launch(backend, family, tensors, config, outputs, None)
+    call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
+                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, reduction=reduction)
+    _launch(backend, call, LossOutputs(*outputs), None)
     return outputs
 
 
@@ -177,24 +210,13 @@ def preference_loss_backward_op(
     or that the family does not differentiate, gets an empty tensor."""
     differentiable = (chosen, rejected, ref_chosen, ref_rejected, margin, nll)
     grads = [_grad_like(t, chosen) for t in differentiable]
-    g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = grads
-    if backend == "cuda":
-        # One layout for every family: a gradient for each present input.
-        launch_grads = (grad_loss, grad_losses, *(None if t is None else g for t, g in zip(differentiable, grads)))
-    elif family == "dpo":
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, g_ref_chosen, g_ref_rejected,
-                        None if margin is None else g_margin)
-    elif family == "kto":
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_ref_chosen)
-    elif family == "cpo":
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected)
-    else:
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, None if nll is None else g_nll)
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
                offset, nll)
-    config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-              desirable_weight, undesirable_weight, offset_value, reduction)
-    _launch(backend, family, tensors, config, None, launch_grads)
+    call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
+                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, reduction=reduction)
+    # A gradient for each present input: KTO's "rejected" slot is absent, so it gets none.
+    wanted = [None if t is None else g for t, g in zip(differentiable, grads)]
+    _launch(backend, call, None, LossGrads(grad_loss, grad_losses, *wanted))
     return grads
 
 
@@ -202,9 +224,6 @@ def preference_loss_backward_op(
 def _(grad_loss, grad_losses, chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
       rejected_lengths, desirable, offset, nll, *config):
     return [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
-
-
-_TENSOR_INPUTS = 10
 
 
 def _setup_context(ctx, inputs, output) -> None:
