@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailableError
-from ._codes import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
+from ._codes import F_DIVERGENCE_TYPES, LOSS_FAMILY_CODES, LOSS_TYPE_CODES
 
 EXTENSION_NAME = "prefopt_cuda"
 SOURCES = ("binding.cpp", "token_stats_fwd.cu", "token_stats_bwd.cu", "preference_loss.cu")
@@ -348,10 +348,11 @@ def preference_loss(call, outputs, grads) -> None:
     weights = list(call.loss_weights) if call.family == "dpo" else [1.0] * len(codes)
     arguments = (
         call.chosen, call.rejected, call.ref_chosen, call.ref_rejected, call.margin, chosen_lengths,
-        rejected_lengths, call.desirable, call.offset, call.nll,
+        rejected_lengths, call.desirable, call.offset, call.nll, call.pair_weights,
         LOSS_FAMILY_CODES[call.family], codes, weights,
         call.beta, call.label_smoothing, call.discopop_tau, call.simpo_gamma, call.cpo_alpha,
-        call.desirable_weight, call.undesirable_weight, call.offset_value, call.mean,
+        call.desirable_weight, call.undesirable_weight, call.offset_value,
+        F_DIVERGENCE_TYPES.index(call.f_divergence), call.f_alpha_divergence_coef, call.alpha, call.mean,
     )
     load()
     if grads is None:

@@ -295,6 +295,12 @@ int main() {
   EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_SIGMOID_NORM; }));
   EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.chosen_lengths = fake; in.lengths_dtype = PREFOPT_INT64; }));
   EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.chosen_lengths = in.rejected_lengths = fake; in.lengths_dtype = 9; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.f_divergence = 4; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.f_divergence = 1; k.loss_types[0] = PREFOPT_LOSS_NCA_PAIR; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.f_divergence = 3; k.f_alpha_divergence_coef = NAN; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.alpha = 0.5; }));
+  EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.pair_weights = fake; }));
+  EXPECT(refused(cpo, cpo_config, [](I&, K& k) { k.alpha = INFINITY; }));
   EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.rejected = fake; }));
   EXPECT(refused(kto, kto_config, [](I& in, K&) { in.desirable = nullptr; }));
   EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.margin = fake; }));
@@ -399,7 +405,7 @@ class PreferenceInputs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "margin",
                                                       "chosen_lengths", "rejected_lengths")] + [
         ("lengths_dtype", ctypes.c_int), ("desirable", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-        ("nll", ctypes.c_void_p), ("nll_is_vector", ctypes.c_int)]
+        ("nll", ctypes.c_void_p), ("nll_is_vector", ctypes.c_int), ("pair_weights", ctypes.c_void_p)]
 
 
 class PreferenceConfig(ctypes.Structure):
@@ -409,7 +415,8 @@ class PreferenceConfig(ctypes.Structure):
                 ("loss_types", ctypes.c_int * MAX_LOSS_TYPES), ("loss_weights", ctypes.c_double * MAX_LOSS_TYPES)] + [
         (name, ctypes.c_double) for name in ("beta", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha",
                                              "desirable_weight", "undesirable_weight", "offset_value")] + [
-        ("mean", ctypes.c_int)]
+        ("mean", ctypes.c_int), ("f_divergence", ctypes.c_int), ("f_alpha_divergence_coef", ctypes.c_double),
+        ("alpha", ctypes.c_double)]
 
 
 @pytest.fixture(scope="module")
@@ -456,23 +463,25 @@ def pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def describe_loss(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-                  offset, nll, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
-                  cpo_alpha, desirable_weight, undesirable_weight, offset_value, mean):
+                  offset, nll, pair_weights, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau,
+                  simpo_gamma, cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
+                  f_alpha_divergence_coef, alpha, mean):
     """The C-ABI description of a loss call, from the operator's arguments (binding.cpp's
     describe_loss, without its checks, which run where torch has CUDA)."""
     lengths = chosen_lengths if chosen_lengths is not None else rejected_lengths
     inputs = PreferenceInputs(
         *map(pointer, (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths)),
         -1 if lengths is None else COUNT_DTYPE_CODES[lengths.dtype], pointer(desirable), pointer(offset),
-        pointer(nll), int(nll is not None and nll.dim() == 1))
+        pointer(nll), int(nll is not None and nll.dim() == 1), pointer(pair_weights))
     config = PreferenceConfig(
         family, len(loss_types), (ctypes.c_int * MAX_LOSS_TYPES)(*loss_types),
         (ctypes.c_double * MAX_LOSS_TYPES)(*loss_weights), beta, label_smoothing, discopop_tau, simpo_gamma,
-        cpo_alpha, desirable_weight, undesirable_weight, offset_value, int(mean))
+        cpo_alpha, desirable_weight, undesirable_weight, offset_value, int(mean), f_divergence,
+        f_alpha_divergence_coef, alpha)
     return DTYPE_CODES[chosen.dtype], chosen.numel(), inputs, config
 
 
-LOSS_ARGUMENTS = 22  # the operators' arguments before their outputs (or upstream gradients)
+LOSS_ARGUMENTS = 26  # the operators' arguments before their outputs (or upstream gradients)
 
 
 @pytest.fixture(scope="module")

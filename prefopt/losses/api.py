@@ -19,10 +19,9 @@ Conventions shared by every function:
   (Triton, or the CUDA C++ extension) forward (losses, reduced loss, rewards and metrics) and one
   backward; ``"auto"`` (default) takes the fused kernel of the backend the log-prob kernels
   would run (CUDA tensors, or ``PREFOPT_BACKEND``) and the reference elsewhere. Validation always
-  runs first, on the host. The fused kernels cover every type except ``aot`` and
-  ``aot_unpaired``, which sort across the batch, and ``sft``, and every option but TRL 1.16's
-  ``f_divergence_type``, WPO weights and CPO's AlphaPO ``alpha``: those stay on the reference
-  path (``"auto"`` routes them there; ``"triton"`` and ``"cuda"`` raise).
+  runs first, on the host. The fused kernels cover every type and option except ``aot`` and
+  ``aot_unpaired``, which sort across the batch, and ``sft``: those stay on the reference path
+  (``"auto"`` routes them there; ``"triton"`` and ``"cuda"`` raise).
 * ``return_metrics=True`` also returns the batch metrics as TRL logs them, a dict of 0-d device
   tensors (no host sync: the caller decides when to read them). Pairwise losses give
   ``rewards/chosen``, ``rewards/rejected`` (batch means of the rewards), ``rewards/accuracies``
@@ -306,10 +305,6 @@ def dpo_loss(
         unfused = f"loss_type {sorting} sorts across the batch and has no fused kernel"
     elif "sft" in types:
         unfused = "loss_type 'sft' has no fused kernel yet"
-    elif f_divergence_type != "reverse_kl":
-        unfused = f"f_divergence_type={f_divergence_type!r} has no fused kernel yet"
-    elif chosen_weights is not None:
-        unfused = "chosen_weights (WPO) have no fused kernel yet"
     backend = _resolve_backend(
         backend,
         policy_chosen_logps,
@@ -336,6 +331,9 @@ def dpo_loss(
             beta=beta,
             label_smoothing=eps,
             discopop_tau=discopop_tau,
+            pair_weights=pair_weights,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
             reduction=reduction,
             backend=backend,
         )
@@ -627,11 +625,7 @@ def cpo_loss(
     if rejected_lengths is not None:
         _check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
     _check_reduction(reduction)
-    backend = _resolve_backend(
-        backend,
-        policy_chosen_logps,
-        "alpha (AlphaPO) has no fused kernel yet; use backend='reference' or 'auto'" if alpha != 0.0 else None,
-    )
+    backend = _resolve_backend(backend, policy_chosen_logps)
 
     if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
@@ -645,6 +639,7 @@ def cpo_loss(
             label_smoothing=eps,
             simpo_gamma=simpo_gamma,
             cpo_alpha=cpo_alpha,
+            alpha=alpha,
             reduction=reduction,
             backend=backend,
         )

@@ -12,13 +12,13 @@ Both are opaque single operators to autograd, ``torch.compile(fullgraph=True)`` 
 nothing here reads a device value on the host. Families and the arguments each one reads:
 
 =========  ==================================================================================
-``dpo``    chosen, rejected, ref_chosen, ref_rejected; margin, lengths and ``offset`` (δ of
-           bco_pair) optional; ``loss_types`` the elementwise types, comma-separated, with one
-           weight each in ``loss_weights``
+``dpo``    chosen, rejected, ref_chosen, ref_rejected; margin, lengths, ``pair_weights`` (WPO)
+           and ``offset`` (δ of bco_pair) optional; ``loss_types`` the elementwise types,
+           comma-separated, with one weight each in ``loss_weights``; ``f_divergence``
 ``kto``    chosen (policy), ref_chosen (reference), desirable; ``offset`` is the KL reference
            point; ``loss_types`` = "kto" or "apo_zero_unpaired"
 ``cpo``    chosen, rejected; lengths as ``prefopt.losses.cpo_loss`` needs them;
-           ``loss_types`` = one of sigmoid, hinge, ipo, simpo
+           ``loss_types`` = one of sigmoid, hinge, ipo, simpo; ``alpha`` (AlphaPO)
 ``orpo``   chosen, rejected (per-token averages); ``nll`` None, 0-d or [B]
 =========  ==================================================================================
 
@@ -34,6 +34,7 @@ import torch
 Tensor = torch.Tensor
 
 from .._codes import FUSED_BACKENDS, METRIC_NAMES
+from .formulas import ALPHA_DIVERGENCE_LIMIT
 
 # The dtypes the kernels read and write; float16 and bfloat16 are computed in float32.
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,6 +58,7 @@ class LossCall(NamedTuple):
     desirable: Tensor | None
     offset: Tensor | None
     nll: Tensor | None
+    pair_weights: Tensor | None  # dpo: WPO's per-pair weights, constants multiplying every type's loss
     loss_types: tuple[str, ...]
     loss_weights: tuple[float, ...]
     beta: float
@@ -67,6 +69,9 @@ class LossCall(NamedTuple):
     desirable_weight: float
     undesirable_weight: float
     offset_value: float  # the offset when ``offset`` is None
+    f_divergence: str  # dpo: TRL's f_divergence_type ("reverse_kl" also for α-divergence at α = 1)
+    f_alpha_divergence_coef: float
+    alpha: float  # cpo: AlphaPO's α (0: plain log-probs)
     mean: bool  # the reduced loss is the mean of the losses, else their sum
 
 
@@ -96,11 +101,11 @@ class LossGrads(NamedTuple):
 
 
 # The operators' tensor inputs, in LossCall's order after ``family``.
-_TENSOR_INPUTS = 10
+_TENSOR_INPUTS = 11
 
 
 def _record(tensors: Sequence[Tensor | None], family: str, loss_types: str, loss_weights: Sequence[float],
-            *constants: float, reduction: str) -> LossCall:
+            *constants: float | str, reduction: str) -> LossCall:
     """The call record of the operators' flat arguments (a custom operator's schema is flat)."""
     return LossCall(family, *tensors, tuple(kind for kind in loss_types.split(",") if kind),
                     tuple(float(w) for w in loss_weights), *constants, reduction == "mean")
@@ -140,6 +145,7 @@ def preference_loss_op(
     desirable: Tensor | None,
     offset: Tensor | None,
     nll: Tensor | None,
+    pair_weights: Tensor | None,
     family: str,
     loss_types: str,
     loss_weights: list[float],
@@ -151,6 +157,9 @@ def preference_loss_op(
     desirable_weight: float,
     undesirable_weight: float,
     offset_value: float,
+    f_divergence: str,
+    f_alpha_divergence_coef: float,
+    alpha: float,
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -159,16 +168,17 @@ def preference_loss_op(
     all in ``chosen``'s dtype. Every tensor input is contiguous."""
     outputs = _empty_outputs(chosen, family)
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-               offset, nll)
+               offset, nll, pair_weights)
     call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
-                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, reduction=reduction)
+                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
+                   f_alpha_divergence_coef, alpha, reduction=reduction)
     _launch(backend, call, LossOutputs(*outputs), None)
     return outputs
 
 
 @preference_loss_op.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset,
-      nll, family, *config):
+      nll, pair_weights, family, *config):
     return _empty_outputs(chosen, family)
 
 
@@ -191,6 +201,7 @@ def preference_loss_backward_op(
     desirable: Tensor | None,
     offset: Tensor | None,
     nll: Tensor | None,
+    pair_weights: Tensor | None,
     family: str,
     loss_types: str,
     loss_weights: list[float],
@@ -202,6 +213,9 @@ def preference_loss_backward_op(
     desirable_weight: float,
     undesirable_weight: float,
     offset_value: float,
+    f_divergence: str,
+    f_alpha_divergence_coef: float,
+    alpha: float,
     reduction: str,
     backend: str,
 ) -> list[Tensor]:
@@ -211,9 +225,10 @@ def preference_loss_backward_op(
     differentiable = (chosen, rejected, ref_chosen, ref_rejected, margin, nll)
     grads = [_grad_like(t, chosen) for t in differentiable]
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-               offset, nll)
+               offset, nll, pair_weights)
     call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
-                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, reduction=reduction)
+                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
+                   f_alpha_divergence_coef, alpha, reduction=reduction)
     # A gradient for each present input: KTO's "rejected" slot is absent, so it gets none.
     wanted = [None if t is None else g for t, g in zip(differentiable, grads)]
     _launch(backend, call, None, LossGrads(grad_loss, grad_losses, *wanted))
@@ -222,7 +237,7 @@ def preference_loss_backward_op(
 
 @preference_loss_backward_op.register_fake
 def _(grad_loss, grad_losses, chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
-      rejected_lengths, desirable, offset, nll, *config):
+      rejected_lengths, desirable, offset, nll, pair_weights, *config):
     return [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
 
 
@@ -243,7 +258,7 @@ def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_re
     g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = (
         torch.ops.prefopt.preference_loss_backward(grad_loss, grad_losses, *saved, *ctx.config)
     )
-    _, rejected, ref_chosen, ref_rejected, margin, _, _, _, _, nll = saved
+    _, rejected, ref_chosen, ref_rejected, margin, _, _, _, _, nll, _ = saved
     family = ctx.config[0]
 
     def present(grad: Tensor, t: Tensor | None, used: bool = True) -> Tensor | None:
@@ -260,6 +275,7 @@ def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_re
         None,
         None,
         present(g_nll, nll),
+        None,  # the pair weights are constants
         *([None] * len(ctx.config)),
     )
 
@@ -289,6 +305,10 @@ def fused_preference_loss(
     cpo_alpha: float = 0.0,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    pair_weights: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    alpha: float = 0.0,
     reduction: str = "mean",
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -316,6 +336,7 @@ def fused_preference_loss(
         dense(desirable),
         dense(offset_tensor),
         dense(nll),
+        dense(pair_weights),
         family,
         ",".join(loss_types),
         [float(w) for w in loss_weights],
@@ -327,6 +348,11 @@ def fused_preference_loss(
         float(desirable_weight),
         float(undesirable_weight),
         0.0 if offset_tensor is not None else float(offset),
+        # α-divergence within 1e-6 of α = 1 is its limit, reverse KL: the kernels see that type.
+        "reverse_kl" if f_divergence_type == "alpha_divergence" and abs(f_alpha_divergence_coef - 1.0)
+        < ALPHA_DIVERGENCE_LIMIT else f_divergence_type,
+        float(f_alpha_divergence_coef),
+        float(alpha),
         reduction,
         backend,
     )
