@@ -43,7 +43,7 @@ A mean over no tokens or no examples is NaN.
 
 ``backend`` is the log-prob backend (see :mod:`prefopt.backends`); the loss reduction runs the
 fused kernel of that backend when it is ``"triton"`` or ``"cuda"`` (except for the loss types that
-sort over the batch, ``aot`` and ``aot_unpaired``, which have none), the reference when it is
+sort over the batch, ``aot`` and ``aot_unpaired``, and ``sft``, which have none), the reference when it is
 ``"reference"``, and chooses as ``"auto"`` otherwise (the fused kernel on CUDA tensors).
 """
 
@@ -427,7 +427,8 @@ class DPOLoss(_FromLogits):
         self.bco_delta = _check_real("bco_delta", bco_delta)
         self.discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
         self.length_normalized = True
-        self._fusable = not any(kind in _SORTING_LOSS_TYPES for kind in types)
+        # The types that sort over the batch, and sft (a batch-level NLL), have no fused kernel.
+        self._fusable = not any(kind in _SORTING_LOSS_TYPES or kind == "sft" for kind in types)
 
     def forward(
         self,
