@@ -8,7 +8,7 @@
 //   prefopt::cuda_preference_loss_backward  (writes the gradients of the log-prob inputs)
 //
 // They have the contract of the Triton launchers in kernels/ (see prefopt/cuda_ext.py, which calls
-// them from the Python custom operators of prefopt/ops.py and prefopt/fused_losses.py): logits is
+// them from the Python custom operators of prefopt/ops.py and prefopt/losses/fused.py): logits is
 // a [outer, inner, V] view with a contiguous last dimension, the per-row tensors are flat
 // [outer * inner] and contiguous; the loss inputs are contiguous [B] vectors of one dtype, the
 // loss family and types come as the codes of prefopt_csrc.h. The work is enqueued on the current
@@ -214,10 +214,11 @@ PreferenceLoss describe_loss(const at::Tensor& chosen, const std::optional<at::T
                              const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& chosen_lengths,
                              const std::optional<at::Tensor>& rejected_lengths,
                              const std::optional<at::Tensor>& desirable, const std::optional<at::Tensor>& offset,
-                             const std::optional<at::Tensor>& nll, int64_t family, at::IntArrayRef loss_types,
-                             at::ArrayRef<double> loss_weights, double beta, double label_smoothing,
-                             double discopop_tau, double simpo_gamma, double cpo_alpha, double desirable_weight,
-                             double undesirable_weight, double offset_value, bool mean) {
+                             const std::optional<at::Tensor>& nll, const std::optional<at::Tensor>& pair_weights,
+                             int64_t family, at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights, double beta,
+                             double label_smoothing, double discopop_tau, double simpo_gamma, double cpo_alpha,
+                             double desirable_weight, double undesirable_weight, double offset_value,
+                             int64_t f_divergence, double f_alpha_divergence_coef, double alpha, bool mean) {
   TORCH_CHECK(chosen.is_cuda(), "prefopt: chosen must be a CUDA tensor");
   TORCH_CHECK(chosen.dim() == 1 && chosen.numel() >= 1 && chosen.is_contiguous(),
               "prefopt: chosen must be a contiguous [B] tensor with B >= 1");
@@ -245,6 +246,7 @@ PreferenceLoss describe_loss(const at::Tensor& chosen, const std::optional<at::T
   in.offset = offset.has_value() ? loss_tensor(*offset, chosen, {}, "offset") : nullptr;
   in.nll = loss_input(nll, chosen, "nll", true);
   in.nll_is_vector = nll.has_value() && nll->dim() == 1;
+  in.pair_weights = loss_input(pair_weights, chosen, "pair_weights");
 
   prefopt_preference_config& k = call.config;
   k.family = static_cast<int>(family);
@@ -262,6 +264,9 @@ PreferenceLoss describe_loss(const at::Tensor& chosen, const std::optional<at::T
   k.undesirable_weight = undesirable_weight;
   k.offset_value = offset_value;
   k.mean = mean ? 1 : 0;
+  k.f_divergence = static_cast<int>(f_divergence);
+  k.f_alpha_divergence_coef = f_alpha_divergence_coef;
+  k.alpha = alpha;
   return call;
 }
 
@@ -278,16 +283,18 @@ void cuda_preference_loss_forward(
     const std::optional<at::Tensor>& ref_rejected, const std::optional<at::Tensor>& margin,
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& desirable, const std::optional<at::Tensor>& offset,
-    const std::optional<at::Tensor>& nll, int64_t family, at::IntArrayRef loss_types,
-    at::ArrayRef<double> loss_weights, double beta, double label_smoothing, double discopop_tau, double simpo_gamma,
-    double cpo_alpha, double desirable_weight, double undesirable_weight, double offset_value, bool mean,
+    const std::optional<at::Tensor>& nll, const std::optional<at::Tensor>& pair_weights, int64_t family,
+    at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights, double beta, double label_smoothing,
+    double discopop_tau, double simpo_gamma, double cpo_alpha, double desirable_weight, double undesirable_weight,
+    double offset_value, int64_t f_divergence, double f_alpha_divergence_coef, double alpha, bool mean,
     const at::Tensor& loss, const at::Tensor& losses, const at::Tensor& chosen_rewards,
     const at::Tensor& rejected_rewards, const at::Tensor& metrics) {
   const c10::cuda::CUDAGuard guard(chosen.device());
   const PreferenceLoss call = describe_loss(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
-                                            rejected_lengths, desirable, offset, nll, family, loss_types, loss_weights,
-                                            beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-                                            desirable_weight, undesirable_weight, offset_value, mean);
+                                            rejected_lengths, desirable, offset, nll, pair_weights, family, loss_types,
+                                            loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
+                                            desirable_weight, undesirable_weight, offset_value, f_divergence,
+                                            f_alpha_divergence_coef, alpha, mean);
   const int64_t metric_count = prefopt_preference_loss_metric_count(call.config.family);
   TORCH_CHECK(metric_count > 0, "prefopt: unknown loss family ", family);
   const cudaError_t status = prefopt_preference_loss_forward(
@@ -305,18 +312,20 @@ void cuda_preference_loss_backward(
     const std::optional<at::Tensor>& ref_rejected, const std::optional<at::Tensor>& margin,
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& desirable, const std::optional<at::Tensor>& offset,
-    const std::optional<at::Tensor>& nll, int64_t family, at::IntArrayRef loss_types,
-    at::ArrayRef<double> loss_weights, double beta, double label_smoothing, double discopop_tau, double simpo_gamma,
-    double cpo_alpha, double desirable_weight, double undesirable_weight, double offset_value, bool mean,
+    const std::optional<at::Tensor>& nll, const std::optional<at::Tensor>& pair_weights, int64_t family,
+    at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights, double beta, double label_smoothing,
+    double discopop_tau, double simpo_gamma, double cpo_alpha, double desirable_weight, double undesirable_weight,
+    double offset_value, int64_t f_divergence, double f_alpha_divergence_coef, double alpha, bool mean,
     const at::Tensor& grad_loss, const at::Tensor& grad_losses, const at::Tensor& grad_chosen,
     const std::optional<at::Tensor>& grad_rejected, const std::optional<at::Tensor>& grad_ref_chosen,
     const std::optional<at::Tensor>& grad_ref_rejected, const std::optional<at::Tensor>& grad_margin,
     const std::optional<at::Tensor>& grad_nll) {
   const c10::cuda::CUDAGuard guard(chosen.device());
   const PreferenceLoss call = describe_loss(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
-                                            rejected_lengths, desirable, offset, nll, family, loss_types, loss_weights,
-                                            beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-                                            desirable_weight, undesirable_weight, offset_value, mean);
+                                            rejected_lengths, desirable, offset, nll, pair_weights, family, loss_types,
+                                            loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
+                                            desirable_weight, undesirable_weight, offset_value, f_divergence,
+                                            f_alpha_divergence_coef, alpha, mean);
   const cudaError_t status = prefopt_preference_loss_backward(
       call.dtype, call.n, &call.inputs, &call.config, loss_tensor(grad_loss, chosen, {}, "grad_loss"),
       loss_tensor(grad_losses, chosen, chosen.sizes(), "grad_losses"),
@@ -346,16 +355,18 @@ TORCH_LIBRARY_FRAGMENT(prefopt, m) {
   m.def(
       "cuda_preference_loss_forward(Tensor chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? margin, Tensor? chosen_lengths, Tensor? rejected_lengths, Tensor? desirable, Tensor? offset, "
-      "Tensor? nll, int family, int[] loss_types, float[] loss_weights, float beta, float label_smoothing, "
-      "float discopop_tau, float simpo_gamma, float cpo_alpha, float desirable_weight, float undesirable_weight, "
-      "float offset_value, bool mean, Tensor(a!) loss, Tensor(b!) losses, Tensor(c!) chosen_rewards, "
+      "Tensor? nll, Tensor? pair_weights, int family, int[] loss_types, float[] loss_weights, float beta, "
+      "float label_smoothing, float discopop_tau, float simpo_gamma, float cpo_alpha, float desirable_weight, "
+      "float undesirable_weight, float offset_value, int f_divergence, float f_alpha_divergence_coef, float alpha, "
+      "bool mean, Tensor(a!) loss, Tensor(b!) losses, Tensor(c!) chosen_rewards, "
       "Tensor(d!) rejected_rewards, Tensor(e!) metrics) -> ()");
   m.def(
       "cuda_preference_loss_backward(Tensor chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? margin, Tensor? chosen_lengths, Tensor? rejected_lengths, Tensor? desirable, Tensor? offset, "
-      "Tensor? nll, int family, int[] loss_types, float[] loss_weights, float beta, float label_smoothing, "
-      "float discopop_tau, float simpo_gamma, float cpo_alpha, float desirable_weight, float undesirable_weight, "
-      "float offset_value, bool mean, Tensor grad_loss, Tensor grad_losses, Tensor(a!) grad_chosen, "
+      "Tensor? nll, Tensor? pair_weights, int family, int[] loss_types, float[] loss_weights, float beta, "
+      "float label_smoothing, float discopop_tau, float simpo_gamma, float cpo_alpha, float desirable_weight, "
+      "float undesirable_weight, float offset_value, int f_divergence, float f_alpha_divergence_coef, float alpha, "
+      "bool mean, Tensor grad_loss, Tensor grad_losses, Tensor(a!) grad_chosen, "
       "Tensor(b!)? grad_rejected, Tensor(c!)? grad_ref_chosen, Tensor(d!)? grad_ref_rejected, "
       "Tensor(e!)? grad_margin, Tensor(f!)? grad_nll) -> ()");
 }

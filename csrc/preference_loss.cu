@@ -194,6 +194,12 @@ __device__ __forceinline__ IfReal<C> exponential(C x) {
   return Math<C>::exp(x);
 }
 
+// e^x - 1 without cancellation near 0.
+template <typename C>
+__device__ __forceinline__ IfReal<C> exp_minus_one(C x) {
+  return Math<C>::expm1(x);
+}
+
 // log(1 - e^x) for x < 0, accurate on both sides of -ln 2 (Maechler): -expm1 near 0, where
 // 1 - e^x cancels, and log1p far below, where e^x is tiny.
 template <typename C>
@@ -228,6 +234,11 @@ template <typename C, int N>
 __device__ __forceinline__ Dual<C, N> exponential(const Dual<C, N>& x) {
   const C e = exponential(x.value);
   return x.then(e, e);
+}
+
+template <typename C, int N>
+__device__ __forceinline__ Dual<C, N> exp_minus_one(const Dual<C, N>& x) {
+  return x.then(exp_minus_one(x.value), exponential(x.value));
 }
 
 template <typename C, int N>
@@ -333,6 +344,25 @@ __device__ __forceinline__ S sigmoid_norm(const S& z_normalized) {
   return -log_sigmoid(z_normalized);
 }
 
+// The f-divergence score f'(e^x) of a log-ratio x (prefopt/losses/formulas.py, f_divergence_scores,
+// derives each): 1 forward KL, 2 Jensen-Shannon, 3 alpha-divergence with its exponent clamped at 80;
+// 0, reverse KL, is x itself.
+template <typename S, typename C>
+__device__ __forceinline__ S f_divergence_score(const S& x, int f_divergence, C coef) {
+  switch (f_divergence) {
+    case 1: return -exp_minus_one(-x);
+    case 2: return log_sigmoid(x) + C(0.6931471805599453);
+    case 3: return exp_minus_one(clamp_max((coef - C(1)) * x, C(80))) / (coef - C(1));
+    default: return x;
+  }
+}
+
+// AlphaPO (Gupta et al. 2025): the reward (1 - p^(-alpha)) / alpha of p = e^x.
+template <typename S, typename C>
+__device__ __forceinline__ S alphapo_reward(const S& x, C alpha) {
+  return -exp_minus_one(-alpha * x) / alpha;
+}
+
 // KTO (Ethayarajh et al. 2024): 1 - sigma(s) for a desirable example, 1 - sigma(-s) otherwise,
 // s = beta (r - kl); written sigma(-s) and sigma(s), without the cancellation of 1 - sigma.
 template <typename S, typename C>
@@ -351,7 +381,7 @@ __device__ __forceinline__ S log_odds(const S& x, C tiny) {
 // The families: the loss of one example from its variables x (see the top of the file).
 // ---------------------------------------------------------------------------------------------
 
-// How many metrics each family writes (prefopt.fused_losses.METRIC_NAMES).
+// How many metrics each family writes (prefopt._codes.METRIC_NAMES).
 __host__ __device__ __forceinline__ int metric_count(int family) {
   switch (family) {
     case PREFOPT_FAMILY_DPO:
@@ -387,7 +417,7 @@ struct LossParams {
 // The constants of a launch in the compute type.
 template <typename C>
 struct Constants {
-  C beta, eps, tau, gamma, offset, desirable_weight, undesirable_weight;
+  C beta, eps, tau, gamma, offset, desirable_weight, undesirable_weight, f_coef, alpha;
   C nll_weight;    // CPO: cpo_alpha * n, the NLL term's weight before division by total_tokens
   C total_tokens;  // CPO: chosen tokens in the batch (with a nonzero cpo_alpha)
 };
@@ -399,6 +429,7 @@ struct Example {
   C policy_rejected;
   C chosen_length;    // token counts, >= 1 (1 where not given)
   C rejected_length;
+  C pair_weight;      // WPO's weight of the pair's loss, 1 where not given
   bool desirable;
 };
 
@@ -441,11 +472,15 @@ __device__ __forceinline__ Scored<S> score_dpo(const LossParams& p, const Consta
                                                const S (&x)[kVariables]) {
   const int* types = p.config.loss_types;
   const double* weights = p.config.loss_weights;
-  S loss = C(weights[0]) * dpo_type_loss(types[0], p, k, e, x[0], x[1], x[2]);
+  // Under an f-divergence the types see the scores of the log-ratios (only the types that allow
+  // one reach here with it); the rewards keep the log-ratios.
+  const S c = f_divergence_score(x[0], p.config.f_divergence, k.f_coef);
+  const S r = f_divergence_score(x[1], p.config.f_divergence, k.f_coef);
+  S loss = C(weights[0]) * dpo_type_loss(types[0], p, k, e, c, r, x[2]);
   for (int t = 1; t < p.config.num_loss_types; ++t) {
-    loss = loss + C(weights[t]) * dpo_type_loss(types[t], p, k, e, x[0], x[1], x[2]);
+    loss = loss + C(weights[t]) * dpo_type_loss(types[t], p, k, e, c, r, x[2]);
   }
-  return {loss, k.beta * value_of(x[0]), k.beta * value_of(x[1]), {C(0), C(0), C(0)}};
+  return {e.pair_weight * loss, k.beta * value_of(x[0]), k.beta * value_of(x[1]), {C(0), C(0), C(0)}};
 }
 
 // The reference point is kl for "kto" and 0 for "apo_zero_unpaired".
@@ -472,6 +507,10 @@ __device__ __forceinline__ Scored<S> score_cpo(const LossParams& p, const Consta
   if (type == PREFOPT_LOSS_IPO || type == PREFOPT_LOSS_SIMPO) {
     c = c / e.chosen_length;
     r = r / e.rejected_length;
+  }
+  if (p.config.alpha != 0.0) {
+    c = alphapo_reward(c, k.alpha);
+    r = alphapo_reward(r, k.alpha);
   }
   const S h = c - r;
   S loss;
@@ -529,6 +568,7 @@ __device__ __forceinline__ Example<C> load_example(const LossParams& p, int64_t 
                      : C(0);
   e.chosen_length = in.chosen_lengths ? token_count<C>(in.chosen_lengths, in.lengths_dtype, i) : C(1);
   e.rejected_length = in.rejected_lengths ? token_count<C>(in.rejected_lengths, in.lengths_dtype, i) : C(1);
+  e.pair_weight = in.pair_weights ? load_element<C>(in.pair_weights, dtype, i) : C(1);
   e.desirable = in.desirable ? in.desirable[i] != 0 : true;
   return e;
 }
@@ -582,6 +622,8 @@ __device__ __forceinline__ Constants<C> constants(const LossParams& p) {
   k.offset = p.in.offset ? load_element<C>(p.in.offset, p.dtype, 0) : C(config.offset_value);
   k.desirable_weight = C(config.desirable_weight);
   k.undesirable_weight = C(config.undesirable_weight);
+  k.f_coef = C(config.f_alpha_divergence_coef);
+  k.alpha = C(config.alpha);
   k.nll_weight = C(config.cpo_alpha) * C(p.n);
   k.total_tokens = C(1);
   if (config.family == PREFOPT_FAMILY_CPO && config.cpo_alpha != 0.0) {
@@ -620,7 +662,7 @@ __device__ __forceinline__ void add_to_sums(C (&sums)[kSums], int family, const 
   }
 }
 
-// The metrics in prefopt.fused_losses.METRIC_NAMES order. A KTO class absent from the batch has
+// The metrics in prefopt._codes.METRIC_NAMES order. A KTO class absent from the batch has
 // no mean: 0/0 gives NaN, as a mean of nothing should.
 template <typename C>
 __device__ __forceinline__ void write_loss_and_metrics(const LossParams& p, const C (&sums)[kSums]) {
@@ -705,8 +747,23 @@ bool is_floating(int dtype) { return dtype >= PREFOPT_FLOAT32 && dtype <= PREFOP
 
 bool is_finite(double x) { return std::isfinite(x); }
 
+// The DPO types an f-divergence may change (TRL's set, less sft, which has no kernel).
+bool takes_f_divergence(int type) {
+  switch (type) {
+    case PREFOPT_LOSS_SIGMOID:
+    case PREFOPT_LOSS_ROBUST:
+    case PREFOPT_LOSS_HINGE:
+    case PREFOPT_LOSS_IPO:
+    case PREFOPT_LOSS_EXO_PAIR:
+    case PREFOPT_LOSS_DISCOPOP:
+    case PREFOPT_LOSS_SIGMOID_NORM: return true;
+    default: return false;
+  }
+}
+
 bool valid_dpo_type(int type, const prefopt_preference_inputs& in, const prefopt_preference_config& config) {
   const double eps = config.label_smoothing;
+  if (config.f_divergence != 0 && !takes_f_divergence(type)) return false;
   switch (type) {
     case PREFOPT_LOSS_ROBUST: return eps >= 0.0 && eps < 0.5;
     case PREFOPT_LOSS_EXO_PAIR: return eps > 0.0 && eps < 1.0;
@@ -726,6 +783,13 @@ bool valid_loss(int dtype, int64_t n, const prefopt_preference_inputs* inputs, c
   }
   if (in.nll_is_vector && in.nll == nullptr) return false;
   if (k.num_loss_types < 0 || k.num_loss_types > PREFOPT_MAX_LOSS_TYPES) return false;
+  // The DPO-only and CPO-only options are refused elsewhere, like the inputs a family does not read.
+  if (k.f_divergence < 0 || k.f_divergence > 3 || !is_finite(k.f_alpha_divergence_coef) || !is_finite(k.alpha)) {
+    return false;
+  }
+  if (k.family != PREFOPT_FAMILY_DPO && (k.f_divergence != 0 || in.pair_weights)) return false;
+  if (k.family != PREFOPT_FAMILY_CPO && k.alpha != 0.0) return false;
+  if (k.f_divergence == 3 && k.f_alpha_divergence_coef == 1.0) return false;  // the caller passes reverse KL
   const int type = k.num_loss_types > 0 ? k.loss_types[0] : -1;
   // Inputs a family does not read are refused rather than silently ignored.
   const bool pair = in.rejected != nullptr;

@@ -143,6 +143,7 @@ typedef struct prefopt_preference_inputs {
   const void* offset;            /* 0-d: bco_pair's delta (DPO) or the KL reference point (KTO); NULL: offset_value */
   const void* nll;               /* ORPO, optional: 0-d (one NLL for the batch) or [n] (nll_is_vector) */
   int nll_is_vector;
+  const void* pair_weights;      /* DPO, optional: WPO's per-pair weights, constants multiplying each loss */
 } prefopt_preference_inputs;
 
 /* The constants of a loss, as prefopt.losses names them. `mean`: the reduced loss is the mean of
@@ -161,9 +162,12 @@ typedef struct prefopt_preference_config {
   double undesirable_weight;
   double offset_value;
   int mean;
+  int f_divergence;                /* DPO: index in prefopt._codes.F_DIVERGENCE_TYPES (0: reverse KL, plain DPO) */
+  double f_alpha_divergence_coef;  /* DPO with f_divergence 3 (alpha_divergence) */
+  double alpha;                    /* CPO: AlphaPO's alpha, 0 for plain log-probs */
 } prefopt_preference_config;
 
-/* How many batch metrics the forward writes for `family` (prefopt.fused_losses.METRIC_NAMES);
+/* How many batch metrics the forward writes for `family` (prefopt._codes.METRIC_NAMES);
  * 0 for an unknown family. */
 int prefopt_preference_loss_metric_count(int family);
 

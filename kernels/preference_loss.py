@@ -14,17 +14,17 @@ float64 inputs. Triton passes Python floats as float32, so the scalar arguments 
 float64, and the per-type weights of a combined DPO loss (a tuple, which cannot be annotated)
 travel as float32 (hi, lo) pairs whose sum carries 48 bits.
 
-The metrics are written in the order ``prefopt.fused_losses.METRIC_NAMES`` gives for each family.
+The metrics are written in the order ``prefopt._codes.METRIC_NAMES`` gives for each family.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ..fused_losses import LOSS_TYPE_CODES
+from .._codes import F_DIVERGENCE_TYPES, LOSS_TYPE_CODES
 from ._common import log1p
 
-# Loss-type codes, those of prefopt.fused_losses (the CUDA C++ kernels use the same).
+# Loss-type codes, those of prefopt._codes (the CUDA C++ kernels use the same).
 _SIGMOID = tl.constexpr(LOSS_TYPE_CODES["sigmoid"])
 _ROBUST = tl.constexpr(LOSS_TYPE_CODES["robust"])
 _HINGE = tl.constexpr(LOSS_TYPE_CODES["hinge"])
@@ -38,6 +38,9 @@ _APO_DOWN = tl.constexpr(LOSS_TYPE_CODES["apo_down"])
 _DISCOPOP = tl.constexpr(LOSS_TYPE_CODES["discopop"])
 _SIGMOID_NORM = tl.constexpr(LOSS_TYPE_CODES["sigmoid_norm"])
 _SIMPO = tl.constexpr(LOSS_TYPE_CODES["simpo"])
+_FORWARD_KL = tl.constexpr(F_DIVERGENCE_TYPES.index("forward_kl"))
+_JS_DIVERGENCE = tl.constexpr(F_DIVERGENCE_TYPES.index("js_divergence"))
+_ALPHA_DIVERGENCE = tl.constexpr(F_DIVERGENCE_TYPES.index("alpha_divergence"))
 
 DPO_KINDS = {kind: LOSS_TYPE_CODES[kind] for kind in (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
@@ -219,6 +222,27 @@ def _log_odds(x, tiny):
     return value, derivative
 
 
+@triton.jit
+def _f_score(x, coef, F_DIV: tl.constexpr):
+    """(f-divergence score of a log-ratio x, its derivative): prefopt.losses.formulas.f_divergence_scores."""
+    if F_DIV == _FORWARD_KL:
+        return -_expm1(-x), tl.exp(-x)
+    elif F_DIV == _JS_DIVERGENCE:
+        return 0.6931471805599453 + _log_sigmoid(x), _sigmoid(-x)
+    else:
+        tl.static_assert(F_DIV == _ALPHA_DIVERGENCE)
+        t = (coef - 1.0) * x
+        tc = tl.minimum(t, 80.0)
+        # torch.clamp(max=80)'s gradient: through up to and including the bound.
+        return _expm1(tc) / (coef - 1.0), tl.where(t <= 80.0, tl.exp(tc), 0.0)
+
+
+@triton.jit
+def _alphapo(x, alpha):
+    """(AlphaPO reward -expm1(-αx)/α, its derivative e^(-αx)): prefopt.losses.formulas.alphapo_rewards."""
+    return -_expm1(-alpha * x) / alpha, tl.exp(-alpha * x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels. BACKWARD selects the mode; pointers the mode does not use are never touched.
 # ----------------------------------------------------------------------------------------------
@@ -245,15 +269,18 @@ def _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN: tl.constexpr
 @triton.jit(do_not_specialize=["n"])
 def _dpo_kernel(
     policy_chosen_ptr, policy_rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
-    margin_ptr, chosen_lengths_ptr, rejected_lengths_ptr, delta_ptr,
+    margin_ptr, chosen_lengths_ptr, rejected_lengths_ptr, delta_ptr, pair_weights_ptr,
     loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
     grad_loss_ptr, grad_losses_ptr,
     grad_policy_chosen_ptr, grad_policy_rejected_ptr, grad_ref_chosen_ptr, grad_ref_rejected_ptr, grad_margin_ptr,
-    n, beta: tl.float64, eps: tl.float64, tau: tl.float64, delta_value: tl.float64, weights_hi, weights_lo,
+    n, beta: tl.float64, eps: tl.float64, tau: tl.float64, delta_value: tl.float64, f_coef: tl.float64,
+    weights_hi, weights_lo,
     KINDS: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_LENGTHS: tl.constexpr, DELTA_IN_TENSOR: tl.constexpr,
+    F_DIV: tl.constexpr, HAS_PAIR_WEIGHTS: tl.constexpr,
     MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     beta = _scalar(beta, DTYPE)
+    f_coef = _scalar(f_coef, DTYPE)
     eps = _scalar(eps, DTYPE)
     tau = _scalar(tau, DTYPE)
     if DELTA_IN_TENSOR:
@@ -283,8 +310,23 @@ def _dpo_kernel(
         if HAS_LENGTHS:
             len_c = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
             len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
-        loss, dc, dr, dm = _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
-                                      KINDS, HAS_LENGTHS, DTYPE)
+        if F_DIV == 0:
+            loss, dc, dr, dm = _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
+                                          KINDS, HAS_LENGTHS, DTYPE)
+        else:
+            # The types an f-divergence changes see only the scores: the chain rule through them.
+            sc, dsc = _f_score(c, f_coef, F_DIV)
+            sr, dsr = _f_score(r, f_coef, F_DIV)
+            loss, dc, dr, dm = _dpo_terms(sc, sr, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
+                                          KINDS, HAS_LENGTHS, DTYPE)
+            dc = dc * dsc
+            dr = dr * dsr
+        if HAS_PAIR_WEIGHTS:
+            w = tl.load(pair_weights_ptr + offs, mask=valid, other=0.0).to(DTYPE)
+            loss = w * loss
+            dc = w * dc
+            dr = w * dr
+            dm = w * dm
         if BACKWARD:
             g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
             tl.store(grad_policy_chosen_ptr + offs, g * dc, mask=valid)
@@ -393,14 +435,15 @@ def _cpo_kernel(
     policy_chosen_ptr, policy_rejected_ptr, chosen_lengths_ptr, rejected_lengths_ptr,
     loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
     grad_loss_ptr, grad_losses_ptr, grad_policy_chosen_ptr, grad_policy_rejected_ptr,
-    n, beta: tl.float64, eps: tl.float64, gamma: tl.float64, alpha: tl.float64,
-    KIND: tl.constexpr, AVERAGED: tl.constexpr, WITH_NLL: tl.constexpr,
+    n, beta: tl.float64, eps: tl.float64, gamma: tl.float64, alpha: tl.float64, alpha_po: tl.float64,
+    KIND: tl.constexpr, AVERAGED: tl.constexpr, WITH_NLL: tl.constexpr, ALPHAPO: tl.constexpr,
     MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     beta = _scalar(beta, DTYPE)
     eps = _scalar(eps, DTYPE)
     gamma = _scalar(gamma, DTYPE)
     alpha = _scalar(alpha, DTYPE)
+    alpha_po = _scalar(alpha_po, DTYPE)
     count = _scalar(n, DTYPE)
     # The NLL term is a token mean over the whole batch: its denominator needs a first pass.
     total_tokens = tl.zeros((), DTYPE)
@@ -432,14 +475,20 @@ def _cpo_kernel(
             len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
             c = pc / len_c
             r = pr / len_r
+        # d(reward)/d(log-prob) of each side: 1 without AlphaPO.
+        dc = tl.full((BLOCK,), 1.0, DTYPE)
+        dr = tl.full((BLOCK,), 1.0, DTYPE)
+        if ALPHAPO:
+            c, dc = _alphapo(c, alpha_po)
+            r, dr = _alphapo(r, alpha_po)
         loss, dh = _cpo_terms(c, r, beta, eps, gamma, KIND, DTYPE)
         if BACKWARD:
             g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
-            grad_chosen = g * dh / len_c
+            grad_chosen = g * dh * dc / len_c
             if WITH_NLL:
                 grad_chosen -= g * (alpha * count / total_tokens)
             tl.store(grad_policy_chosen_ptr + offs, grad_chosen, mask=valid)
-            tl.store(grad_policy_rejected_ptr + offs, -(g * dh) / len_r, mask=valid)
+            tl.store(grad_policy_rejected_ptr + offs, -(g * dh) * dr / len_r, mask=valid)
         else:
             if WITH_NLL:
                 loss = loss - alpha * count * pc / total_tokens
@@ -572,108 +621,104 @@ def _split_weights(weights: list[float]) -> tuple[tuple[float, ...], tuple[float
     return tuple(hi), tuple(float(torch.tensor(w - h, dtype=torch.float32)) for w, h in zip(weights, hi))
 
 
-def dpo_launch(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, delta,
-    outputs, grads, *, loss_types: list[str], loss_weights: list[float], beta: float, label_smoothing: float,
-    discopop_tau: float, delta_value: float, mean: bool,
-) -> None:
-    """Forward when ``outputs`` = (loss, losses, chosen_rewards, rejected_rewards, metrics) is
-    given, backward when ``grads`` = (grad_loss, grad_losses, grad_policy_chosen,
-    grad_policy_rejected, grad_ref_chosen, grad_ref_rejected, grad_margin) is; the other is None.
-    ``margin``, the lengths and ``delta`` (a 0-d tensor) may be None."""
-    n = policy_chosen.shape[0]
-    dummy = policy_chosen
-    weights_hi, weights_lo = _split_weights(loss_weights)
+def _dpo_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
+    weights_hi, weights_lo = _split_weights(list(call.loss_weights))
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, g_margin = grads or (dummy,) * 7
+    grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, g_margin, _ = grads or (dummy,) * 8
     _dpo_kernel[(1,)](
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-        dummy if margin is None else margin,
-        dummy if chosen_lengths is None else chosen_lengths,
-        dummy if rejected_lengths is None else rejected_lengths,
-        dummy if delta is None else delta,
+        call.chosen, call.rejected, call.ref_chosen, call.ref_rejected,
+        _or(call.margin, dummy), _or(call.chosen_lengths, dummy), _or(call.rejected_lengths, dummy),
+        _or(call.offset, dummy), _or(call.pair_weights, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, dummy if g_margin is None else g_margin,
-        n, beta, label_smoothing, discopop_tau, delta_value, weights_hi, weights_lo,
-        KINDS=tuple(DPO_KINDS[kind] for kind in loss_types),
-        HAS_MARGIN=margin is not None,
-        HAS_LENGTHS=chosen_lengths is not None,
-        DELTA_IN_TENSOR=delta is not None,
-        MEAN=mean,
+        grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, _or(g_margin, dummy),
+        n, call.beta, call.label_smoothing, call.discopop_tau, call.offset_value, call.f_alpha_divergence_coef,
+        weights_hi, weights_lo,
+        KINDS=tuple(DPO_KINDS[kind] for kind in call.loss_types),
+        HAS_MARGIN=call.margin is not None,
+        HAS_LENGTHS=call.chosen_lengths is not None,
+        DELTA_IN_TENSOR=call.offset is not None,
+        F_DIV=F_DIVERGENCE_TYPES.index(call.f_divergence),
+        HAS_PAIR_WEIGHTS=call.pair_weights is not None,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy_chosen),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
 
-def kto_launch(
-    policy, ref, desirable, kl, outputs, grads, *, use_kl: bool, beta: float, kl_value: float,
-    desirable_weight: float, undesirable_weight: float, mean: bool,
-) -> None:
-    """As :func:`dpo_launch`; ``grads`` = (grad_loss, grad_losses, grad_policy, grad_ref)."""
-    n = policy.shape[0]
-    dummy = policy
+def _kto_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_policy, g_ref = grads or (dummy,) * 4
+    grad_loss, grad_losses, g_policy, _, g_ref, _, _, _ = grads or (dummy,) * 8
     _kto_kernel[(1,)](
-        policy, ref, desirable, dummy if kl is None else kl,
+        call.chosen, call.ref_chosen, call.desirable, _or(call.offset, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
         grad_loss, grad_losses, g_policy, g_ref,
-        n, beta, kl_value, desirable_weight, undesirable_weight,
-        USE_KL=use_kl,
-        KL_IN_TENSOR=kl is not None,
-        MEAN=mean,
+        n, call.beta, call.offset_value, call.desirable_weight, call.undesirable_weight,
+        USE_KL=call.loss_types[0] == "kto",
+        KL_IN_TENSOR=call.offset is not None,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
 
-def cpo_launch(
-    policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, outputs, grads, *, loss_type: str,
-    beta: float, label_smoothing: float, simpo_gamma: float, cpo_alpha: float, mean: bool,
-) -> None:
-    """As :func:`dpo_launch`; ``grads`` = (grad_loss, grad_losses, grad_policy_chosen,
-    grad_policy_rejected). ipo and simpo need both lengths, a nonzero ``cpo_alpha`` the chosen ones."""
-    n = policy_chosen.shape[0]
-    dummy = policy_chosen
+def _cpo_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr = grads or (dummy,) * 4
+    grad_loss, grad_losses, g_pc, g_pr, _, _, _, _ = grads or (dummy,) * 8
+    kind = call.loss_types[0]
     _cpo_kernel[(1,)](
-        policy_chosen, policy_rejected,
-        dummy if chosen_lengths is None else chosen_lengths,
-        dummy if rejected_lengths is None else rejected_lengths,
+        call.chosen, call.rejected, _or(call.chosen_lengths, dummy), _or(call.rejected_lengths, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
         grad_loss, grad_losses, g_pc, g_pr,
-        n, beta, label_smoothing, simpo_gamma, cpo_alpha,
-        KIND=CPO_KINDS[loss_type],
-        AVERAGED=loss_type in ("ipo", "simpo"),
-        WITH_NLL=cpo_alpha != 0.0,
-        MEAN=mean,
+        n, call.beta, call.label_smoothing, call.simpo_gamma, call.cpo_alpha, call.alpha,
+        KIND=CPO_KINDS[kind],
+        AVERAGED=kind in ("ipo", "simpo"),
+        WITH_NLL=call.cpo_alpha != 0.0,
+        ALPHAPO=call.alpha != 0.0,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy_chosen),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
 
-def orpo_launch(policy_chosen, policy_rejected, nll, outputs, grads, *, beta: float, mean: bool) -> None:
-    """As :func:`dpo_launch`; ``nll`` is None, 0-d or [B]; ``grads`` = (grad_loss, grad_losses,
-    grad_policy_chosen, grad_policy_rejected, grad_nll), grad_nll shaped like ``nll`` (None
-    without it)."""
-    n = policy_chosen.shape[0]
-    dummy = policy_chosen
+def _orpo_launch(call, outputs, grads) -> None:
+    n = call.chosen.shape[0]
+    dummy = call.chosen
     loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, g_nll = grads or (dummy,) * 5
+    grad_loss, grad_losses, g_pc, g_pr, _, _, _, g_nll = grads or (dummy,) * 8
+    nll = call.nll
     nll_mode = 0 if nll is None else 1 if nll.dim() == 0 else 2
     _orpo_kernel[(1,)](
-        policy_chosen, policy_rejected, dummy if nll is None else nll,
+        call.chosen, call.rejected, _or(nll, dummy),
         loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr, dummy if g_nll is None else g_nll,
-        n, beta, torch.finfo(policy_chosen.dtype if policy_chosen.dtype == torch.float64 else torch.float32).tiny,
+        grad_loss, grad_losses, g_pc, g_pr, _or(g_nll, dummy),
+        n, call.beta, torch.finfo(call.chosen.dtype if call.chosen.dtype == torch.float64 else torch.float32).tiny,
         NLL_MODE=nll_mode,
-        MEAN=mean,
+        MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(policy_chosen),
+        DTYPE=_compute_dtype(call.chosen),
         BLOCK=_block(n),
     )
 
+
+def _or(t, dummy):
+    """A pointer the kernel never reads in this mode (its flag is off) still needs a tensor."""
+    return dummy if t is None else t
+
+
+_LAUNCHERS = {"dpo": _dpo_launch, "kto": _kto_launch, "cpo": _cpo_launch, "orpo": _orpo_launch}
+
+
+def launch(call, outputs, grads) -> None:
+    """One launch of the family's kernel for ``call`` (a ``prefopt.losses.fused.LossCall``):
+    forward when ``outputs`` (a ``LossOutputs``) is given, backward when ``grads`` (a
+    ``LossGrads``) is; the other is None."""
+    _LAUNCHERS[call.family](call, outputs, grads)

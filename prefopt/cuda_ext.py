@@ -15,7 +15,7 @@ and registered as the torch operators ``prefopt::cuda_token_stats_forward``,
   ``prefopt.kernels.token_stats_forward`` / ``token_stats_backward`` (the Triton launchers):
   logits as [outer, inner, V] views with a contiguous last dimension, flat [rows] outputs.
 - ``preference_loss`` is one launch of the fused loss reduction of a family, forward or backward,
-  on the arguments of the operators of ``prefopt.fused_losses``.
+  on the arguments of the operators of ``prefopt.losses.fused``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ import shutil
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .backends import BackendUnavailableError
-from .fused_losses import LOSS_FAMILY_CODES, LOSS_TYPE_CODES
+from ._codes import F_DIVERGENCE_TYPES, LOSS_FAMILY_CODES, LOSS_TYPE_CODES
 
 EXTENSION_NAME = "prefopt_cuda"
 SOURCES = ("binding.cpp", "token_stats_fwd.cu", "token_stats_bwd.cu", "preference_loss.cu")
@@ -338,39 +337,24 @@ def _token_counts(
     return tuple(None if t is None else t.to(torch.float64) for t in (chosen_lengths, rejected_lengths))
 
 
-def preference_loss(
-    family: str,
-    tensors: Sequence[torch.Tensor | None],
-    config: Sequence,
-    outputs: Sequence[torch.Tensor] | None,
-    grads: Sequence[torch.Tensor | None] | None,
-) -> None:
-    """One launch of the fused loss reduction of ``family`` on the arguments of the operators of
-    ``prefopt.fused_losses``: ``tensors`` = (chosen, rejected, ref_chosen, ref_rejected, margin,
-    chosen_lengths, rejected_lengths, desirable, offset, nll), contiguous, [B] (offset 0-d, nll 0-d
-    or [B]) or None; ``config`` = (loss_types as "a,b", loss_weights, beta, label_smoothing,
-    discopop_tau, simpo_gamma, cpo_alpha, desirable_weight, undesirable_weight, offset_value,
-    reduction).
-
-    Forward when ``outputs`` = (loss 0-d, losses, chosen_rewards, rejected_rewards [B], metrics) is
-    given; backward when ``grads`` = (grad_loss 0-d, grad_losses [B], grad_chosen, grad_rejected,
-    grad_ref_chosen, grad_ref_rejected, grad_margin, grad_nll) is, each gradient shaped like its
-    input, or None where it is not wanted.
+def preference_loss(call, outputs, grads) -> None:
+    """One launch of the fused loss reduction for ``call`` (a ``prefopt.losses.fused.LossCall``):
+    forward when ``outputs`` (a ``LossOutputs``: loss 0-d, losses, chosen_rewards,
+    rejected_rewards [B], metrics) is given; backward when ``grads`` (a ``LossGrads``: grad_loss
+    0-d, grad_losses [B], then the gradient of chosen, rejected, ref_chosen, ref_rejected, margin
+    and nll, each shaped like its input, or None where it is not wanted) is.
     """
-    chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset, nll = (
-        tensors
-    )
-    (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha, desirable_weight,
-     undesirable_weight, offset_value, reduction) = config
-    chosen_lengths, rejected_lengths = _token_counts(chosen_lengths, rejected_lengths)
-    codes = [LOSS_TYPE_CODES[kind] for kind in loss_types.split(",") if kind]
+    chosen_lengths, rejected_lengths = _token_counts(call.chosen_lengths, call.rejected_lengths)
+    codes = [LOSS_TYPE_CODES[kind] for kind in call.loss_types]
     # Only the DPO family weighs its types; the others have one type (or none) of weight 1.
-    weights = [float(w) for w in loss_weights] if family == "dpo" else [1.0] * len(codes)
+    weights = list(call.loss_weights) if call.family == "dpo" else [1.0] * len(codes)
     arguments = (
-        chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset, nll,
-        LOSS_FAMILY_CODES[family], codes, weights,
-        float(beta), float(label_smoothing), float(discopop_tau), float(simpo_gamma), float(cpo_alpha),
-        float(desirable_weight), float(undesirable_weight), float(offset_value), reduction == "mean",
+        call.chosen, call.rejected, call.ref_chosen, call.ref_rejected, call.margin, chosen_lengths,
+        rejected_lengths, call.desirable, call.offset, call.nll, call.pair_weights,
+        LOSS_FAMILY_CODES[call.family], codes, weights,
+        call.beta, call.label_smoothing, call.discopop_tau, call.simpo_gamma, call.cpo_alpha,
+        call.desirable_weight, call.undesirable_weight, call.offset_value,
+        F_DIVERGENCE_TYPES.index(call.f_divergence), call.f_alpha_divergence_coef, call.alpha, call.mean,
     )
     load()
     if grads is None:

@@ -43,7 +43,7 @@ A mean over no tokens or no examples is NaN.
 
 ``backend`` is the log-prob backend (see :mod:`prefopt.backends`); the loss reduction runs the
 fused kernel of that backend when it is ``"triton"`` or ``"cuda"`` (except for the loss types that
-sort over the batch, ``aot`` and ``aot_unpaired``, which have none), the reference when it is
+sort over the batch, ``aot`` and ``aot_unpaired``, and ``sft``, which have none), the reference when it is
 ``"reference"``, and chooses as ``"auto"`` otherwise (the fused kernel on CUDA tensors).
 """
 
@@ -56,21 +56,18 @@ import torch
 
 from . import _validation, backends
 from .backends import BACKEND_CHOICES
-from .logprobs.linear import linear_sequence_logprobs, linear_token_stats
 from .logprobs.api import sequence_logprobs, token_stats
-from .losses import (
+from .logprobs.linear import linear_sequence_logprobs, linear_token_stats
+from .losses import KTO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
+from .losses._checks import (
     _SORTING_LOSS_TYPES,
-    KTO_LOSS_TYPES,
+    _check_f_divergence,
     _check_loss_type,
     _check_loss_types,
     _check_real,
     _check_smoothing,
-    dpo_loss,
-    kto_kl,
-    kto_loss,
-    orpo_loss,
-    simpo_loss,
 )
+from .losses.formulas import wpo_weights
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -112,6 +109,8 @@ class _Completions(NamedTuple):
     tokens: Tensor  # scored (completion) token counts, int64
     mean_logits: Tensor  # sum over the completion of the vocabulary-mean logit, detached
     entropy: Tensor  # sum over the completion of the entropy, detached
+    plain_logps: Tensor  # logps without LD-DPO's token weights (logps itself without them)
+    aligned: Tensor | None  # WPO: sum over the completion of log p - log Σp², detached (when asked)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,32 +257,57 @@ class _FromLogits(torch.nn.Module):
             return self.backend
         return "auto"
 
-    def _completions(self, logits: Scores, labels: Tensor) -> _Completions:
+    def _completions(
+        self, logits: Scores, labels: Tensor, token_weights: Tensor | None = None, wpo: bool = False
+    ) -> _Completions:
         """One pass over the policy logits (or its LM head): log-probs, mean logit and entropy
-        of every token."""
-        options = {"stats": ("entropy", "mean_logits"), "ignore_index": self.ignore_index,
+        of every token (and log Σp² for WPO). ``token_weights`` [rows, T] weigh the log-probs in
+        their sums (LD-DPO)."""
+        names = ("entropy", "mean_logits", "log_sum_sq_probs") if wpo else ("entropy", "mean_logits")
+        options = {"stats": names, "ignore_index": self.ignore_index,
                    "temperature": self.temperature, "backend": self.backend}
         if isinstance(logits, LMHeadInput):
             stats = linear_token_stats(logits.hidden, logits.weight, labels, bias=logits.bias,
                                        logit_scale=logits.logit_scale, softcap=logits.softcap, **options)
         else:
             stats = token_stats(logits, labels, inplace_backward=self.inplace_backward, **options)
+        plain = stats.logps.sum(-1)
+        aligned = None
+        if wpo:
+            # Ignored positions are exact zeros in both statistics, so the sum is over the completion.
+            aligned = (stats.logps.detach() - stats.log_sum_sq_probs).sum(-1)
         return _Completions(
-            stats.logps.sum(-1),
+            plain if token_weights is None else (stats.logps * token_weights).sum(-1),
             (labels != self.ignore_index).sum(-1),
             stats.mean_logits.detach().sum(-1),
             stats.entropy.detach().sum(-1),
+            plain,
+            aligned,
         )
 
     def _constant_logps(
-        self, logps: Tensor | None, logits: Scores | None, labels: Tensor | None, dtype: torch.dtype
+        self,
+        logps: Tensor | None,
+        logits: Scores | None,
+        labels: Tensor | None,
+        dtype: torch.dtype,
+        token_weights: Tensor | None = None,
     ) -> Tensor:
-        """Per-sequence log-probs of a model that receives no gradient (the reference, KL terms)."""
+        """Per-sequence log-probs of a model that receives no gradient (the reference, KL terms),
+        their tokens weighted by ``token_weights`` when given (LD-DPO)."""
         if logps is not None:
             return logps.detach()
         options = {"ignore_index": self.ignore_index, "temperature": self.temperature, "backend": self.backend}
         with torch.no_grad():
-            if isinstance(logits, LMHeadInput):
+            if token_weights is not None:
+                if isinstance(logits, LMHeadInput):
+                    per_token = linear_token_stats(logits.hidden, logits.weight, labels, bias=logits.bias,
+                                                   logit_scale=logits.logit_scale, softcap=logits.softcap,
+                                                   stats=(), **options).logps
+                else:
+                    per_token = token_stats(logits, labels, stats=(), **options).logps
+                sums = (per_token * token_weights).sum(-1)
+            elif isinstance(logits, LMHeadInput):
                 sums = linear_sequence_logprobs(logits.hidden, logits.weight, labels, bias=logits.bias,
                                                 logit_scale=logits.logit_scale, softcap=logits.softcap, **options)
             else:
@@ -295,6 +319,18 @@ class _FromLogits(torch.nn.Module):
             f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
             f"inplace_backward={self.inplace_backward}, backend={self.backend!r}"
         )
+
+
+def _ld_token_weights(labels: Tensor, ignore_index: int, pairs: int, ld_alpha: float, dtype: torch.dtype) -> Tensor:
+    """LD-DPO's (Liu et al. 2024) token weights for a [chosen; rejected] batch, as TRL builds
+    them: 1 on the first min(len_chosen, len_rejected) completion tokens of each pair's two
+    completions, ld_alpha on the tokens past that shared length, 0 off the completion."""
+    scored = labels != ignore_index
+    position = scored.cumsum(-1)
+    counts = scored.sum(-1)
+    shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
+    tail = position > shared[:, None]
+    return (1.0 + (ld_alpha - 1.0) * tail.to(dtype)) * scored.to(dtype)
 
 
 def _token_mean(sums: Tensor, tokens: Tensor) -> Tensor:
@@ -324,7 +360,16 @@ class DPOLoss(_FromLogits):
     Args:
         beta: β > 0.
         loss_type: one of :data:`prefopt.losses.DPO_LOSS_TYPES` or a list of them.
-        label_smoothing, loss_weights, bco_delta, discopop_tau: as in :func:`prefopt.dpo_loss`.
+        label_smoothing, loss_weights, bco_delta, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef: as in :func:`prefopt.dpo_loss`.
+        use_weighting: WPO (TRL's ``use_weighting``): every pair's loss is weighted by
+            exp(mean over each completion of log p(y_t) - log Σ_v p(v)²), chosen times rejected,
+            detached; log Σp² comes from the same pass over the logits.
+        ld_alpha: LD-DPO (TRL's ``ld_alpha``), None (off) or a float in [0, 1]: the log-probs of
+            the completion tokens past the shorter completion of the pair count ld_alpha times,
+            for the policy and for ``ref_logits`` (a ``ref_logps`` given must be weighted the same
+            way, as TRL's precomputed reference log-probs are). ``sft`` reads the unweighted sums,
+            as TRL's does.
         ignore_index: the label of unscored (prompt, padding) positions.
         temperature: > 0; the log-probs of policy and reference are of softmax(logits / T).
         inplace_backward: write the logits gradient over the policy logits (the caller promises
@@ -350,6 +395,10 @@ class DPOLoss(_FromLogits):
         loss_weights: Sequence[float] | None = None,
         bco_delta: float = 0.0,
         discopop_tau: float = 0.05,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        use_weighting: bool = False,
+        ld_alpha: float | None = None,
         ignore_index: int = -100,
         temperature: float = 1.0,
         inplace_backward: bool = False,
@@ -357,6 +406,19 @@ class DPOLoss(_FromLogits):
     ) -> None:
         super().__init__(ignore_index, temperature, inplace_backward, backend)
         types, weights = _check_loss_types(loss_type, loss_weights)
+        self.f_alpha_divergence_coef = _check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
+        self.f_divergence_type = f_divergence_type
+        if not isinstance(use_weighting, bool):
+            raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
+        unweighable = [kind for kind in types if kind in _SORTING_LOSS_TYPES or kind == "sft"]
+        if use_weighting and unweighable:
+            raise ValueError(f"use_weighting cannot weigh loss_type {unweighable} (see prefopt.dpo_loss's chosen_weights)")
+        self.use_weighting = use_weighting
+        if ld_alpha is not None:
+            ld_alpha = _check_real("ld_alpha", ld_alpha)
+            if not 0.0 <= ld_alpha <= 1.0:
+                raise ValueError(f"ld_alpha must be None or lie in [0, 1], got {ld_alpha}")
+        self.ld_alpha = ld_alpha
         self.beta = _check_real("beta", beta, positive=True)
         self.loss_type = loss_type if isinstance(loss_type, str) else list(types)
         self.loss_weights = None if loss_weights is None else weights
@@ -364,7 +426,8 @@ class DPOLoss(_FromLogits):
         self.bco_delta = _check_real("bco_delta", bco_delta)
         self.discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
         self.length_normalized = True
-        self._fusable = not any(kind in _SORTING_LOSS_TYPES for kind in types)
+        # The types that sort over the batch, and sft (a batch-level NLL), have no fused kernel.
+        self._fusable = not any(kind in _SORTING_LOSS_TYPES or kind == "sft" for kind in types)
 
     def forward(
         self,
@@ -382,11 +445,21 @@ class DPOLoss(_FromLogits):
         if margin is not None:
             _check_sequence_values("margin", margin, pairs, dtype, device)
 
-        policy = self._completions(logits, labels)
-        ref = self._constant_logps(ref_logps, ref_logits, labels, dtype)
-        lengths = {}
-        if self.length_normalized:
-            lengths = {"chosen_lengths": policy.tokens[:pairs], "rejected_lengths": policy.tokens[pairs:]}
+        token_weights = None
+        if self.ld_alpha is not None:
+            token_weights = _ld_token_weights(labels, self.ignore_index, pairs, self.ld_alpha, dtype)
+        policy = self._completions(logits, labels, token_weights, wpo=self.use_weighting)
+        ref = self._constant_logps(ref_logps, ref_logits, labels, dtype, token_weights)
+        types, _ = _check_loss_types(self.loss_type, self.loss_weights)
+        options = {}
+        if self.length_normalized or "sft" in types:
+            options = {"chosen_lengths": policy.tokens[:pairs], "rejected_lengths": policy.tokens[pairs:]}
+        if policy.aligned is not None:
+            completion_weights = wpo_weights(policy.aligned / policy.tokens.clamp(min=1).to(policy.aligned.dtype))
+            options.update(chosen_weights=completion_weights[:pairs], rejected_weights=completion_weights[pairs:])
+        if token_weights is not None and "sft" in types:
+            # TRL's sft reads the unweighted log-probs.
+            options["sft_chosen_logps"] = policy.plain_logps[:pairs]
         output, metrics = dpo_loss(
             policy.logps[:pairs],
             policy.logps[pairs:],
@@ -399,12 +472,15 @@ class DPOLoss(_FromLogits):
             loss_weights=self.loss_weights,
             bco_delta=self.bco_delta,
             discopop_tau=self.discopop_tau,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             backend=self._loss_backend,
             return_metrics=True,
-            **lengths,
+            **options,
         )
+        loss = output.loss
         metrics.update(_paired_metrics(policy, pairs))
-        return output.loss, metrics
+        return loss, metrics
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, loss_type={self.loss_type!r}, " + super().extra_repr()

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefopt import backends, cuda_ext, losses
+from prefopt import backends, cuda_ext
+from prefopt.losses import api as loss_api
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -55,7 +56,7 @@ class PreferenceInputs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "margin",
                                                       "chosen_lengths", "rejected_lengths")] + [
         ("lengths_dtype", ctypes.c_int), ("desirable", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-        ("nll", ctypes.c_void_p), ("nll_is_vector", ctypes.c_int)]
+        ("nll", ctypes.c_void_p), ("nll_is_vector", ctypes.c_int), ("pair_weights", ctypes.c_void_p)]
 
 
 class PreferenceConfig(ctypes.Structure):
@@ -65,7 +66,8 @@ class PreferenceConfig(ctypes.Structure):
                 ("loss_types", ctypes.c_int * MAX_LOSS_TYPES), ("loss_weights", ctypes.c_double * MAX_LOSS_TYPES)] + [
         (name, ctypes.c_double) for name in ("beta", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha",
                                              "desirable_weight", "undesirable_weight", "offset_value")] + [
-        ("mean", ctypes.c_int)]
+        ("mean", ctypes.c_int), ("f_divergence", ctypes.c_int), ("f_alpha_divergence_coef", ctypes.c_double),
+        ("alpha", ctypes.c_double)]
 
 
 @pytest.fixture(scope="session")
@@ -112,23 +114,25 @@ def pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def describe_loss(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-                  offset, nll, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
-                  cpo_alpha, desirable_weight, undesirable_weight, offset_value, mean):
+                  offset, nll, pair_weights, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau,
+                  simpo_gamma, cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
+                  f_alpha_divergence_coef, alpha, mean):
     """The C-ABI description of a loss call, from the operator's arguments (binding.cpp's
     describe_loss, without its checks, which run where torch has CUDA)."""
     lengths = chosen_lengths if chosen_lengths is not None else rejected_lengths
     inputs = PreferenceInputs(
         *map(pointer, (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths)),
         -1 if lengths is None else COUNT_DTYPE_CODES[lengths.dtype], pointer(desirable), pointer(offset),
-        pointer(nll), int(nll is not None and nll.dim() == 1))
+        pointer(nll), int(nll is not None and nll.dim() == 1), pointer(pair_weights))
     config = PreferenceConfig(
         family, len(loss_types), (ctypes.c_int * MAX_LOSS_TYPES)(*loss_types),
         (ctypes.c_double * MAX_LOSS_TYPES)(*loss_weights), beta, label_smoothing, discopop_tau, simpo_gamma,
-        cpo_alpha, desirable_weight, undesirable_weight, offset_value, int(mean))
+        cpo_alpha, desirable_weight, undesirable_weight, offset_value, int(mean), f_divergence,
+        f_alpha_divergence_coef, alpha)
     return DTYPE_CODES[chosen.dtype], chosen.numel(), inputs, config
 
 
-LOSS_ARGUMENTS = 22  # the operators' arguments before their outputs (or upstream gradients)
+LOSS_ARGUMENTS = 26  # the operators' arguments before their outputs (or upstream gradients)
 
 
 @pytest.fixture(scope="session")
@@ -203,5 +207,5 @@ def cuda_on_cpu(simulator, monkeypatch):
         return None if backend == "cuda" else real_reason(backend, device)
 
     monkeypatch.setattr(backends, "unavailable_reason", reason)
-    monkeypatch.setattr(losses, "unavailable_reason", reason)
+    monkeypatch.setattr(loss_api, "unavailable_reason", reason)
     return simulator

@@ -27,7 +27,7 @@ from cuda_simulator import (CSRC, KERNEL_SOURCES, MAX_LOSS_TYPES, TOOLKIT, TOOLK
 
 import prefopt
 from prefopt import cuda_ext
-from prefopt.fused_losses import METRIC_NAMES
+from prefopt._codes import METRIC_NAMES
 
 NVCC = None if TOOLKIT is None else str(TOOLKIT / "bin" / "nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason=f"nvcc cannot be used: {TOOLKIT_MISSING}")
@@ -268,6 +268,12 @@ int main() {
   EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.loss_types[0] = PREFOPT_LOSS_SIGMOID_NORM; }));
   EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.chosen_lengths = fake; in.lengths_dtype = PREFOPT_INT64; }));
   EXPECT(refused(dpo, dpo_config, [&](I& in, K&) { in.chosen_lengths = in.rejected_lengths = fake; in.lengths_dtype = 9; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.f_divergence = 4; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.f_divergence = 1; k.loss_types[0] = PREFOPT_LOSS_NCA_PAIR; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.f_divergence = 3; k.f_alpha_divergence_coef = NAN; }));
+  EXPECT(refused(dpo, dpo_config, [](I&, K& k) { k.alpha = 0.5; }));
+  EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.pair_weights = fake; }));
+  EXPECT(refused(cpo, cpo_config, [](I&, K& k) { k.alpha = INFINITY; }));
   EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.rejected = fake; }));
   EXPECT(refused(kto, kto_config, [](I& in, K&) { in.desirable = nullptr; }));
   EXPECT(refused(kto, kto_config, [&](I& in, K&) { in.margin = fake; }));

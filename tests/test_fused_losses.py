@@ -13,11 +13,12 @@ from conftest import CUDA, DEVICE, fixture_backend
 
 from prefopt import BackendUnavailableError
 from prefopt.backends import unavailable_reason
-from prefopt.fused_losses import FUSED_BACKENDS, METRIC_NAMES
+from prefopt._codes import FUSED_BACKENDS, METRIC_NAMES
 from prefopt.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss
 
 DTYPES = [torch.float32, torch.float64]
-FUSED_DPO_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired")]
+# aot and aot_unpaired sort across the batch; sft (a batch-level NLL) has no fused kernel yet.
+FUSED_DPO_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired", "sft")]
 MARGIN_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
@@ -215,6 +216,70 @@ def test_sorting_types_stay_on_the_reference_path(backend):
         # "auto" computes them (on the reference path) wherever it runs.
         auto = dpo_loss(*logps, loss_type=kind)
         torch.testing.assert_close(auto.losses, dpo_loss(*logps, loss_type=kind, backend="reference").losses)
+
+
+def test_sft_stays_on_the_reference_path(backend):
+    logps = [t.to(DEVICE) for t in rand_logps(4, torch.float32, seed=27)]
+    counts = torch.tensor([3, 1, 4, 2], device=DEVICE)
+    options = dict(loss_type=["sigmoid", "sft"], chosen_lengths=counts, rejected_lengths=counts)
+    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.*loss_type 'sft'"):
+        dpo_loss(*logps, backend=backend, **options)
+    auto = dpo_loss(*logps, **options)
+    torch.testing.assert_close(auto.losses, dpo_loss(*logps, backend="reference", **options).losses)
+
+
+# The types TRL lets an f-divergence change, less sft (no fused kernel).
+F_DIVERGENCE_KINDS = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("f_divergence_type", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergences_match_reference(backend, f_divergence_type, dtype):
+    seed = 40 + ["forward_kl", "js_divergence", "alpha_divergence"].index(f_divergence_type)
+    # Log-ratios within a few units: forward KL's scores grow as e^(-x).
+    logps = rand_logps(6, dtype, seed=seed, scale=1.5)
+    chosen_lengths, rejected_lengths = lengths(6, seed)
+    margin = 0.3 * rand_logps(6, dtype, seed=seed + 100, count=1)[0]
+    for kinds in (["ipo"], F_DIVERGENCE_KINDS):
+        weights = [0.2 * (i + 1) for i in range(len(kinds))]
+        compare(dpo_loss, (logps, ["chosen_lengths", "rejected_lengths", "margin"],
+                           {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths,
+                            "margin": margin}),
+                ["margin"], dtype, backend, beta=0.4, loss_type=kinds, loss_weights=weights, label_smoothing=0.2,
+                f_divergence_type=f_divergence_type, f_alpha_divergence_coef=-0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alpha_divergence_clamp_matches_reference(backend, dtype):
+    # (α-1)·x past 80 on some pairs: the clamp, and its zero gradient, in both paths.
+    logps = rand_logps(4, dtype, seed=44, scale=1.0)
+    logps[0] = logps[0] + torch.tensor([0.0, 30.0, 0.0, 45.0], dtype=dtype)
+    compare(dpo_loss, (logps, [], {}), [], dtype, backend, beta=0.01, loss_type="hinge",
+            f_divergence_type="alpha_divergence", f_alpha_divergence_coef=3.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wpo_weights_match_reference(backend, dtype):
+    logps = rand_logps(7, dtype, seed=45)
+    chosen_lengths, rejected_lengths = lengths(7, 45)
+    chosen_weights, rejected_weights = (t.exp() for t in rand_logps(7, dtype, seed=46, count=2, scale=1.0))
+    for kinds in (["sigmoid"], FUSED_DPO_TYPES):
+        compare(dpo_loss, (logps, ["chosen_lengths", "rejected_lengths"],
+                           {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}),
+                [], dtype, backend, beta=0.3, loss_type=kinds, label_smoothing=0.2,
+                chosen_weights=chosen_weights.to(DEVICE), rejected_weights=rejected_weights.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", CPO_LOSS_TYPES)
+def test_alphapo_matches_reference(backend, kind, dtype):
+    logps = rand_logps(5, dtype, seed=47 + CPO_LOSS_TYPES.index(kind), count=2)
+    chosen_lengths, rejected_lengths = lengths(5, 47)
+    for alpha in (0.3, -0.6):
+        compare(cpo_loss, (logps, ["chosen_lengths", "rejected_lengths"],
+                           {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}),
+                [], dtype, backend, beta=0.5, loss_type=kind, label_smoothing=0.1 if kind in ("sigmoid", "simpo") else 0.0,
+                simpo_gamma=0.4, cpo_alpha=0.8, alpha=alpha)
 
 
 def test_bad_backend_is_rejected_before_any_kernel():

@@ -88,6 +88,9 @@ def expected_dpo(kind, beta=BETA, eps=0.0, margin=None, lengths=False, delta=0.0
             out.append(-logsig(z) * (1 - w) + math.exp(-z) * w)
         elif kind == "sigmoid_norm":
             out.append(-logsig(beta * (c[i] / LC[i] - r[i] / LR[i]) - m[i]))
+    if kind == "sft":
+        # The token-mean NLL of the batch's chosen completions, the same for every pair.
+        out = [-sum(PC) / sum(LC)] * n
     if kind == "aot":
         pol = sorted(PC[i] - PR[i] for i in range(n))
         ref = sorted(RC[i] - RR[i] for i in range(n))
@@ -117,13 +120,13 @@ def smoothing_for(kind: str) -> float:
 
 
 def lengths_for(kind: str, dtype=torch.int64) -> dict:
-    if kind in ("ipo", "sigmoid_norm"):
+    if kind in ("ipo", "sigmoid_norm", "sft"):
         return {"chosen_lengths": torch.tensor(LC, dtype=dtype), "rejected_lengths": torch.tensor(LR, dtype=dtype)}
     return {}
 
 
 def unit_lengths_for(kind, n):
-    if kind in ("ipo", "sigmoid_norm"):
+    if kind in ("ipo", "sigmoid_norm", "sft"):
         ones = torch.ones(n, dtype=torch.int64)
         return {"chosen_lengths": ones, "rejected_lengths": ones}
     return {}
@@ -147,7 +150,7 @@ def test_dpo_matches_hand_formula(kind, dtype):
     # Lengths are passed to every type: the types other than ipo and sigmoid_norm must ignore them.
     lengths = {"chosen_lengths": torch.tensor(LC), "rejected_lengths": torch.tensor(LR)}
     out = dpo_loss(*args, beta=BETA, loss_type=kind, label_smoothing=eps, **lengths)
-    expected = expected_dpo(kind, eps=eps, lengths=kind in ("ipo", "sigmoid_norm"))
+    expected = expected_dpo(kind, eps=eps, lengths=kind in ("ipo", "sigmoid_norm", "sft"))
     assert isinstance(out, PreferenceLossOutput)
     check(out.losses.detach(), expected, dtype)
     check(out.loss.detach(), sum(expected) / len(expected), dtype)
@@ -317,6 +320,9 @@ def test_dpo_extreme_margins_stay_finite(kind, dtype, sign):
     assert torch.isfinite(out.losses).all(), out.losses
     out.loss.backward()
     for t in (pc, pr, rc, rr):
+        if kind == "sft" and t is not pc:
+            assert t.grad is None  # sft reads the policy's chosen log-probs only
+            continue
         assert torch.isfinite(t.grad).all(), (kind, t.grad)
 
 
@@ -853,3 +859,60 @@ def test_bad_scalars():
         orpo_loss(torch.zeros(2) - 1, torch.zeros(2) - 1, chosen_nll=torch.zeros(3))
     with pytest.raises(TypeError, match="chosen_nll"):
         orpo_loss(torch.zeros(2) - 1, torch.zeros(2) - 1, chosen_nll=torch.tensor(1.0, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL 1.16's DPO and CPO options: bad values name the argument (values are pinned against TRL in
+# tests/test_trl_parity.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_trl_option_errors_name_the_argument():
+    pc, pr, rc, rr = rand_logps(3, seed=90)
+    lengths = {"chosen_lengths": torch.tensor([1, 2, 3]), "rejected_lengths": torch.tensor([2, 2, 2])}
+    weights = torch.rand(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="f_divergence_type must be one of"):
+        dpo_loss(pc, pr, rc, rr, f_divergence_type="kl")
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef must be finite"):
+        dpo_loss(pc, pr, rc, rr, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=math.inf)
+    with pytest.raises(ValueError, match=r"f_divergence_type='forward_kl' is only defined for .*\['nca_pair'\]"):
+        dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "nca_pair"], f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths are required by loss_type 'sft'"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sft")
+    with pytest.raises(ValueError, match="rejected_weights must be given together"):
+        dpo_loss(pc, pr, rc, rr, chosen_weights=weights)
+    with pytest.raises(ValueError, match="chosen_weights must have shape"):
+        dpo_loss(pc, pr, rc, rr, chosen_weights=weights[:2], rejected_weights=weights)
+    with pytest.raises(ValueError, match=r"chosen_weights \(WPO\) cannot weigh loss_type \['aot'\]"):
+        dpo_loss(pc, pr, rc, rr, loss_type="aot", chosen_weights=weights, rejected_weights=weights)
+    with pytest.raises(ValueError, match=r"chosen_weights \(WPO\) cannot weigh loss_type 'sft'"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_weights=weights, rejected_weights=weights, **lengths)
+    with pytest.raises(ValueError, match="sft_chosen_logps is only read by loss_type 'sft'"):
+        dpo_loss(pc, pr, rc, rr, sft_chosen_logps=pc.detach())
+    with pytest.raises(TypeError, match="alpha must be a real Python number"):
+        cpo_loss(pc, pr, alpha="0.1", chosen_lengths=lengths["chosen_lengths"])
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        cpo_loss(pc, pr, alpha=math.nan, chosen_lengths=lengths["chosen_lengths"])
+
+
+def test_sft_reads_sft_chosen_logps_when_given():
+    pc, pr, rc, rr = rand_logps(3, seed=91)
+    plain = pc.detach() * 0.5
+    lengths = {"chosen_lengths": torch.tensor([1, 2, 3]), "rejected_lengths": torch.tensor([2, 2, 2])}
+    out = dpo_loss(pc, pr, rc, rr, loss_type="sft", sft_chosen_logps=plain, **lengths)
+    torch.testing.assert_close(out.losses, torch.full((3,), -plain.sum().item() / 6, dtype=torch.float64))
+
+
+def test_wpo_weights_multiply_every_type_before_loss_weights():
+    pc, pr, rc, rr = rand_logps(4, seed=92)
+    chosen_weights = torch.rand(4, dtype=torch.float64)
+    rejected_weights = torch.rand(4, dtype=torch.float64)
+    types, loss_weights = ["sigmoid", "hinge"], [0.3, 1.7]
+    weighted = dpo_loss(pc, pr, rc, rr, loss_type=types, loss_weights=loss_weights, chosen_weights=chosen_weights,
+                        rejected_weights=rejected_weights)
+    plain = dpo_loss(pc, pr, rc, rr, loss_type=types, loss_weights=loss_weights)
+    torch.testing.assert_close(weighted.losses, plain.losses * chosen_weights * rejected_weights)
+    # The weights are constants of the loss.
+    weights = chosen_weights.clone().requires_grad_()
+    dpo_loss(pc, pr, rc, rr, chosen_weights=weights, rejected_weights=rejected_weights).loss.backward()
+    assert weights.grad is None

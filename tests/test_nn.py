@@ -69,7 +69,7 @@ def check(module_result, expected_loss, expected_metrics, logits_leaf, expected_
 
 
 @pytest.mark.parametrize("reference", ["logps", "logits"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", ["hinge", "ipo", "sigmoid_norm"], "aot"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["hinge", "ipo", "sigmoid_norm"], "aot", ["sigmoid", "sft"]])
 def test_dpo_module_matches_plain_pytorch(backend, loss_type, reference):
     logits, labels = batch(1)
     ref_logits, _ = batch(2)
@@ -456,3 +456,36 @@ def test_bad_kto_inputs():
 def test_bad_module_options(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_dpo_module_trl_option_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"ld_alpha must be None or lie in \[0, 1\]"):
+        DPOLoss(ld_alpha=1.5)
+    with pytest.raises(TypeError, match="ld_alpha must be a real Python number"):
+        DPOLoss(ld_alpha="0.5")
+    with pytest.raises(TypeError, match="use_weighting must be a bool"):
+        DPOLoss(use_weighting=1)
+    with pytest.raises(ValueError, match=r"use_weighting cannot weigh loss_type \['aot'\]"):
+        DPOLoss(loss_type="aot", use_weighting=True)
+    with pytest.raises(ValueError, match="f_divergence_type must be one of"):
+        DPOLoss(f_divergence_type="chi2")
+    with pytest.raises(ValueError, match="f_divergence_type='js_divergence' is only defined"):
+        DPOLoss(loss_type="apo_zero", f_divergence_type="js_divergence")
+
+
+@pytest.mark.parametrize("options", [{"use_weighting": True, "ld_alpha": 0.5, "f_divergence_type": "js_divergence"},
+                                     {"ld_alpha": 0.2, "loss_type": ["ipo", "sft"]}], ids=["wpo-ld-js", "ld-sft"])
+def test_dpo_module_trl_options_on_every_backend(backend, options):
+    # The values are pinned against TRL in tests/test_trl_parity.py; here every backend gives them.
+    logits, labels = batch(5)
+    ref_logits, _ = batch(6)
+    leaf = logits.clone().requires_grad_()
+    loss, metrics = DPOLoss(0.3, backend=backend, **options)(leaf, labels, ref_logits=ref_logits)
+    oracle = logits.double().requires_grad_()
+    expected, expected_metrics = DPOLoss(0.3, backend="reference", **options)(oracle, labels,
+                                                                             ref_logits=ref_logits.double())
+    torch.testing.assert_close(loss.double().cpu(), expected.detach().cpu(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0].double().cpu(),
+                               torch.autograd.grad(expected, oracle)[0].cpu(), rtol=1e-4, atol=1e-6)
+    for name, value in expected_metrics.items():
+        torch.testing.assert_close(metrics[name].double().cpu(), value.detach().cpu(), rtol=1e-5, atol=1e-6)

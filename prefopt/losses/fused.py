@@ -12,116 +12,117 @@ Both are opaque single operators to autograd, ``torch.compile(fullgraph=True)`` 
 nothing here reads a device value on the host. Families and the arguments each one reads:
 
 =========  ==================================================================================
-``dpo``    chosen, rejected, ref_chosen, ref_rejected; margin, lengths and ``offset`` (δ of
-           bco_pair) optional; ``loss_types`` the elementwise types, comma-separated, with one
-           weight each in ``loss_weights``
+``dpo``    chosen, rejected, ref_chosen, ref_rejected; margin, lengths, ``pair_weights`` (WPO)
+           and ``offset`` (δ of bco_pair) optional; ``loss_types`` the elementwise types,
+           comma-separated, with one weight each in ``loss_weights``; ``f_divergence``
 ``kto``    chosen (policy), ref_chosen (reference), desirable; ``offset`` is the KL reference
            point; ``loss_types`` = "kto" or "apo_zero_unpaired"
 ``cpo``    chosen, rejected; lengths as ``prefopt.losses.cpo_loss`` needs them;
-           ``loss_types`` = one of sigmoid, hinge, ipo, simpo
+           ``loss_types`` = one of sigmoid, hinge, ipo, simpo; ``alpha`` (AlphaPO)
 ``orpo``   chosen, rejected (per-token averages); ``nll`` None, 0-d or [B]
 =========  ==================================================================================
 
-Callers (``prefopt.losses``) validate every argument first; the formulas are those of
-``prefopt.losses``, which is what the fused path is tested against.
+Callers (``prefopt.losses.api``) validate every argument first; the formulas are those of
+``prefopt.losses.formulas``, which is what the fused path is tested against.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 Tensor = torch.Tensor
 
-FAMILIES = ("dpo", "kto", "cpo", "orpo")
-
-# The codes both fused kernels give the families and the loss types: the Triton kernel's
-# constants and the enums of csrc/prefopt_csrc.h (tests/test_csrc.py holds the header to them).
-LOSS_FAMILY_CODES = {family: code for code, family in enumerate(FAMILIES)}
-LOSS_TYPE_CODES = {
-    kind: code
-    for code, kind in enumerate((
-        "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-        "apo_down", "discopop", "sigmoid_norm", "simpo", "kto", "apo_zero_unpaired",
-    ))
-}
-
-# The batch metrics each family's kernel writes, in its order; named as TRL logs them.
-_PAIR_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
-METRIC_NAMES: dict[str, tuple[str, ...]] = {
-    "dpo": _PAIR_METRICS,
-    "cpo": _PAIR_METRICS,
-    "kto": (
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "count/chosen",
-        "count/rejected",
-    ),
-    "orpo": _PAIR_METRICS + ("log_odds_ratio", "log_odds_chosen", "nll_loss"),
-}
+from .._codes import FUSED_BACKENDS, METRIC_NAMES
+from .formulas import ALPHA_DIVERGENCE_LIMIT
 
 # The dtypes the kernels read and write; float16 and bfloat16 are computed in float32.
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# The backends with a fused loss kernel.
-FUSED_BACKENDS = ("triton", "cuda")
 
 
-def _launch(
-    backend: str,
-    family: str,
-    tensors: tuple[Tensor | None, ...],
-    config: tuple,
-    outputs: tuple[Tensor, ...] | None,
-    grads: tuple[Tensor | None, ...] | None,
-) -> None:
-    """Forward (``outputs`` given) or backward (``grads`` given, laid out as each backend's
-    launcher takes them) of one loss."""
+class LossCall(NamedTuple):
+    """One fused loss call, the record both kernels' launchers take (``prefopt.kernels.
+    preference_loss.launch`` and ``prefopt.cuda_ext.preference_loss``). Tensors are contiguous
+    ``[B]`` (``offset`` 0-d, ``nll`` 0-d or ``[B]``) or None where absent; the families read the
+    fields the module docstring lists."""
+
+    family: str
+    chosen: Tensor
+    rejected: Tensor | None
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    margin: Tensor | None
+    chosen_lengths: Tensor | None
+    rejected_lengths: Tensor | None
+    desirable: Tensor | None
+    offset: Tensor | None
+    nll: Tensor | None
+    pair_weights: Tensor | None  # dpo: WPO's per-pair weights, constants multiplying every type's loss
+    loss_types: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+    simpo_gamma: float
+    cpo_alpha: float
+    desirable_weight: float
+    undesirable_weight: float
+    offset_value: float  # the offset when ``offset`` is None
+    f_divergence: str  # dpo: TRL's f_divergence_type ("reverse_kl" also for α-divergence at α = 1)
+    f_alpha_divergence_coef: float
+    alpha: float  # cpo: AlphaPO's α (0: plain log-probs)
+    mean: bool  # the reduced loss is the mean of the losses, else their sum
+
+
+class LossOutputs(NamedTuple):
+    """What a forward launch fills: loss 0-d, the others ``[B]``, metrics ``[len(METRIC_NAMES[family])]``."""
+
+    loss: Tensor
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    metrics: Tensor
+
+
+class LossGrads(NamedTuple):
+    """What a backward launch reads (the upstream gradients, 0-d and dense ``[B]``) and fills: the
+    gradient of each differentiable input, shaped like it, or None where it is absent or not
+    wanted. One layout for both backends."""
+
+    grad_loss: Tensor
+    grad_losses: Tensor
+    chosen: Tensor | None
+    rejected: Tensor | None
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    margin: Tensor | None
+    nll: Tensor | None
+
+
+# The operators' tensor inputs, in LossCall's order after ``family``.
+_TENSOR_INPUTS = 11
+
+
+def _record(tensors: Sequence[Tensor | None], family: str, loss_types: str, loss_weights: Sequence[float],
+            *constants: float | str, reduction: str) -> LossCall:
+    """The call record of the operators' flat arguments (a custom operator's schema is flat)."""
+    return LossCall(family, *tensors, tuple(kind for kind in loss_types.split(",") if kind),
+                    tuple(float(w) for w in loss_weights), *constants, reduction == "mean")
+
+
+def _launch(backend: str, call: LossCall, outputs: LossOutputs | None, grads: LossGrads | None) -> None:
+    """Forward (``outputs`` given) or backward (``grads`` given) of one loss."""
     if backend == "cuda":
-        from . import cuda_ext
+        from .. import cuda_ext
 
-        cuda_ext.preference_loss(family, tensors, config, outputs, grads)
-        return
-    if backend != "triton":
-        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
-    from .kernels import preference_loss as kernels
+        cuda_ext.preference_loss(call, outputs, grads)
+    elif backend == "triton":
+        from ..kernels import preference_loss as kernels
 
-    (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths,
-     desirable, offset, nll) = tensors
-    (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-     desirable_weight, undesirable_weight, offset_value, reduction) = config
-    mean = reduction == "mean"
-    loss_types = loss_types.split(",")
-    if family == "dpo":
-        kernels.dpo_launch(
-            chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, offset,
-            outputs, grads, loss_types=loss_types, loss_weights=loss_weights, beta=beta,
-            label_smoothing=label_smoothing, discopop_tau=discopop_tau, delta_value=offset_value, mean=mean,
-        )
-    elif family == "kto":
-        kernels.kto_launch(
-            chosen, ref_chosen, desirable, offset, outputs, grads, use_kl=loss_types[0] == "kto", beta=beta,
-            kl_value=offset_value, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-            mean=mean,
-        )
-    elif family == "cpo":
-        kernels.cpo_launch(
-            chosen, rejected, chosen_lengths, rejected_lengths, outputs, grads, loss_type=loss_types[0],
-            beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, mean=mean,
-        )
-    elif family == "orpo":
-        kernels.orpo_launch(chosen, rejected, nll, outputs, grads, beta=beta, mean=mean)
+        kernels.launch(call, outputs, grads)
     else:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
 
 
 def _empty_outputs(chosen: Tensor, family: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -144,6 +145,7 @@ def preference_loss_op(
     desirable: Tensor | None,
     offset: Tensor | None,
     nll: Tensor | None,
+    pair_weights: Tensor | None,
     family: str,
     loss_types: str,
     loss_weights: list[float],
@@ -155,6 +157,9 @@ def preference_loss_op(
     desirable_weight: float,
     undesirable_weight: float,
     offset_value: float,
+    f_divergence: str,
+    f_alpha_divergence_coef: float,
+    alpha: float,
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -163,16 +168,17 @@ def preference_loss_op(
     all in ``chosen``'s dtype. Every tensor input is contiguous."""
     outputs = _empty_outputs(chosen, family)
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-               offset, nll)
-    config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-              desirable_weight, undesirable_weight, offset_value, reduction)
-    _launch(backend, family, tensors, config, outputs, None)
+               offset, nll, pair_weights)
+    call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
+                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
+                   f_alpha_divergence_coef, alpha, reduction=reduction)
+    _launch(backend, call, LossOutputs(*outputs), None)
     return outputs
 
 
 @preference_loss_op.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset,
-      nll, family, *config):
+      nll, pair_weights, family, *config):
     return _empty_outputs(chosen, family)
 
 
@@ -195,6 +201,7 @@ def preference_loss_backward_op(
     desirable: Tensor | None,
     offset: Tensor | None,
     nll: Tensor | None,
+    pair_weights: Tensor | None,
     family: str,
     loss_types: str,
     loss_weights: list[float],
@@ -206,6 +213,9 @@ def preference_loss_backward_op(
     desirable_weight: float,
     undesirable_weight: float,
     offset_value: float,
+    f_divergence: str,
+    f_alpha_divergence_coef: float,
+    alpha: float,
     reduction: str,
     backend: str,
 ) -> list[Tensor]:
@@ -214,34 +224,21 @@ def preference_loss_backward_op(
     or that the family does not differentiate, gets an empty tensor."""
     differentiable = (chosen, rejected, ref_chosen, ref_rejected, margin, nll)
     grads = [_grad_like(t, chosen) for t in differentiable]
-    g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = grads
-    if backend == "cuda":
-        # One layout for every family: a gradient for each present input.
-        launch_grads = (grad_loss, grad_losses, *(None if t is None else g for t, g in zip(differentiable, grads)))
-    elif family == "dpo":
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, g_ref_chosen, g_ref_rejected,
-                        None if margin is None else g_margin)
-    elif family == "kto":
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_ref_chosen)
-    elif family == "cpo":
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected)
-    else:
-        launch_grads = (grad_loss, grad_losses, g_chosen, g_rejected, None if nll is None else g_nll)
     tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-               offset, nll)
-    config = (loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma, cpo_alpha,
-              desirable_weight, undesirable_weight, offset_value, reduction)
-    _launch(backend, family, tensors, config, None, launch_grads)
+               offset, nll, pair_weights)
+    call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
+                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
+                   f_alpha_divergence_coef, alpha, reduction=reduction)
+    # A gradient for each present input: KTO's "rejected" slot is absent, so it gets none.
+    wanted = [None if t is None else g for t, g in zip(differentiable, grads)]
+    _launch(backend, call, None, LossGrads(grad_loss, grad_losses, *wanted))
     return grads
 
 
 @preference_loss_backward_op.register_fake
 def _(grad_loss, grad_losses, chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
-      rejected_lengths, desirable, offset, nll, *config):
+      rejected_lengths, desirable, offset, nll, pair_weights, *config):
     return [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
-
-
-_TENSOR_INPUTS = 10
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -261,7 +258,7 @@ def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_re
     g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = (
         torch.ops.prefopt.preference_loss_backward(grad_loss, grad_losses, *saved, *ctx.config)
     )
-    _, rejected, ref_chosen, ref_rejected, margin, _, _, _, _, nll = saved
+    _, rejected, ref_chosen, ref_rejected, margin, _, _, _, _, nll, _ = saved
     family = ctx.config[0]
 
     def present(grad: Tensor, t: Tensor | None, used: bool = True) -> Tensor | None:
@@ -278,6 +275,7 @@ def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_re
         None,
         None,
         present(g_nll, nll),
+        None,  # the pair weights are constants
         *([None] * len(ctx.config)),
     )
 
@@ -307,6 +305,10 @@ def fused_preference_loss(
     cpo_alpha: float = 0.0,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    pair_weights: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    alpha: float = 0.0,
     reduction: str = "mean",
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -334,6 +336,7 @@ def fused_preference_loss(
         dense(desirable),
         dense(offset_tensor),
         dense(nll),
+        dense(pair_weights),
         family,
         ",".join(loss_types),
         [float(w) for w in loss_weights],
@@ -345,6 +348,11 @@ def fused_preference_loss(
         float(desirable_weight),
         float(undesirable_weight),
         0.0 if offset_tensor is not None else float(offset),
+        # α-divergence within 1e-6 of α = 1 is its limit, reverse KL: the kernels see that type.
+        "reverse_kl" if f_divergence_type == "alpha_divergence" and abs(f_alpha_divergence_coef - 1.0)
+        < ALPHA_DIVERGENCE_LIMIT else f_divergence_type,
+        float(f_alpha_divergence_coef),
+        float(alpha),
         reduction,
         backend,
     )

@@ -1,8 +1,8 @@
-"""Reference preference losses on per-sequence log-probabilities.
+"""The preference losses on per-sequence log-probabilities: validation, then the reference
+formulas of :mod:`prefopt.losses.formulas` or one fused launch (:mod:`prefopt.losses.fused`).
 
-Every loss of the package is written here once, in plain PyTorch, on per-sequence vectors of
-shape ``[B]`` (one entry per example or per chosen/rejected pair). The fused kernels are checked
-against these functions; they are never a second hand copy of the math.
+Every function takes per-sequence vectors of shape ``[B]`` (one entry per example or per
+chosen/rejected pair). The fused kernels are checked against the reference formulas.
 
 Conventions shared by every function:
 
@@ -15,13 +15,13 @@ Conventions shared by every function:
   vector ``losses``; with ``"none"`` the returned ``loss`` is ``losses`` itself.
 * Rewards are detached, as TRL logs them.
 * ``backend`` chooses who computes the loss: ``"reference"`` is the plain PyTorch below;
-  ``"triton"`` and ``"cuda"`` are one launch of the fused kernel of ``prefopt.fused_losses``
+  ``"triton"`` and ``"cuda"`` are one launch of the fused kernel of ``prefopt.losses.fused``
   (Triton, or the CUDA C++ extension) forward (losses, reduced loss, rewards and metrics) and one
   backward; ``"auto"`` (default) takes the fused kernel of the backend the log-prob kernels
   would run (CUDA tensors, or ``PREFOPT_BACKEND``) and the reference elsewhere. Validation always
-  runs first, on the host. The fused kernels cover every type except ``aot`` and
-  ``aot_unpaired``, which sort across the batch and stay on the reference path (``"auto"`` routes
-  them there; ``"triton"`` and ``"cuda"`` raise).
+  runs first, on the host. The fused kernels cover every type and option except ``aot`` and
+  ``aot_unpaired``, which sort across the batch, and ``sft``: those stay on the reference path
+  (``"auto"`` routes them there; ``"triton"`` and ``"cuda"`` raise).
 * ``return_metrics=True`` also returns the batch metrics as TRL logs them, a dict of 0-d device
   tensors (no host sync: the caller decides when to read them). Pairwise losses give
   ``rewards/chosen``, ``rewards/rejected`` (batch means of the rewards), ``rewards/accuracies``
@@ -38,16 +38,40 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from . import fused_losses
-from .backends import BackendUnavailableError, resolve_backend, unavailable_reason
+from .._codes import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, REDUCTIONS
+from ..backends import BackendUnavailableError, resolve_backend, unavailable_reason
+from . import fused as fused_losses
+from ._checks import (
+    _SORTING_LOSS_TYPES,
+    _MARGIN_LOSS_TYPES,
+    _check_constant,
+    _check_f_divergence,
+    _check_length_pair,
+    _check_lengths,
+    _check_loss_type,
+    _check_loss_types,
+    _check_pair_weights,
+    _check_real,
+    _check_reduction,
+    _check_smoothing,
+    _check_vector,
+)
+from .formulas import (
+    alphapo_rewards,
+    cpo_nll_losses,
+    cpo_pair_losses,
+    dpo_losses,
+    kto_losses,
+    orpo_log_odds,
+    token_counts,
+)
+from .metrics import _kto_metrics, _pair_metrics
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -68,50 +92,7 @@ __all__ = [
     "simpo_loss",
 ]
 
-DPO_LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid",
-    "robust",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-)
-KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
-CPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo")
-REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 LOSS_BACKENDS: tuple[str, ...] = ("auto", *fused_losses.FUSED_BACKENDS, "reference")
-
-# Types whose losses pair quantiles of the whole batch (a sort), not examples: no fused kernel.
-_SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
-
-# Allowed label_smoothing ε per loss type: (low, low_inclusive, high, high_inclusive). Types that
-# do not use ε accept the generic [0, 1). cDPO-style smoothing past 0.5 would mean trusting the
-# flipped label more than the given one, rDPO divides by 1 - 2ε, and EXO takes log ε.
-_ANY_SMOOTHING = (0.0, True, 1.0, False)
-_SMOOTHING_RANGES: dict[str, tuple[float, bool, float, bool]] = {
-    "sigmoid": (0.0, True, 0.5, True),
-    "robust": (0.0, True, 0.5, False),
-    "exo_pair": (0.0, False, 1.0, False),
-    "aot": (0.0, True, 0.5, True),
-    "aot_unpaired": (0.0, True, 0.5, True),
-    "simpo": (0.0, True, 0.5, True),
-}
-
-# DPO types with a βΔ term, where a per-pair margin has one meaning: βΔ - margin. The others score
-# each completion on its own or sort across the batch, where a per-pair margin has none.
-_MARGIN_LOSS_TYPES = frozenset(
-    {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"}
-)
-
-_LN2 = math.log(2.0)
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -130,123 +111,6 @@ class PreferenceLossOutput(NamedTuple):
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-
-
-# --------------------------------------------------------------------------------------------
-# Validation: shapes, dtypes, devices and Python scalars only, so it never touches device values.
-# --------------------------------------------------------------------------------------------
-
-
-def _check_vector(name: str, t: object, like: torch.Tensor | None = None, like_name: str = "") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [B], got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D with shape [B], got shape {tuple(t.shape)}")
-    if like is None:
-        if t.shape[0] == 0:
-            raise ValueError(f"{name} must hold at least one example, got shape {tuple(t.shape)}")
-        return
-    if t.shape != like.shape:
-        raise ValueError(
-            f"{name} must have shape {tuple(like.shape)} like {like_name}, got shape {tuple(t.shape)}"
-        )
-    if t.dtype != like.dtype:
-        raise TypeError(f"{name} must have dtype {like.dtype} like {like_name}, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name} must be on device {like.device} like {like_name}, got {t.device}")
-
-
-def _check_lengths(name: str, t: object, like: torch.Tensor, like_name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token counts with shape [B], got {type(t).__name__}")
-    if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must hold integer or floating token counts, got dtype {t.dtype}")
-    if t.shape != like.shape:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} like {like_name}, got shape {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name} must be on device {like.device} like {like_name}, got {t.device}")
-
-
-def _check_real(name: str, value: object, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0.0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _check_smoothing(label_smoothing: object, loss_types: Sequence[str]) -> float:
-    eps = _check_real("label_smoothing", label_smoothing)
-    for kind in loss_types:
-        low, low_in, high, high_in = _SMOOTHING_RANGES.get(kind, _ANY_SMOOTHING)
-        if (eps < low or (eps == low and not low_in)) or (eps > high or (eps == high and not high_in)):
-            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ValueError(f"label_smoothing must lie in {interval} for loss_type {kind!r}, got {eps}")
-    return eps
-
-
-def _check_reduction(reduction: object) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-
-
-def _check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
-    if not isinstance(loss_type, str) or loss_type not in valid:
-        raise ValueError(f"loss_type must be one of {list(valid)}, got {loss_type!r}")
-    return loss_type
-
-
-def _check_loss_types(loss_type: object, loss_weights: object) -> tuple[list[str], list[float]]:
-    types = [loss_type] if isinstance(loss_type, str) else loss_type
-    if not isinstance(types, Sequence) or len(types) == 0:
-        raise ValueError(
-            f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a non-empty list of them, got {loss_type!r}"
-        )
-    for kind in types:
-        _check_loss_type(kind, DPO_LOSS_TYPES)
-    if loss_weights is None:
-        return list(types), [1.0] * len(types)
-    if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
-        raise TypeError(f"loss_weights must be a list of floats, got {type(loss_weights).__name__}")
-    if len(loss_weights) != len(types):
-        raise ValueError(
-            f"loss_weights must have one weight per loss_type ({len(types)}), got {len(loss_weights)}"
-        )
-    return list(types), [_check_real("loss_weights", w) for w in loss_weights]
-
-
-def _check_constant(name: str, value: object, like: torch.Tensor) -> None:
-    """A constant of the loss: a real Python number, or a one-element floating tensor."""
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating 0-d tensor, got dtype {value.dtype}")
-        if value.dim() > 1 or value.numel() != 1:
-            raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
-        if value.device != like.device:
-            raise ValueError(f"{name} must be on device {like.device}, got {value.device}")
-    else:
-        _check_real(name, value)
-
-
-def _check_length_pair(
-    chosen_lengths: object, rejected_lengths: object, like: torch.Tensor, like_name: str, required_by: str | None
-) -> None:
-    if chosen_lengths is None and rejected_lengths is None:
-        if required_by is not None:
-            raise ValueError(f"chosen_lengths and rejected_lengths are required by {required_by}")
-        return
-    if chosen_lengths is None or rejected_lengths is None:
-        missing = "chosen_lengths" if chosen_lengths is None else "rejected_lengths"
-        raise ValueError(f"{missing} must be given together with the other completion lengths")
-    _check_lengths("chosen_lengths", chosen_lengths, like, like_name)
-    _check_lengths("rejected_lengths", rejected_lengths, like, like_name)
 
 
 def _resolve_backend(backend: object, like: torch.Tensor, unfused: str | None = None) -> str:
@@ -282,83 +146,12 @@ def _constant(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.
     return float(value)
 
 
-def _token_counts(lengths: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Lengths in ``like``'s dtype, at least 1 token (TRL's clamp: an empty completion divides by 1)."""
-    return lengths.to(like.dtype).clamp(min=1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Shared pieces of math.
-# --------------------------------------------------------------------------------------------
-
-
-def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """cDPO: -(1-ε)·logσ(z) - ε·logσ(-z); plain -logσ(z) at ε = 0."""
-    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate everywhere (Mächler's split at -ln 2).
-
-    Near 0, 1 - exp(x) cancels, so -expm1(x) is used; far below, exp(x) is tiny and log1p keeps
-    it. Each branch only sees inputs from its own side of -ln 2: torch.where still backpropagates
-    through the branch it drops, and an inf there would turn the gradient into NaN. x = 0
-    (probability 1) has infinite log-odds: x is clamped to -finfo.tiny, the negative normal
-    float nearest 0, which keeps value and gradient finite.
-    """
-    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
-    near_zero = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
-    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
-    return torch.where(x > -_LN2, near_zero, far)
-
-
 def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return losses.mean()
     if reduction == "sum":
         return losses.sum()
     return losses
-
-
-# --------------------------------------------------------------------------------------------
-# Batch metrics, named as TRL logs them (see the module docstring); the fused kernels write the
-# same quantities and are tested against these.
-# --------------------------------------------------------------------------------------------
-
-
-def _pair_metrics(
-    output: PreferenceLossOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    chosen, rejected = output.chosen_rewards, output.rejected_rewards
-    return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
-        "rewards/margins": (chosen - rejected).mean(),
-        "logps/chosen": policy_chosen_logps.detach().mean(),
-        "logps/rejected": policy_rejected_logps.detach().mean(),
-    }
-
-
-def _kto_metrics(
-    output: PreferenceLossOutput, policy_logps: torch.Tensor, desirable: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    logps = policy_logps.detach()
-    zeros = torch.zeros_like(logps)
-    # A class absent from the batch gives 0/0 = NaN: there is no mean of nothing.
-    count_chosen = desirable.to(logps.dtype).sum()
-    count_rejected = (~desirable).to(logps.dtype).sum()
-    chosen = output.chosen_rewards.sum() / count_chosen
-    rejected = output.rejected_rewards.sum() / count_rejected
-    return {
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "logps/chosen": torch.where(desirable, logps, zeros).sum() / count_chosen,
-        "logps/rejected": torch.where(desirable, zeros, logps).sum() / count_rejected,
-        "count/chosen": count_chosen,
-        "count/rejected": count_rejected,
-    }
 
 
 def _result(
@@ -371,82 +164,6 @@ def _result(
 # DPO family.
 # --------------------------------------------------------------------------------------------
 
-
-def _dpo_pair_losses(
-    kind: str,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    eps: float,
-    margin: float | torch.Tensor,
-    lengths: tuple[torch.Tensor, torch.Tensor] | None,
-    bco_delta: float | torch.Tensor,
-    discopop_tau: float,
-) -> torch.Tensor:
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    z = beta * (chosen_logratios - rejected_logratios) - margin
-
-    if kind == "sigmoid":
-        return _smoothed_logistic(z, eps)
-    if kind == "robust":
-        # Unbiased under labels flipped with probability ε (rDPO, Chowdhury et al. 2024, eq. 6).
-        return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
-    if kind == "hinge":
-        return F.relu(1.0 - z)
-    if kind == "ipo":
-        if lengths is None:
-            h = chosen_logratios - rejected_logratios
-        else:
-            h = chosen_logratios / lengths[0] - rejected_logratios / lengths[1]
-        # (βh - margin - 1/2)² / β², i.e. the paper's (h - 1/(2β))² with the margin inside βh.
-        return (h - (margin + 0.5) / beta) ** 2
-    if kind == "exo_pair":
-        # KL(p_θ || p_label) over {chosen, rejected}, p_θ = (σ(z), σ(-z)), p_label = (1-ε, ε).
-        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-            F.logsigmoid(-z) - math.log(eps)
-        )
-    if kind == "nca_pair":
-        chosen_reward = beta * chosen_logratios
-        rejected_reward = beta * rejected_logratios
-        return (
-            -F.logsigmoid(chosen_reward)
-            - 0.5 * F.logsigmoid(-chosen_reward)
-            - 0.5 * F.logsigmoid(-rejected_reward)
-        )
-    if kind == "bco_pair":
-        return -F.logsigmoid(beta * chosen_logratios - bco_delta) - F.logsigmoid(bco_delta - beta * rejected_logratios)
-    if kind == "sppo_hard":
-        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-    if kind == "aot":
-        # Optimal transport between the batch distributions of policy and reference log-ratio
-        # margins: compare them quantile by quantile, i.e. sorted, not pair by pair.
-        d = torch.sort(policy_chosen_logps - policy_rejected_logps).values - torch.sort(
-            ref_chosen_logps - ref_rejected_logps
-        ).values
-        return _smoothed_logistic(beta * d, eps)
-    if kind == "aot_unpaired":
-        d = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values
-        return _smoothed_logistic(beta * d, eps)
-    if kind == "apo_zero":
-        # 1 - σ(x) written as σ(-x), which keeps its precision when σ(x) is close to 1.
-        return torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
-    if kind == "apo_down":
-        return torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-z)
-    if kind == "discopop":
-        # (1 - σ(z/τ))·(-logσ(z)) + σ(z/τ)·exp(-z). The second product is formed in log space:
-        # exp(-z) overflows long before σ(z/τ) underflows, and inf·0 would be NaN.
-        return -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(
-            F.logsigmoid(z / discopop_tau) - z
-        )
-    if kind == "sigmoid_norm":
-        assert lengths is not None  # guaranteed by dpo_loss's validation
-        z_norm = beta * (chosen_logratios / lengths[0] - rejected_logratios / lengths[1]) - margin
-        return -F.logsigmoid(z_norm)
-    raise AssertionError(f"unhandled loss_type {kind!r}")  # DPO_LOSS_TYPES and this chain disagree
 
 
 def dpo_loss(
@@ -465,10 +182,17 @@ def dpo_loss(
     reduction: str = "mean",
     bco_delta: float | torch.Tensor = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_weights: torch.Tensor | None = None,
+    rejected_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
     backend: str = "auto",
     return_metrics: bool = False,
 ) -> PreferenceLossOutput | tuple[PreferenceLossOutput, dict[str, torch.Tensor]]:
-    r"""DPO and its pairwise relatives, as TRL's ``DPOTrainer`` defines them (standard reverse-KL scores).
+    r"""DPO and its pairwise relatives, as TRL 1.16's ``DPOTrainer`` defines them, with one
+    deliberate difference: ``sigmoid`` with ``label_smoothing`` > 0 is conservative DPO (cDPO, the
+    paper's and older TRL's), where TRL 1.16's ``sigmoid`` ignores ``label_smoothing``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
@@ -480,7 +204,7 @@ def dpo_loss(
             ``exo_pair``: (0, 1); ignored (but must be in [0, 1)) by the other types.
         chosen_lengths, rejected_lengths: optional ``[B]`` completion token counts (integer or
             floating; clamped at 1). ``ipo`` divides the log-ratios by them when given;
-            ``sigmoid_norm`` requires them; the other types ignore them.
+            ``sigmoid_norm`` and ``sft`` require them; the other types ignore them.
         margin: optional ``[B]`` per-pair margin m (margin-adaptive DPO), same dtype as the
             log-probs. Every type that depends on the pair only through βΔ uses βΔ - m instead:
             sigmoid, robust, hinge, ipo, exo_pair, apo_down, discopop, sigmoid_norm. The other
@@ -493,6 +217,21 @@ def dpo_loss(
             hidden state: the running mean of all chosen and rejected rewards β·(log-ratio) seen
             so far, this batch included; current TRL uses 0. Pass it in to reproduce the former.
         discopop_tau: τ > 0 of ``discopop`` (TRL's default 0.05).
+        f_divergence_type: TRL's f-DPO regularizer: ``"reverse_kl"`` (default, plain DPO),
+            ``"forward_kl"``, ``"js_divergence"`` or ``"alpha_divergence"``. Other than reverse KL,
+            each log-ratio x is replaced by the score f'(e^x) (see
+            :func:`prefopt.losses.formulas.f_divergence_scores`) in the types that TRL allows
+            with it: sigmoid, robust, hinge, ipo, exo_pair, discopop, sigmoid_norm (and sft,
+            which reads no log-ratio); the others raise ValueError. The rewards stay β·x.
+        f_alpha_divergence_coef: α of ``alpha_divergence`` (TRL's default 0.5), finite.
+        chosen_weights, rejected_weights: optional ``[B]`` per-completion weights (WPO, TRL's
+            ``use_weighting``), detached: every type's per-pair loss is multiplied by
+            chosen_weights·rejected_weights before ``loss_weights``. :class:`prefopt.nn.DPOLoss`
+            computes TRL's weights with ``use_weighting=True``; see
+            :func:`prefopt.losses.formulas.wpo_weights`. Not with ``aot``/``aot_unpaired`` (TRL
+            refuses them) nor ``sft`` (TRL 1.16 fails on it, so it has no defined value).
+        sft_chosen_logps: optional ``[B]`` summed chosen log-probs that ``sft`` reads in place of
+            ``policy_chosen_logps`` (LD-DPO weighs the others' but TRL's sft reads the plain sums).
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see the module docstring);
             ``aot`` and ``aot_unpaired`` run on the reference path only.
         return_metrics: also return the batch metrics (see the module docstring).
@@ -521,6 +260,10 @@ def dpo_loss(
     * ``apo_down``: σ(βc) + (1 - σ(z))
     * ``discopop`` (DiscoPOP): (1 - σ(z/τ))·(-logσ(z)) + σ(z/τ)·exp(-z)
     * ``sigmoid_norm``: -logσ(β·(c/len_chosen - r/len_rejected) - m)
+    * ``sft``: the token-mean NLL of the batch's chosen completions, -Σπ_c / Σlen_chosen, the same
+      for every pair (TRL's expanded scalar); with other types in a list, MPO
+
+    Under an f-divergence, c and r in z (and in ipo's and sigmoid_norm's h) are the scores.
     """
     types, weights = _check_loss_types(loss_type, loss_weights)
     _check_vector("policy_chosen_logps", policy_chosen_logps)
@@ -537,7 +280,7 @@ def dpo_loss(
         rejected_lengths,
         policy_chosen_logps,
         "policy_chosen_logps",
-        "loss_type 'sigmoid_norm'" if "sigmoid_norm" in types else None,
+        next((f"loss_type {kind!r}" for kind in ("sigmoid_norm", "sft") if kind in types), None),
     )
     if margin is not None:
         _check_vector("margin", margin, policy_chosen_logps, "policy_chosen_logps")
@@ -549,16 +292,28 @@ def dpo_loss(
             )
     _check_constant("bco_delta", bco_delta, policy_chosen_logps)
     discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
+    f_alpha_divergence_coef = _check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
+    _check_pair_weights(chosen_weights, rejected_weights, policy_chosen_logps, "policy_chosen_logps", types)
+    if sft_chosen_logps is not None:
+        _check_vector("sft_chosen_logps", sft_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
+        if "sft" not in types:
+            raise ValueError(f"sft_chosen_logps is only read by loss_type 'sft', got loss_type {types}")
     _check_reduction(reduction)
     sorting = [kind for kind in types if kind in _SORTING_LOSS_TYPES]
+    unfused = None
+    if sorting:
+        unfused = f"loss_type {sorting} sorts across the batch and has no fused kernel"
+    elif "sft" in types:
+        unfused = "loss_type 'sft' has no fused kernel yet"
     backend = _resolve_backend(
         backend,
         policy_chosen_logps,
-        f"loss_type {sorting} sorts across the batch and has no fused kernel; use backend='reference' or 'auto'"
-        if sorting
-        else None,
+        None if unfused is None else f"{unfused}; use backend='reference' or 'auto'",
     )
     delta = _constant(bco_delta, policy_chosen_logps)
+    pair_weights = None
+    if chosen_weights is not None and rejected_weights is not None:
+        pair_weights = (chosen_weights * rejected_weights).detach()
 
     if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
@@ -576,6 +331,9 @@ def dpo_loss(
             beta=beta,
             label_smoothing=eps,
             discopop_tau=discopop_tau,
+            pair_weights=pair_weights,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
             reduction=reduction,
             backend=backend,
         )
@@ -584,28 +342,27 @@ def dpo_loss(
     lengths = None
     if chosen_lengths is not None and rejected_lengths is not None:
         lengths = (
-            _token_counts(chosen_lengths, policy_chosen_logps),
-            _token_counts(rejected_lengths, policy_chosen_logps),
+            token_counts(chosen_lengths, policy_chosen_logps),
+            token_counts(rejected_lengths, policy_chosen_logps),
         )
-
-    terms = [
-        weight
-        * _dpo_pair_losses(
-            kind,
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=beta,
-            eps=eps,
-            margin=0.0 if margin is None else margin,
-            lengths=lengths,
-            bco_delta=delta,
-            discopop_tau=discopop_tau,
-        )
-        for kind, weight in zip(types, weights)
-    ]
-    losses = sum(terms[1:], terms[0])
+    losses = dpo_losses(
+        types,
+        weights,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        pair_weights=pair_weights,
+        sft_chosen_logps=sft_chosen_logps,
+        beta=beta,
+        eps=eps,
+        margin=0.0 if margin is None else margin,
+        lengths=lengths,
+        bco_delta=delta,
+        discopop_tau=discopop_tau,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+    )
 
     chosen_rewards = (beta * (policy_chosen_logps - ref_chosen_logps)).detach()
     rejected_rewards = (beta * (policy_rejected_logps - ref_rejected_logps)).detach()
@@ -743,11 +500,8 @@ def kto_loss(
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
     logratios = policy_logps - ref_logps
-    s = beta * (logratios - reference_point)
-    # A desirable example is penalized for a reward below the reference point, an undesirable one
-    # for a reward above it; σ(-s) is the 1 - σ(s) of the paper without its cancellation.
-    value = torch.sigmoid(torch.where(desirable, -s, s))
-    losses = torch.where(desirable, desirable_weight * value, undesirable_weight * value)
+    losses = kto_losses(logratios, desirable, reference_point, beta=beta, desirable_weight=desirable_weight,
+                        undesirable_weight=undesirable_weight)
 
     rewards = (beta * logratios).detach()
     zeros = torch.zeros_like(rewards)
@@ -803,6 +557,7 @@ def cpo_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
+    alpha: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -822,6 +577,9 @@ def cpo_loss(
             ``simpo_gamma``: the loss is -logσ(βh - γ)). SimPO's reference code takes
             ``gamma_beta_ratio`` = γ/β instead.
         cpo_alpha: weight α of the behavior-cloning (NLL) term on the chosen completions.
+        alpha: TRL's AlphaPO α (finite; 0, the default, is plain CPO): each log-prob x (after the
+            per-token averaging of ``ipo`` and ``simpo``) becomes the reward (1 - e^(-αx))/α in
+            the preference term and in the rewards; the NLL term keeps the log-probs.
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (clamped at 1).
             ``ipo`` and ``simpo`` need both, because TRL feeds them per-token average log-probs;
             the NLL term needs ``chosen_lengths`` whenever ``cpo_alpha != 0``.
@@ -840,8 +598,8 @@ def cpo_loss(
 
     and ``losses[i]`` adds α·B·(-policy_chosen_logps[i]) / Σ chosen_lengths, pair i's share of
     the token-mean NLL over all chosen completion tokens, so that ``losses.mean()`` is TRL's
-    ``mean(preference) + cpo_alpha · nll_loss``. TRL's AlphaPO reward transform (``alpha``) is
-    not included.
+    ``mean(preference) + cpo_alpha · nll_loss``. With ``alpha`` != 0, c and r above are
+    AlphaPO's rewards of the log-probs.
 
     Returns:
         :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's, on the same
@@ -855,6 +613,7 @@ def cpo_loss(
     eps = _check_smoothing(label_smoothing, [loss_type])
     simpo_gamma = _check_real("simpo_gamma", simpo_gamma)
     cpo_alpha = _check_real("cpo_alpha", cpo_alpha)
+    alpha = _check_real("alpha", alpha)
     averaged = loss_type in ("ipo", "simpo")  # TRL feeds these two per-token average log-probs
     if chosen_lengths is None and (averaged or cpo_alpha != 0.0):
         needs = f"loss_type {loss_type!r}" if averaged else "the NLL term (cpo_alpha != 0)"
@@ -880,6 +639,7 @@ def cpo_loss(
             label_smoothing=eps,
             simpo_gamma=simpo_gamma,
             cpo_alpha=cpo_alpha,
+            alpha=alpha,
             reduction=reduction,
             backend=backend,
         )
@@ -888,24 +648,15 @@ def cpo_loss(
     chosen, rejected = policy_chosen_logps, policy_rejected_logps
     if averaged:
         assert chosen_lengths is not None and rejected_lengths is not None  # checked above
-        chosen = chosen / _token_counts(chosen_lengths, chosen)
-        rejected = rejected / _token_counts(rejected_lengths, rejected)
-    h = chosen - rejected
-
-    if loss_type == "sigmoid":
-        losses = _smoothed_logistic(beta * h, eps)
-    elif loss_type == "hinge":
-        losses = F.relu(1.0 - beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 0.5 / beta) ** 2
-    else:
-        losses = _smoothed_logistic(beta * h - simpo_gamma, eps)
-
+        chosen = chosen / token_counts(chosen_lengths, chosen)
+        rejected = rejected / token_counts(rejected_lengths, rejected)
+    chosen, rejected = alphapo_rewards(chosen, alpha), alphapo_rewards(rejected, alpha)
+    losses = cpo_pair_losses(loss_type, chosen, rejected, beta=beta, eps=eps, simpo_gamma=simpo_gamma)
     if cpo_alpha != 0.0:
         assert chosen_lengths is not None  # checked above
-        total_tokens = _token_counts(chosen_lengths, policy_chosen_logps).sum()
-        batch = policy_chosen_logps.shape[0]
-        losses = losses - cpo_alpha * batch * policy_chosen_logps / total_tokens
+        losses = losses + cpo_nll_losses(
+            policy_chosen_logps, token_counts(chosen_lengths, policy_chosen_logps), cpo_alpha
+        )
 
     output = PreferenceLossOutput(
         _reduce(losses, reduction), losses, (beta * chosen).detach(), (beta * rejected).detach()
@@ -1014,9 +765,7 @@ def orpo_loss(
         )
         return _result(PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards), metrics, return_metrics)
 
-    log_odds = (policy_chosen_logps - _log1mexp(policy_chosen_logps)) - (
-        policy_rejected_logps - _log1mexp(policy_rejected_logps)
-    )
+    log_odds = orpo_log_odds(policy_chosen_logps, policy_rejected_logps)
     nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
     ratio = F.logsigmoid(log_odds)
     losses = nll - beta * ratio
