@@ -61,7 +61,6 @@ _LINEAR_CHECK_PROBLEMS = (
 )
 # The preference losses with a fused kernel, checked on [B] float32 log-probs of this batch size.
 _LOSS_BATCH = 6
-_LOSS_BACKENDS = ("triton", "cuda")
 COVERAGE = ("logits path: log-probs, entropy and the logits gradient; fused linear path: log-probs, entropy and "
             "the hidden and weight gradients; losses, on the backends with fused loss kernels: DPO and KTO losses "
             "and rewards and the gradients of the policy log-probs")
@@ -181,7 +180,7 @@ def check(seed: int, backends: Sequence[str] | None = None) -> int:
         environment = {**os.environ, "TRITON_INTERPRET": "1"}
         arguments = ["check", "--seed", str(seed), *(f"--backend={backend}" for backend in backends or ())]
         os.execve(sys.executable, [sys.executable, "-m", "prefopt", *arguments], environment)
-    from .backends import BACKENDS, unavailable_reason
+    from .backends import BACKENDS, FUSED_BACKENDS, unavailable_reason
 
     generator = torch.Generator().manual_seed(seed)
     header = (f"{'backend':<8} {'dtype':<9} {'what':<7} {'shape':<16} {'value':>9} {'entropy':>9} {'grad':>9} "
@@ -210,7 +209,7 @@ def check(seed: int, backends: Sequence[str] | None = None) -> int:
                 failures += 1
                 continue
         rows = _check_logits(backend, device, generator) + _check_linear(backend, device, generator)
-        if backend in _LOSS_BACKENDS:
+        if backend in FUSED_BACKENDS:
             rows += _check_losses(backend, device, generator)
         for what, dtype, shape, errors, limit, passed in rows:
             failures += not passed

@@ -15,17 +15,18 @@ import functools
 import importlib
 import os
 import re
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
+from ._codes import FUSED_BACKENDS
+
 BACKENDS = ("triton", "cuda", "torch", "reference")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 OPS = ("token_stats", "selective", "linear", "loss")
-# The fused kernels' backends; a loss has no chunked "torch" form.
-FUSED_BACKENDS = ("triton", "cuda")
 LOSS_BACKEND_CHOICES = ("auto", *FUSED_BACKENDS, "reference")
-# The dtypes the fused loss kernels read (their arithmetic is float32 or float64 as given).
+# The dtypes the fused loss kernels read and write; float16 and bfloat16 are computed in float32.
 LOSS_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ENV_VARIABLE = "PREFOPT_BACKEND"
 
@@ -224,3 +225,17 @@ def row_kernels(backend: str) -> ModuleType:
 
         return torch_backend
     raise ValueError(f"backend: the fused operators run 'triton', 'cuda' or 'torch', got {backend!r}")
+
+
+def loss_kernel(backend: str) -> Callable:
+    """The launcher ``(call, outputs, grads)`` of the fused loss kernel of ``backend`` ("triton" or
+    "cuda", already resolved; see ``prefopt.losses.fused``)."""
+    if backend == "triton":
+        from .kernels import preference_loss
+
+        return preference_loss.launch
+    if backend == "cuda":
+        from . import cuda_ext
+
+        return cuda_ext.preference_loss
+    raise ValueError(f"backend: the fused loss kernels run {FUSED_BACKENDS}, got {backend!r}")

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from prefopt import backends, cuda_ext
-from prefopt.losses import api as loss_api
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -207,5 +206,4 @@ def cuda_on_cpu(simulator, monkeypatch):
         return None if backend == "cuda" else real_reason(backend, device)
 
     monkeypatch.setattr(backends, "unavailable_reason", reason)
-    monkeypatch.setattr(loss_api, "unavailable_reason", reason)
     return simulator

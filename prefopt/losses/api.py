@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .. import backends
 from .._codes import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, REDUCTIONS
-from ..backends import BackendUnavailableError, resolve_backend, unavailable_reason
 from . import fused as fused_losses
 from ._checks import (
     _SORTING_LOSS_TYPES,
@@ -92,7 +92,7 @@ __all__ = [
     "simpo_loss",
 ]
 
-LOSS_BACKENDS: tuple[str, ...] = ("auto", *fused_losses.FUSED_BACKENDS, "reference")
+LOSS_BACKENDS: tuple[str, ...] = backends.LOSS_BACKEND_CHOICES
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -111,28 +111,6 @@ class PreferenceLossOutput(NamedTuple):
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-
-
-def _resolve_backend(backend: object, like: torch.Tensor, unfused: str | None = None) -> str:
-    """"triton", "cuda" or "reference" for a loss on ``like``'s device and dtype. ``unfused`` says
-    why no fused kernel can compute this call (None when one can)."""
-    if not isinstance(backend, str) or backend not in LOSS_BACKENDS:
-        raise ValueError(f"backend must be one of {list(LOSS_BACKENDS)} for the losses, got {backend!r}")
-    if backend == "reference":
-        return backend
-    if unfused is None and like.dtype not in fused_losses.FUSED_DTYPES:
-        unfused = f"the fused kernel reads {[str(d) for d in fused_losses.FUSED_DTYPES]}, got {like.dtype}"
-    if backend == "auto":
-        # The log-prob dispatch decides (device, PREFOPT_BACKEND); a loss has only the fused
-        # kernels and the reference, so its chunked "torch" answer means the reference here.
-        chosen = resolve_backend("auto", like.device)
-        fusable = (chosen in fused_losses.FUSED_BACKENDS and unfused is None
-                   and unavailable_reason(chosen, like.device) is None)
-        return chosen if fusable else "reference"
-    reason = unfused if unfused is not None else unavailable_reason(backend, like.device)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend={backend!r} cannot compute this loss on {like.device.type}: {reason}")
-    return backend
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,11 +283,8 @@ def dpo_loss(
         unfused = f"loss_type {sorting} sorts across the batch and has no fused kernel"
     elif "sft" in types:
         unfused = "loss_type 'sft' has no fused kernel yet"
-    backend = _resolve_backend(
-        backend,
-        policy_chosen_logps,
-        None if unfused is None else f"{unfused}; use backend='reference' or 'auto'",
-    )
+    backend = backends.resolve("loss", backend, policy_chosen_logps.device, policy_chosen_logps.dtype,
+                               unfused=None if unfused is None else f"{unfused}; use backend='reference' or 'auto'")
     delta = _constant(bco_delta, policy_chosen_logps)
     pair_weights = None
     if chosen_weights is not None and rejected_weights is not None:
@@ -479,7 +454,7 @@ def kto_loss(
     desirable_weight = _check_real("desirable_weight", desirable_weight, nonnegative=True)
     undesirable_weight = _check_real("undesirable_weight", undesirable_weight, nonnegative=True)
     _check_reduction(reduction)
-    backend = _resolve_backend(backend, policy_logps)
+    backend = backends.resolve("loss", backend, policy_logps.device, policy_logps.dtype)
     reference_point = _constant(kl, policy_logps) if loss_type == "kto" else 0.0
 
     if backend != "reference":
@@ -625,7 +600,7 @@ def cpo_loss(
     if rejected_lengths is not None:
         _check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
     _check_reduction(reduction)
-    backend = _resolve_backend(backend, policy_chosen_logps)
+    backend = backends.resolve("loss", backend, policy_chosen_logps.device, policy_chosen_logps.dtype)
 
     if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(
@@ -756,7 +731,7 @@ def orpo_loss(
         elif chosen_nll.device != policy_chosen_logps.device:
             raise ValueError(f"chosen_nll must be on device {policy_chosen_logps.device}, got {chosen_nll.device}")
     _check_reduction(reduction)
-    backend = _resolve_backend(backend, policy_chosen_logps)
+    backend = backends.resolve("loss", backend, policy_chosen_logps.device, policy_chosen_logps.dtype)
 
     if backend != "reference":
         loss, losses, chosen_rewards, rejected_rewards, metrics = fused_losses.fused_preference_loss(

@@ -33,12 +33,9 @@ import torch
 
 Tensor = torch.Tensor
 
-from .._codes import FUSED_BACKENDS, METRIC_NAMES
+from .. import backends
+from .._codes import METRIC_NAMES
 from .formulas import ALPHA_DIVERGENCE_LIMIT
-
-# The dtypes the kernels read and write; float16 and bfloat16 are computed in float32.
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 
 class LossCall(NamedTuple):
@@ -113,16 +110,7 @@ def _record(tensors: Sequence[Tensor | None], family: str, loss_types: str, loss
 
 def _launch(backend: str, call: LossCall, outputs: LossOutputs | None, grads: LossGrads | None) -> None:
     """Forward (``outputs`` given) or backward (``grads`` given) of one loss."""
-    if backend == "cuda":
-        from .. import cuda_ext
-
-        cuda_ext.preference_loss(call, outputs, grads)
-    elif backend == "triton":
-        from ..kernels import preference_loss as kernels
-
-        kernels.launch(call, outputs, grads)
-    else:
-        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
+    backends.loss_kernel(backend)(call, outputs, grads)
 
 
 def _empty_outputs(chosen: Tensor, family: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -313,7 +301,7 @@ def fused_preference_loss(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """One loss of ``family`` through the fused operators of ``backend`` (one of
-    :data:`FUSED_BACKENDS`), on already validated arguments.
+    :data:`prefopt.backends.FUSED_BACKENDS`), on already validated arguments.
 
     ``offset`` is bco_pair's δ (dpo) or the KL reference point (kto): a float, or a 0-d tensor
     already in ``chosen``'s dtype and detached. Returns (loss, losses, chosen_rewards,
