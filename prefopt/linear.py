@@ -139,24 +139,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The fused linear path's chunks of rows hold 1/8 of the [tokens, V] float32 logits (within
+# chunked's bounds): with at most three alive, well within its 0.5x target.
+LINEAR_PATH_FRACTION = 8
+# bf16/fp16 weights are upcast for the CPU's float32 products a vocabulary tile at a time.
+WEIGHT_TILE_BYTES = 8 << 20
+
+
 def _vocab_tiles(weight: Tensor) -> list[slice]:
-    # A tile of the weight upcast to the compute dtype holds at most CHUNK_BYTES.
+    """Vocabulary tiles of the products: the whole vocabulary when the weight is already in the
+    compute dtype (no copy), else tiles whose upcast holds at most WEIGHT_TILE_BYTES."""
     vocab_size, hidden_size = weight.shape
-    step = max(1, chunked.CHUNK_BYTES // (4 * hidden_size))
+    if weight.dtype == _compute_dtype(weight.dtype):
+        return [slice(0, vocab_size)]
+    step = max(1, WEIGHT_TILE_BYTES // (4 * hidden_size))
     return [slice(start, start + step) for start in range(0, vocab_size, step)]
 
 
-def _chunk_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float,
-                  tiles: list[slice]) -> Tensor:
-    """x = logit_scale * (hidden_rows @ weight.T + bias) for one chunk of rows, [rows, V], in the
-    compute dtype; built tile by tile so that no upcast copy of the whole weight exists."""
-    logits = hidden_rows.new_empty(hidden_rows.shape[0], weight.shape[0])
+def _torch_transform(temperature: float, softcap: float | None, logit_scale: float
+                     ) -> tuple[float, float, float | None]:
+    """(alpha, temperature', softcap') for the torch backend's chunks: the products compute
+    alpha * (hidden @ weight.T + bias), which ``chunked``'s row functions transform with
+    (temperature', softcap'). Without a cap, logit_scale / T folds into alpha (z comes straight
+    out of the product, no pass over the chunk); with one, alpha = logit_scale gives x. The
+    gradient those functions return, times alpha, is that of y = hidden @ weight.T + bias."""
+    if softcap is None:
+        return logit_scale / temperature, 1.0, None
+    return logit_scale, temperature, softcap
+
+
+def _chunk_logits_(out: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, alpha: float,
+                   tiles: list[slice]) -> Tensor:
+    """out [rows, V] = alpha * (hidden_rows @ weight.T + bias) in the compute dtype, written in
+    place by the products (a vocabulary tile's columns are a strided view the GEMM writes)."""
     for tile in tiles:
         w = weight[tile].to(hidden_rows.dtype)
-        logits[:, tile] = F.linear(hidden_rows, w, None if bias is None else bias[tile].to(hidden_rows.dtype))
-    if logit_scale != 1.0:
-        logits.mul_(logit_scale)
-    return logits
+        if bias is None:
+            torch.addmm(out[:, tile], hidden_rows, w.T, beta=0.0, alpha=alpha, out=out[:, tile])
+        else:
+            torch.addmm(bias[tile].to(hidden_rows.dtype), hidden_rows, w.T, beta=alpha, alpha=alpha, out=out[:, tile])
+    return out
 
 
 def _capturing(labels: Tensor) -> bool:
@@ -190,17 +212,40 @@ def _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_ch
                 output.index_copy_(0, rows, chunk_output)
 
 
+def _torch_row_chunks(hidden_2d: Tensor, labels: Tensor, ignore_index: int, vocab_size: int
+                      ) -> tuple[Tensor, list[slice] | list[Tensor]]:
+    """(one reused [chunk, V] compute-dtype buffer, the chunks of scored rows) of the torch
+    backend: slices when every row is multiplied (nothing gathered or scattered), else index
+    tensors. The forward and the backward split the rows alike, so that the backward's products
+    repeat the forward's bit for bit."""
+    rows = _scored_rows(labels, ignore_index)
+    count = rows.numel()
+    step = chunked.rows_per_chunk(max(1, count), vocab_size, LINEAR_PATH_FRACTION)
+    buffer = hidden_2d.new_empty(min(step, count), vocab_size, dtype=_compute_dtype(hidden_2d.dtype))
+    if count == labels.numel():
+        return buffer, [slice(start, start + step) for start in range(0, count, step)]
+    return buffer, list(rows.split(step))
+
+
 def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
-
-    def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
-        logits = _chunk_logits(hidden_rows.to(compute_dtype), weight, bias, logit_scale, tiles)
-        chunked.token_stats_forward(logits, chunk_labels, *chunk_outputs, ignore_index=ignore_index,
-                                    temperature=temperature, softcap=softcap)
-
-    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, chunked.rows_per_chunk(weight.shape[0]),
-                           chunk_stats)
+    alpha, chunk_temperature, chunk_softcap = _torch_transform(temperature, softcap, logit_scale)
+    for output in outputs:
+        if output is not None:
+            output.zero_()
+    buffer, chunks = _torch_row_chunks(hidden_2d, labels, ignore_index, weight.shape[0])
+    for chunk in chunks:
+        gathered = isinstance(chunk, Tensor)
+        hidden_rows = hidden_2d[chunk].to(compute_dtype)
+        chunk_outputs = [None if o is None else (o.new_empty(chunk.shape) if gathered else o[chunk]) for o in outputs]
+        logits = _chunk_logits_(buffer[: hidden_rows.shape[0]], hidden_rows, weight, bias, alpha, tiles)
+        chunked.row_stats_(logits, labels[chunk], *chunk_outputs, ignore_index=ignore_index,
+                           temperature=chunk_temperature, softcap=chunk_softcap)
+        if gathered:
+            for output, chunk_output in zip(outputs, chunk_outputs):
+                if output is not None:
+                    output.index_copy_(0, chunk, chunk_output)
 
 
 def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse,
@@ -208,38 +253,43 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                     logit_scale, need_hidden, need_weight, need_bias):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
+    alpha, chunk_temperature, chunk_softcap = _torch_transform(temperature, softcap, logit_scale)
     # Ignored rows receive exact zeros and cost nothing.
-    grad_hidden = torch.zeros_like(hidden_2d, memory_format=torch.contiguous_format) if need_hidden else None
+    grad_hidden = torch.zeros(hidden_2d.shape, dtype=compute_dtype, device=hidden_2d.device) if need_hidden else None
     # float32 accumulators, rounded to the parameter dtype once by the caller: rounding every
-    # tile's product to bf16 before summing would bias training. grad_hidden needs no such
-    # accumulator across chunks: each chunk's rows are summed in float32 and written once.
+    # chunk's product to bf16 before summing would bias training. For float32 parameters they
+    # are the gradients returned, no copy.
     grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=compute_dtype, device=weight.device) if need_bias else None
-
-    def gathered(tensor, rows):
-        return None if tensor is None else tensor.index_select(0, rows)
-
-    for rows in _scored_rows(labels, ignore_index).split(chunked.rows_per_chunk(weight.shape[0])):
-        hidden_rows = hidden_2d.index_select(0, rows).to(compute_dtype)
-        logits = _chunk_logits(hidden_rows, weight, bias, logit_scale, tiles)
-        # The logits buffer becomes d(outputs)/dx in place.
-        chunked.token_stats_backward(
-            logits, logits, labels.index_select(0, rows), lse.index_select(0, rows), gathered(entropy, rows),
-            gathered(log_sum_sq_probs, rows), grad_logps.index_select(0, rows), gathered(grad_entropy, rows),
-            gathered(grad_mean_logits, rows), gathered(grad_log_sum_sq_probs, rows),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        )
-        grad_x = logits.mul_(logit_scale) if logit_scale != 1.0 else logits
+    buffer, chunks = _torch_row_chunks(hidden_2d, labels, ignore_index, weight.shape[0])
+    capturing = _capturing(labels)
+    for chunk in chunks:
+        gathered = isinstance(chunk, Tensor)
+        hidden_rows = hidden_2d[chunk].to(compute_dtype)
+        logits = _chunk_logits_(buffer[: hidden_rows.shape[0]], hidden_rows, weight, bias, alpha, tiles)
+        if capturing:
+            # Every row is multiplied: an ignored row's logits, whose saved lse is 0, could
+            # overflow exp; zeroed, they give exact zeros.
+            chunked.copy_scored_rows(logits, logits, labels[chunk] != ignore_index)
+        # The logits buffer becomes d(outputs)/d(logits) in place; times alpha, that of y.
+        grad_y = chunked.row_gradient_(
+            logits, labels[chunk], lse[chunk], *(None if t is None else t[chunk] for t in (
+                entropy, log_sum_sq_probs, grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs)),
+            ignore_index=ignore_index, temperature=chunk_temperature, softcap=chunk_softcap)
         if grad_bias is not None:
-            grad_bias += grad_x.sum(0)
-        grad_hidden_rows = torch.zeros_like(hidden_rows) if grad_hidden is not None else None
-        for tile in tiles:
-            if grad_hidden_rows is not None:
-                grad_hidden_rows.addmm_(grad_x[:, tile], weight[tile].to(compute_dtype))
-            if grad_weight is not None:
-                grad_weight[tile].addmm_(grad_x[:, tile].T, hidden_rows)
+            grad_bias.add_(grad_y.sum(0), alpha=alpha)
+        grad_hidden_rows = None
         if grad_hidden is not None:
-            grad_hidden.index_copy_(0, rows, grad_hidden_rows.to(grad_hidden.dtype))
+            grad_hidden_rows = torch.zeros_like(hidden_rows) if gathered else grad_hidden[chunk]
+        for k, tile in enumerate(tiles):
+            w = weight[tile].to(compute_dtype)
+            if grad_hidden_rows is not None:
+                # The first tile writes the rows (beta 0), the others add to them.
+                grad_hidden_rows.addmm_(grad_y[:, tile], w, beta=1.0 if k else 0.0, alpha=alpha)
+            if grad_weight is not None:
+                grad_weight[tile].addmm_(grad_y[:, tile].T, hidden_rows, alpha=alpha)
+        if grad_hidden is not None and gathered:
+            grad_hidden.index_copy_(0, chunk, grad_hidden_rows)
     if grad_lse is not None:
         _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
                                 logit_scale, grad_hidden, grad_weight, grad_bias)
