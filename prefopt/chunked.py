@@ -15,6 +15,8 @@ picks where Triton cannot run. ``prefopt.linear``'s torch backend runs the same 
 functions on the chunks of logits it computes.
 """
 
+from typing import NamedTuple
+
 import torch
 
 Tensor = torch.Tensor
@@ -106,6 +108,56 @@ def row_stats_(
         log_sum_sq_probs.copy_(torch.where(scored, log_s2 - 2.0 * log_s, 0.0))
 
 
+class GradientCoefficients(NamedTuple):
+    """Per-row [rows] coefficients of the logits gradient (see ``gradient_coefficients``); b and c
+    are None where their term is absent."""
+
+    g: Tensor
+    a: Tensor
+    b: Tensor | None
+    c: Tensor | None
+    d: Tensor | None
+
+
+def gradient_coefficients(
+    labels: Tensor,
+    entropy: Tensor | None,
+    log_sum_sq_probs: Tensor | None,
+    grad_logps: Tensor,
+    grad_entropy: Tensor | None,
+    grad_mean_logits: Tensor | None,
+    grad_log_sum_sq_probs: Tensor | None,
+    *,
+    ignore_index: int,
+    vocab_size: int,
+    scale: float = 1.0,
+) -> GradientCoefficients:
+    """The coefficients of dz, the gradient with respect to z = softcap(x) / T, for p = exp(z - lse)
+    and per-row upstream gradients g (log-prob), g_H (entropy), g_m (mean logit), g_2 (log sum
+    p^2, whose value is log S2):
+
+        dz = g onehot + p (a + b log p + c p) + d,
+        a = -g - g_H H - 2 g_2,  b = -g_H,  c = 2 g_2 / S2,  d = g_m / V,
+
+    the gradients of log p_y, H = -sum p log p, mean z and log sum p^2, all times ``scale``
+    (every term is linear in the upstream gradients). Ignored rows get zeros."""
+    scored = labels.long() != ignore_index
+
+    def upstream(grad: Tensor | None) -> Tensor | None:
+        return None if grad is None else torch.where(scored, grad, 0.0) * scale
+
+    g, g_entropy, g_mean, g_sq = map(upstream, (grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs))
+    a = -g
+    if g_entropy is not None:
+        a = a - g_entropy * entropy
+    c = None
+    if g_sq is not None:
+        a = a - 2.0 * g_sq
+        c = 2.0 * g_sq * log_sum_sq_probs.neg().exp()
+    return GradientCoefficients(g, a, None if g_entropy is None else -g_entropy, c,
+                                None if g_mean is None else g_mean / vocab_size)
+
+
 def row_gradient_(
     x: Tensor,
     labels: Tensor,
@@ -125,24 +177,14 @@ def row_gradient_(
     return it. Rows whose label is ignored must hold finite logits or zeros (the callers zero
     them or never multiply them); they get exact zeros.
 
-    With z = softcap(x) / T, p = exp(z - lse) and per-row upstream gradients g (log-prob),
-    g_H (entropy), g_m (mean logit), g_2 (log sum p^2, whose value is log S2):
-
-        dz = g onehot + p (a + b log p + c p) + g_m / V,
-        a = -g - g_H H - 2 g_2,  b = -g_H,  c = 2 g_2 / S2,
-
-    the gradients of log p_y, H = -sum p log p, mean z and log sum p^2. Every term is linear in
-    the upstream gradients, so dz/dx = dz * softcap'(x) / T takes 1/T on them ([rows], not
-    [rows, V]); softcap'(x) = 1 - tanh(x / c)^2.
+    dz is that of ``gradient_coefficients``; dz/dx = dz * softcap'(x) / T takes 1/T on the
+    coefficients ([rows], not [rows, V]), and softcap'(x) = 1 - tanh(x / c)^2.
     """
-    vocab_size = x.shape[-1]
     label = labels.long()
     scored = label != ignore_index
-
-    def upstream(grad: Tensor | None) -> Tensor | None:
-        return None if grad is None else _column(torch.where(scored, grad, 0.0) / temperature)
-
-    g, g_entropy, g_mean, g_sq = map(upstream, (grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs))
+    g, a, b, c, d = (None if t is None else _column(t) for t in gradient_coefficients(
+        labels, entropy, log_sum_sq_probs, grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs,
+        ignore_index=ignore_index, vocab_size=x.shape[-1], scale=1.0 / temperature))
     tanh = None
     if softcap is None:
         log_p = (x.div_(temperature) if temperature != 1.0 else x).sub_(_column(lse))
@@ -150,30 +192,22 @@ def row_gradient_(
         # tanh(x / c) stays in x's buffer for the chain; log p in a second one.
         tanh = x.div_(softcap).tanh_()
         log_p = torch.add(_column(-lse), tanh, alpha=softcap / temperature)
-    a = -g
-    if g_entropy is not None:
-        a = a - g_entropy * _column(entropy)
-    if g_sq is not None:
-        a = a - 2.0 * g_sq
-    if g_entropy is None:
+    if b is None:
         p = log_p.exp_()
-        if g_sq is None:
-            grad = p.mul_(a)
-        else:
-            # p (a + c p), the factor in a new buffer, the product over p.
-            grad = p.mul_(torch.addcmul(a, p, 2.0 * g_sq * _column(log_sum_sq_probs.neg().exp())))
+        # p (a + c p): the factor in a new buffer, the product over p.
+        grad = p.mul_(a) if c is None else p.mul_(torch.addcmul(a, p, c))
     else:
         # p log p -> 0 as p -> 0: log p below LOG_P_FLOOR (where p is exactly 0 in float32 and
         # float64) is raised to it, so that a -inf logit gives p * finite = 0, not 0 * inf.
         log_p.clamp_(min=LOG_P_FLOOR)
         p = log_p.exp()
-        factor = torch.addcmul(a, log_p, -g_entropy, out=log_p)
-        if g_sq is not None:
-            factor.addcmul_(p, 2.0 * g_sq * _column(log_sum_sq_probs.neg().exp()))
+        factor = torch.addcmul(a, log_p, b, out=log_p)
+        if c is not None:
+            factor.addcmul_(p, c)
         grad = factor.mul_(p)
         del p
-    if g_mean is not None:
-        grad.add_(g_mean / vocab_size)
+    if d is not None:
+        grad.add_(d)
     grad.scatter_add_(-1, _column(torch.where(scored, label, 0)), g.to(grad.dtype))
     if tanh is not None:
         # d softcap(x)/dx = 1 - tanh^2: grad - grad tanh^2, written over the tanh buffer (x's).

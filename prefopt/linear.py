@@ -79,6 +79,10 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 
+# The statistics inside the GEMM (kernels/linear_stats_fwd.py, linear_stats_bwd.py): selectable
+# by this name next to "triton" (cuBLAS tiles), until GPU measurements decide between them.
+FUSED = "triton-fused"
+
 
 # ----------------------------------------------------------------------------- validation
 
@@ -123,6 +127,12 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
 
 
 def _resolve(backend: str, hidden: Tensor) -> str:
+    if backend == FUSED:
+        # The statistics inside the GEMM: the Triton backend's other implementation, chosen by name.
+        resolve_backend("triton", hidden.device)  # raises, saying why, where Triton cannot run
+        if hidden.dtype == torch.float64:
+            raise TypeError(f"hidden: backend={FUSED!r} takes bfloat16, float16 or float32, got torch.float64")
+        return FUSED
     resolved = resolve_backend(backend, hidden.device)
     if resolved in ("triton", "cuda") and hidden.dtype == torch.float64:
         if backend == "auto":
@@ -447,6 +457,86 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     return grad_hidden, grad_weight, grad_bias
 
 
+def _fused_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
+    """The forward of "triton-fused": per-(row, vocabulary tile) partials from the tl.dot tiles of
+    ``kernels.linear_stats_fwd``, combined in a fixed order. The partials of a chunk of rows
+    ([tiles, rows], seven numbers each) hold at most GEMM_TILE_BYTES."""
+    from .kernels.linear_stats_fwd import BLOCK_M, BLOCK_N, combine_partials, linear_stats_partials
+
+    vocab_size = weight.shape[0]
+    names = ("logps", "lse", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+    weight = weight.contiguous()
+
+    def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
+        partials = linear_stats_partials(hidden_rows.contiguous(), weight, bias, chunk_labels,
+                                         logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+        stats = combine_partials(partials, chunk_labels, ignore_index, vocab_size)
+        for output, name in zip(chunk_outputs, names):
+            if output is not None:
+                output.copy_(stats[name])
+
+    tiles = -(-vocab_size // BLOCK_N)
+    rows_per_chunk = max(BLOCK_M, GEMM_TILE_BYTES // (7 * 4 * tiles))
+    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats)
+
+
+def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse,
+                    grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap,
+                    logit_scale, need_hidden, need_weight, need_bias):
+    """The backward of "triton-fused": every scored row x a vocabulary tile (a multiple of the
+    kernel's BLOCK_N wide, so its tiles are the forward's, recomputed bit for bit), whose
+    gradient ``kernels.linear_stats_bwd`` writes once in the operands' dtype; then the two
+    gradient products, summed in float32 (grad_weight per tile by one product over every row,
+    grad_hidden over the tiles in a fixed order). The log-sum-exp's label term is added as in
+    the torch backend."""
+    from .kernels.linear_stats_bwd import BLOCK_N, linear_stats_grad_logits
+
+    vocab_size = weight.shape[0]
+    weight = weight.contiguous()
+
+    def float32_zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
+
+    grad_hidden = float32_zeros(*hidden_2d.shape) if need_hidden else None
+    grad_weight = float32_zeros(*weight.shape) if need_weight else None
+    grad_bias = float32_zeros(vocab_size) if need_bias else None
+    rows = _scored_rows(labels, ignore_index)
+    if rows.numel() > 0:
+        all_scored = rows.numel() == labels.numel()
+
+        def gathered(tensor):
+            return tensor if tensor is None or all_scored else tensor.index_select(0, rows)
+
+        hidden_rows = gathered(hidden_2d).contiguous()
+        row_labels, row_lse = gathered(labels), gathered(lse)
+        coefficients = chunked.gradient_coefficients(
+            row_labels, *(gathered(t) for t in (entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                                                 grad_mean_logits, grad_log_sum_sq_probs)),
+            ignore_index=ignore_index, vocab_size=vocab_size)
+        grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden else None
+        columns = max(BLOCK_N, GEMM_TILE_BYTES // (hidden_rows.element_size() * rows.numel()) // BLOCK_N * BLOCK_N)
+        for start in range(0, vocab_size, columns):
+            tile = slice(start, start + columns)
+            grad_y, _ = linear_stats_grad_logits(hidden_rows, weight, bias, row_labels, row_lse, coefficients, tile,
+                                                 ignore_index=ignore_index, logit_scale=logit_scale,
+                                                 temperature=temperature, softcap=softcap)
+            if grad_bias is not None:
+                grad_bias[tile] = grad_y.float().sum(0)
+            if grad_weight is not None:
+                grad_weight[tile] = _float32_product(grad_y.T, hidden_rows)
+            if grad_hidden_rows is not None:
+                grad_hidden_rows += _float32_product(grad_y, weight[tile])
+        if grad_hidden is not None:
+            if all_scored:
+                grad_hidden = grad_hidden_rows
+            else:
+                grad_hidden.index_copy_(0, rows, grad_hidden_rows)
+    if grad_lse is not None:
+        _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
+                                logit_scale, grad_hidden, grad_weight, grad_bias)
+    return grad_hidden, grad_weight, grad_bias
+
+
 def _implementation(backend: str):
     """(forward, backward) of a fused backend. forward(hidden [N, H], weight, bias, labels [N],
     outputs, ...) fills the [N] outputs; backward returns (grad_hidden [N, H], grad_weight
@@ -454,6 +544,8 @@ def _implementation(backend: str):
     rounded to the input's dtype by the caller (or already rounded once, in that dtype)."""
     if backend == "torch":
         return _torch_forward, _torch_backward
+    if backend == FUSED:
+        return _fused_forward, _fused_backward
     if backend in ("triton", "cuda"):
         if backend == "triton":
             from . import kernels as row_kernels
