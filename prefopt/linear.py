@@ -126,6 +126,17 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
         raise ValueError(f"logit_scale: expected a finite value > 0, got {logit_scale}")
 
 
+def _check_grad_filter_eps(grad_filter_eps: object, backend: str) -> None:
+    if grad_filter_eps is None:
+        return
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
+        raise TypeError(f"grad_filter_eps: expected a float or None, got {type(grad_filter_eps).__name__}")
+    if not (math.isfinite(grad_filter_eps) and grad_filter_eps >= 0):
+        raise ValueError(f"grad_filter_eps: expected a finite value >= 0 or None, got {grad_filter_eps}")
+    if backend != FUSED:
+        raise ValueError(f"grad_filter_eps: only backend={FUSED!r} filters the gradient, got backend={backend!r}")
+
+
 def _resolve(backend: str, hidden: Tensor) -> str:
     if backend == FUSED:
         # The statistics inside the GEMM: the Triton backend's other implementation, chosen by name.
@@ -482,13 +493,20 @@ def _fused_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, tempe
 
 def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse,
                     grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap,
-                    logit_scale, need_hidden, need_weight, need_bias):
+                    logit_scale, need_hidden, need_weight, need_bias, grad_filter_eps=None):
     """The backward of "triton-fused": every scored row x a vocabulary tile (a multiple of the
     kernel's BLOCK_N wide, so its tiles are the forward's, recomputed bit for bit), whose
     gradient ``kernels.linear_stats_bwd`` writes once in the operands' dtype; then the two
     gradient products, summed in float32 (grad_weight per tile by one product over every row,
     grad_hidden over the tiles in a fixed order). The log-sum-exp's label term is added as in
-    the torch backend."""
+    the torch backend.
+
+    ``grad_filter_eps``: a [BLOCK_M, BLOCK_N] tile of the logits gradient whose every |entry| is
+    below it is left out of the two products (``kernels.linear_grad_hidden`` and
+    ``linear_grad_weight``: fixed order, no atomics). A vocabulary tile with nothing to leave out
+    takes the exact products, so 0.0 gives the exact gradients bit for bit. grad_bias is exact."""
+    from .kernels.linear_grad_hidden import linear_grad_hidden
+    from .kernels.linear_grad_weight import linear_grad_weight
     from .kernels.linear_stats_bwd import BLOCK_N, linear_stats_grad_logits
 
     vocab_size = weight.shape[0]
@@ -517,11 +535,18 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
         columns = max(BLOCK_N, GEMM_TILE_BYTES // (hidden_rows.element_size() * rows.numel()) // BLOCK_N * BLOCK_N)
         for start in range(0, vocab_size, columns):
             tile = slice(start, start + columns)
-            grad_y, _ = linear_stats_grad_logits(hidden_rows, weight, bias, row_labels, row_lse, coefficients, tile,
-                                                 ignore_index=ignore_index, logit_scale=logit_scale,
-                                                 temperature=temperature, softcap=softcap)
+            grad_y, tile_max = linear_stats_grad_logits(
+                hidden_rows, weight, bias, row_labels, row_lse, coefficients, tile, ignore_index=ignore_index,
+                logit_scale=logit_scale, temperature=temperature, softcap=softcap)
             if grad_bias is not None:
                 grad_bias[tile] = grad_y.float().sum(0)
+            keep = None if grad_filter_eps is None else (tile_max >= grad_filter_eps).to(torch.int32)
+            if keep is not None and bool((keep == 0).any()):
+                if grad_weight is not None:
+                    grad_weight[tile] = linear_grad_weight(grad_y, hidden_rows, keep)
+                if grad_hidden_rows is not None:
+                    grad_hidden_rows += linear_grad_hidden(grad_y, weight, keep, start)
+                continue
             if grad_weight is not None:
                 grad_weight[tile] = _float32_product(grad_y.T, hidden_rows)
             if grad_hidden_rows is not None:
@@ -537,7 +562,7 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
     return grad_hidden, grad_weight, grad_bias
 
 
-def _implementation(backend: str):
+def _implementation(backend: str, grad_filter_eps: float | None = None):
     """(forward, backward) of a fused backend. forward(hidden [N, H], weight, bias, labels [N],
     outputs, ...) fills the [N] outputs; backward returns (grad_hidden [N, H], grad_weight
     [V, H], grad_bias [V]), each None where not needed and otherwise summed in float32, to be
@@ -545,7 +570,7 @@ def _implementation(backend: str):
     if backend == "torch":
         return _torch_forward, _torch_backward
     if backend == FUSED:
-        return _fused_forward, _fused_backward
+        return _fused_forward, functools.partial(_fused_backward, grad_filter_eps=grad_filter_eps)
     if backend in ("triton", "cuda"):
         if backend == "triton":
             from . import kernels as row_kernels
@@ -581,9 +606,11 @@ def linear_token_stats_op(
     with_log_sum_sq_probs: bool,
     with_is_top1: bool,
     backend: str,
+    grad_filter_eps: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1), each [N] float32 (is_top1
-    bool; [0] when not asked for), for hidden [..., H] with N = labels.numel() rows."""
+    bool; [0] when not asked for), for hidden [..., H] with N = labels.numel() rows.
+    ``grad_filter_eps`` only reaches the backward ("triton-fused")."""
     forward, _ = _implementation(backend)
     outputs = empty_stats_outputs(hidden, labels.numel(), with_entropy, with_mean_logits,
                                   with_log_sum_sq_probs, with_is_top1)
@@ -595,7 +622,7 @@ def linear_token_stats_op(
 
 @linear_token_stats_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, with_entropy,
-      with_mean_logits, with_log_sum_sq_probs, with_is_top1, backend):
+      with_mean_logits, with_log_sum_sq_probs, with_is_top1, backend, grad_filter_eps):
     return empty_stats_outputs(hidden, labels.numel(), with_entropy, with_mean_logits,
                                with_log_sum_sq_probs, with_is_top1)
 
@@ -622,11 +649,12 @@ def linear_token_stats_backward_op(
     need_weight: bool,
     need_bias: bool,
     backend: str,
+    grad_filter_eps: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) in the shapes and dtypes of hidden, weight and bias;
     one not needed (or a missing bias) is an empty tensor. ``grad_logps`` is g_logp - g_lse when
     ``grad_lse`` is given (see ``prefopt.ops``)."""
-    _, backward = _implementation(backend)
+    _, backward = _implementation(backend, grad_filter_eps)
     hidden_2d = _rows(hidden)
     grad_hidden, grad_weight, grad_bias = backward(
         hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse, grad_entropy,
@@ -644,7 +672,7 @@ def linear_token_stats_backward_op(
 @linear_token_stats_backward_op.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse, grad_entropy,
       grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale, need_hidden,
-      need_weight, need_bias, backend):
+      need_weight, need_bias, backend, grad_filter_eps):
     return (
         torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else hidden.new_empty(0),
@@ -653,11 +681,12 @@ def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, *_, backend = inputs
+    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, *_, backend, grad_filter_eps = inputs
     _, lse, entropy, _, log_sum_sq_probs, _ = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs)
     ctx.hyperparameters = (ignore_index, temperature, softcap, logit_scale)
     ctx.backend = backend
+    ctx.grad_filter_eps = grad_filter_eps
     # Outputs nobody differentiated arrive as None: without a gradient for the log-sum-exp the
     # backward does no label-column work.
     ctx.set_materialize_grads(False)
@@ -675,10 +704,10 @@ def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_lo
         log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
         logps_upstream(dense_upstream(grad_logps), grad_lse, lse), grad_lse, grad_entropy,
         dense_upstream(grad_mean_logits), grad_log_sum_sq_probs,
-        *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend,
+        *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend, ctx.grad_filter_eps,
     )
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, *([None] * 10))
+            grad_bias if need_bias else None, *([None] * 11))
 
 
 linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -700,6 +729,7 @@ def linear_token_stats(
     logit_scale: float = 1.0,
     backend: str = "auto",
     process_group: "ProcessGroup | None" = None,
+    grad_filter_eps: float | None = None,
 ) -> TokenStats:
     """``prefopt.token_stats`` of the logits ``logit_scale * (hidden @ weight.T + bias)``,
     without materializing them.
@@ -721,6 +751,10 @@ def linear_token_stats(
             whole vocabulary (the ranks' parts, all-reduced in backward: identity forward,
             all-reduce backward, as Megatron's tensor-parallel input). "is_top1" is not
             available (see ``prefopt.distributed``).
+        grad_filter_eps: None (exact), or a threshold >= 0 with backend="triton-fused": the
+            backward leaves out of the hidden and weight gradient products every [64, 64] tile of
+            the logits gradient whose entries are all below it in magnitude (deterministic; 0.0
+            is exact bit for bit). Opt-in: it changes the gradients by up to eps per entry left out.
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the labels'
@@ -733,8 +767,10 @@ def linear_token_stats(
     _validation.check_ignore_index(ignore_index)
     asked = _validation.check_stats(stats, STAT_NAMES)
     backend = _resolve(backend, hidden)
+    _check_grad_filter_eps(grad_filter_eps, backend)
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
-               "logit_scale": float(logit_scale), "backend": backend}
+               "logit_scale": float(logit_scale), "backend": backend,
+               "grad_filter_eps": None if grad_filter_eps is None else float(grad_filter_eps)}
     if process_group is None:
         labels = _validation.check_label_values(labels, weight.shape[0], ignore_index)
         kernel_ignore_index = NO_IGNORE_INDEX if ignore_index is None else ignore_index
@@ -753,7 +789,8 @@ def linear_token_stats(
 def _local_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                               asked: frozenset[str], ignore_index: int, *, temperature: float,
                               softcap: float | None, logit_scale: float, backend: str,
-                              with_lse: bool) -> tuple[TokenStats, Tensor | None]:
+                              with_lse: bool, grad_filter_eps: float | None = None
+                              ) -> tuple[TokenStats, Tensor | None]:
     """(TokenStats, lse) of checked inputs on one device, as ``prefopt.logprobs.local_token_stats``."""
     if backend == "reference":
         compute_dtype = _compute_dtype(hidden.dtype)
@@ -764,6 +801,7 @@ def _local_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | Non
     outputs = torch.ops.prefopt.linear_token_stats(
         hidden, weight, bias, labels.reshape(-1), ignore_index, temperature, softcap, logit_scale,
         "entropy" in asked, "mean_logits" in asked, "log_sum_sq_probs" in asked, "is_top1" in asked, backend,
+        grad_filter_eps,
     )
     result, lse = shaped_stats(outputs, labels.shape, asked)
     return result, lse if with_lse else None
