@@ -25,14 +25,17 @@ Backends:
 
 - "reference": explicit logits (float32; float64 for float64 inputs) and plain autograd. It
   materializes [tokens, V]: the oracle, not for training.
-- "torch": tiled over tokens and vocabulary, any device. A chunk of tokens has its float32
-  logits ([chunk, V], ``chunked.CHUNK_BYTES`` whatever the number of tokens) built tile by tile
-  of the vocabulary, so that no upcast copy of the whole weight exists either, and the chunked
-  log-prob fallback (``prefopt.chunked``) computes the statistics on it. The backward recomputes
-  each chunk's logits, turns them into their gradient in place, and accumulates grad_hidden and
-  grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Rows whose
-  label is ignored are dropped before any product (one host round trip per call on a GPU, to
-  count them; none while a CUDA graph is captured, when every row is multiplied).
+- "torch": chunks of hundreds of scored rows x the whole vocabulary, any device. A chunk's
+  [rows, V] buffer (1/8 of the problem's float32 logits, within ``chunked``'s bounds; one buffer,
+  reused) is written by one product, alpha * (hidden @ weight.T + bias) with logit_scale / T
+  folded into alpha, and ``chunked.row_stats_`` / ``row_gradient_`` work on it in place (at most
+  two more buffers of its size for the entropy and softcap terms): no copies of tiles. bf16/fp16
+  weights are upcast a vocabulary tile (``WEIGHT_TILE_BYTES``) at a time; float32 ones are used
+  where they lie. The backward recomputes each chunk's logits with the same product (bit for
+  bit), turns them into their gradient in place, and accumulates grad_hidden and grad_weight in
+  float32 in a fixed order (deterministic). Rows whose label is ignored are dropped before any
+  product (one host round trip per call on a GPU, to count them; none while a CUDA graph is
+  captured, when every row is multiplied and the ignored ones are zeroed before the gradient).
 - "triton" and "cuda" (bf16/fp16/fp32): cuBLAS products, and the token-stats kernels of the
   logits path (Triton's, or the CUDA C++ ones of ``csrc/``) on float32 logits tiles of at most
   ``GEMM_TILE_BYTES`` whatever the number of tokens (bf16/fp16 operands on the tensor cores,
@@ -55,6 +58,14 @@ Backends:
     over every tile of the other dimension: a [128, H] float32 slab fits neither registers nor
     shared memory, so it would travel to and from global memory once per tile, about a terabyte
     at 16384 x 4096 x 128256, where cuBLAS reads each operand a few times.
+- "triton-fused" (bf16/fp16/fp32; chosen by name while GPU measurements are pending): the
+  statistics inside the GEMM. ``kernels/linear_stats_fwd.py`` turns each tl.dot [64, 64] logits
+  tile into per-(row, vocabulary tile) partials in registers, merged over the tiles in a fixed
+  order, so the logits never reach memory; ``kernels/linear_stats_bwd.py`` recomputes each tile
+  the same way and writes its gradient once in the operands' dtype for the two gradient products
+  (cuBLAS, or with ``grad_filter_eps`` the deterministic block-sparse kernels
+  ``kernels/linear_grad_hidden.py`` and ``linear_grad_weight.py``). The block sizes are fixed,
+  not yet tuned on a GPU.
 - "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path, "cuda" included),
   "torch" elsewhere and for float64.
 """
@@ -578,7 +589,8 @@ def _implementation(backend: str, grad_filter_eps: float | None = None):
             from . import cuda_ext as row_kernels
         return (functools.partial(_tiled_forward, row_kernels.token_stats_forward),
                 functools.partial(_tiled_backward, row_kernels.token_stats_backward))
-    raise ValueError(f"backend: the fused linear operators run 'triton', 'cuda' or 'torch', got {backend!r}")
+    raise ValueError(f"backend: the fused linear operators run 'triton', '{FUSED}', 'cuda' or 'torch', "
+                     f"got {backend!r}")
 
 
 # ----------------------------------------------------------------------------- operators
@@ -742,7 +754,8 @@ def linear_token_stats(
         stats: any of "entropy", "mean_logits", "log_sum_sq_probs", "is_top1".
         temperature, softcap: z = softcap(x) / temperature, applied after ``logit_scale``.
         logit_scale: finite > 0, multiplies hidden @ weight.T + bias.
-        backend: "auto", "triton", "cuda", "torch" or "reference" (see the module docstring).
+        backend: "auto", "triton", "triton-fused", "cuda", "torch" or "reference" (see the module
+            docstring).
         process_group: None, or the group whose ranks each hold a contiguous slice of the
             vocabulary (in rank order, sizes may differ): ``weight`` [V_rank, H] and ``bias``
             [V_rank] are this rank's rows, ``labels`` global ids in [0, sum of V_rank), and
