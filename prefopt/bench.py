@@ -513,6 +513,10 @@ def linear_implementations(device: torch.device) -> list[Implementation]:
         Implementation(LIGER_DPO, _liger_linear_dpo, unavailable=_peer_missing("liger_kernel")),
         Implementation("prefopt-cuda", _prefopt_linear("cuda"), gemm_products=PREFOPT_LINEAR_PRODUCTS,
                        unavailable=unavailable_reason("cuda", device) if on_gpu else "GPU only"),
+        # The statistics inside the GEMM: its forward is one tl.dot product, its backward one more
+        # (recomputing the tiles) and the two gradient products.
+        Implementation("prefopt-triton-fused", _prefopt_linear("triton-fused"), unavailable=triton,
+                       gemm_products=PREFOPT_LINEAR_PRODUCTS),
         # The memory script's "reference" backend computes the same explicit logits (float32 on
         # a CPU, the only dtype CPU memory is measured in).
         Implementation(REFERENCE, lambda: _explicit_logits_logprobs, memory_script_args=("reference",)),
