@@ -34,7 +34,8 @@ CALLS, WARMUP = timed_calls(default=5), 2
 DEVICE = torch.device("cuda")
 # The rows benches/gpu_session.sh measures first (-m headline): the two target shapes,
 # forward+backward, every row scored, prefopt's GPU backends and the peers.
-HEADLINE_IMPLEMENTATIONS = ("prefopt-triton", "prefopt-cuda", bench.TRL_CHUNKED, bench.CCE, bench.LIGER_LINEAR)
+HEADLINE_IMPLEMENTATIONS = ("prefopt-triton", "prefopt-cuda", "prefopt-triton-fused", bench.TRL_CHUNKED, bench.CCE,
+                            bench.LIGER_LINEAR)
 
 
 def shapes() -> list[tuple[int, int, int]]:

@@ -25,6 +25,9 @@ from ._codes import FUSED_BACKENDS
 BACKENDS = ("triton", "cuda", "torch", "reference")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 OPS = ("token_stats", "selective", "linear", "loss")
+# The LM-head path's second Triton implementation (statistics inside the GEMM), chosen by name
+# until GPU measurements decide between it and "triton" (cuBLAS products and the row kernels).
+LINEAR_FUSED = "triton-fused"
 LOSS_BACKEND_CHOICES = ("auto", *FUSED_BACKENDS, "reference")
 # The dtypes the fused loss kernels read and write; float16 and bfloat16 are computed in float32.
 LOSS_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -164,8 +167,9 @@ def resolve(op: str, backend: object, device: torch.device, dtype: torch.dtype, 
     - ``"selective"``: TRL's ``selective_log_softmax`` semantics: ``"reference"``, the backend
       that computes in float64, for float64 logits (as TRL does, materializing the
       log-softmax); else as ``"token_stats"``.
-    - ``"linear"``: the same; the fused kernels read bf16/fp16/fp32 hidden states, so ``"auto"``
-      on float64 takes ``"torch"`` and a named ``"triton"``/``"cuda"`` raises ``TypeError``.
+    - ``"linear"``: the same, and :data:`LINEAR_FUSED`; the fused kernels read bf16/fp16/fp32
+      hidden states, so ``"auto"`` on float64 takes ``"torch"`` and a named fused backend raises
+      ``TypeError``.
     - ``"loss"``: :data:`LOSS_BACKEND_CHOICES`; ``"auto"`` takes the fused kernel of the backend
       ``"token_stats"`` would pick when that kernel can run, else ``"reference"``. ``unfused``
       says why no fused kernel can compute this particular call (None when one can).
@@ -182,8 +186,10 @@ def resolve(op: str, backend: object, device: torch.device, dtype: torch.dtype, 
             return "reference"
         return resolve_backend(backend, device)
     if op == "linear":
-        resolved = resolve_backend(backend, device)
-        if resolved in FUSED_BACKENDS and dtype == torch.float64:
+        resolved = resolve_backend("triton" if backend == LINEAR_FUSED else backend, device)
+        if backend == LINEAR_FUSED:
+            resolved = LINEAR_FUSED
+        if resolved in (*FUSED_BACKENDS, LINEAR_FUSED) and dtype == torch.float64:
             if backend == "auto":
                 return "torch"
             raise TypeError(f"hidden: backend={resolved!r} takes bfloat16, float16 or float32, got torch.float64; "

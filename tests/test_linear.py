@@ -151,7 +151,9 @@ def test_every_row_ignored(backend):
 def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch, ignored_fraction):
     """Tile budgets shrunk so that the tiled backends take many chunks of rows and many vocabulary
     tiles, ragged at the ends; labels in every tile; with ignored rows, and with none."""
-    monkeypatch.setattr(prefopt.logprobs.torch_backend, "CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.torch_backend, "MIN_CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.torch_backend, "MAX_CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.linear, "WEIGHT_TILE_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
     hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.bfloat16, seed=9,
                                                   ignored_fraction=ignored_fraction)
@@ -170,7 +172,9 @@ def test_rows_are_not_counted_while_a_cuda_graph_is_captured(backend, monkeypatc
 
     monkeypatch.setattr(prefopt.logprobs.linear, "_capturing", lambda labels: True)
     monkeypatch.setattr(torch.Tensor, "nonzero", no_count)
-    monkeypatch.setattr(prefopt.logprobs.torch_backend, "CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.torch_backend, "MIN_CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.torch_backend, "MAX_CHUNK_BYTES", 4 * 301 * 5)
+    monkeypatch.setattr(prefopt.logprobs.linear, "WEIGHT_TILE_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
     hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.float32, seed=10, ignored_fraction=0.5)
     out, (grad_hidden, _, _) = check(hidden, weight, bias, labels, backend, softcap=5.0)
@@ -221,13 +225,13 @@ def test_torch_backend_multiplies_only_scored_rows(monkeypatch):
 
     hidden, weight, bias, labels = random_problem((4, 16), 16, 23, torch.float32, ignored_fraction=0.0, seed=12)
     multiplied_rows = []
-    chunk_logits = prefopt.logprobs.linear._chunk_logits
+    chunk_logits = prefopt.logprobs.linear._chunk_logits_
 
-    def counting_chunk_logits(hidden_rows, *args):
+    def counting_chunk_logits(out, hidden_rows, *args):
         multiplied_rows.append(hidden_rows.shape[0])
-        return chunk_logits(hidden_rows, *args)
+        return chunk_logits(out, hidden_rows, *args)
 
-    monkeypatch.setattr(prefopt.logprobs.linear, "_chunk_logits", counting_chunk_logits)
+    monkeypatch.setattr(prefopt.logprobs.linear, "_chunk_logits_", counting_chunk_logits)
 
     def rows_multiplied(labels: torch.Tensor) -> int:
         multiplied_rows.clear()

@@ -85,7 +85,9 @@ def test_linear_path(linear_backend, temperature, softcap, tiling, monkeypatch):
         pytest.skip(f"backend {linear_backend!r}: {reason}")
     if tiling != "one tile":
         # Several chunks of rows and vocabulary tiles: each label's term lands in its own tile.
-        monkeypatch.setattr(prefopt.logprobs.torch_backend, "CHUNK_BYTES", 4 * 29 * 3)
+        monkeypatch.setattr(prefopt.logprobs.torch_backend, "MIN_CHUNK_BYTES", 4 * 29 * 3)
+        monkeypatch.setattr(prefopt.logprobs.torch_backend, "MAX_CHUNK_BYTES", 4 * 29 * 3)
+        monkeypatch.setattr(prefopt.logprobs.linear, "WEIGHT_TILE_BYTES", 4 * 29 * 3)
         monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 29 * 3)
     if tiling.endswith("every row multiplied"):
         # As during a CUDA graph capture: the ignored row goes through the products too.

@@ -43,7 +43,8 @@ How each figure is measured:
 # One module per job; every name the callers use (tests/, benches/, prefopt/__main__.py) is here.
 # prefopt.bench.memory is not imported: it is also the fresh process's `python -m` entry.
 from .floors import CHECKED, LINEAR_TARGET_SHAPES, fill_floor, fill_speedups, linear_checks
-from .implementations import (ALL_IMPLEMENTATION_NAMES, CCE, CCE_EXACT, IMPLEMENTATION_NAMES, LIGER_LINEAR,
+from .implementations import (ALL_IMPLEMENTATION_NAMES, CCE, CCE_COMPILE, CCE_EXACT, IMPLEMENTATION_NAMES, LIGER_DPO,
+                              LIGER_LINEAR,
                               LINEAR_IMPLEMENTATION_NAMES, LINEAR_PEERS, PREFOPT_LINEAR_PRODUCTS, REFERENCE,
                               TRL_CHUNKED, Candidate, Implementation, implementations, linear_implementations,
                               load_trl_logprob_module)
@@ -55,8 +56,8 @@ from .workloads import (DIRECTIONS, GEMM_PRODUCTS, IGNORE_INDEX, LINEAR_DIRECTIO
                         default_workloads, make_inputs, sweep)
 
 __all__ = [
-    "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_EXACT", "CHECKED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
-    "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "LIGER_LINEAR",
+    "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_COMPILE", "CCE_EXACT", "CHECKED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
+    "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "LIGER_DPO", "LIGER_LINEAR",
     "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "LINEAR_TARGET_SHAPES", "PATH_TITLES",
     "PREFOPT_LINEAR_PRODUCTS", "REFERENCE", "TRL_CHUNKED", "CallBudget", "Candidate", "Implementation",
     "LinearWorkload", "Measurement", "MissingExtraError", "Workload", "chosen_implementations", "copy_bandwidth",

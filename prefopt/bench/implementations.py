@@ -228,13 +228,32 @@ def _liger_linear() -> Candidate:
     return candidate
 
 
-def _cut_cross_entropy(filter_eps: str | None) -> Callable[[], Candidate]:
+def _liger_linear_dpo() -> Candidate:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # Policy-only DPO (no reference model): its loss needs the policy's sequence log-probs of the
+    # chosen and rejected halves, which is the fused linear path's work; Liger computes the
+    # gradients during the forward, one compiled chunk (a pair of sequences) at a time.
+    loss = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, use_ref_model=False, compiled=True)
+
+    def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        tokens = labels.shape[0]
+        if tokens % 2:
+            raise ValueError(f"Liger's DPO loss takes pairs of sequences: {tokens} tokens is odd")
+        # Sequences of LIGER_DPO_SEQUENCE tokens where they divide into pairs, else one pair.
+        length = LIGER_DPO_SEQUENCE if tokens % (2 * LIGER_DPO_SEQUENCE) == 0 else tokens // 2
+        return loss(weight, hidden.view(-1, length, hidden.shape[-1]), labels.view(-1, length))[0]
+
+    return candidate
+
+
+def _cut_cross_entropy(filter_eps: str | None, impl: str = "cce") -> Callable[[], Candidate]:
     def build() -> Candidate:
         from cut_cross_entropy import linear_cross_entropy
 
         def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none",
-                                        filter_eps=filter_eps)
+                                        filter_eps=filter_eps, impl=impl)
 
         return candidate
 
@@ -248,33 +267,52 @@ CCE = "cce-linear_cross_entropy"
 CCE_EXACT = "cce-linear_cross_entropy-exact"
 TRL_CHUNKED = "trl-chunked_logprob"
 LIGER_LINEAR = "liger-fused_linear_cross_entropy"
-LINEAR_PEERS = (CCE, CCE_EXACT, TRL_CHUNKED, LIGER_LINEAR)
+# The peers that also run on a CPU: CCE's torch.compile implementation (no filter, 25.1.1 has
+# none there) and Liger's fused linear DPO loss (torch.compile inside).
+CCE_COMPILE = "cce-linear_cross_entropy-torch_compile"
+LIGER_DPO = "liger-fused_linear_dpo"
+LINEAR_PEERS = (CCE, CCE_EXACT, TRL_CHUNKED, LIGER_LINEAR, CCE_COMPILE, LIGER_DPO)
+# Liger's DPO candidate splits the tokens into sequences of this length (pairs of them).
+LIGER_DPO_SEQUENCE = 512
+# Why CCE's default (Triton) implementation and Liger's cross entropy do not run on a CPU, as
+# they fail there: Triton finds no GPU driver.
+_TRITON_PEER_ON_CPU = "GPU only (Triton kernels: on a CPU it fails with \"0 active drivers\")"
 
 
 def linear_implementations(device: torch.device) -> list[Implementation]:
     """The implementations of the fused linear path, each with the reason it cannot run on
     tensors of ``device`` (None when it can): prefopt's triton, cuda and torch backends, the
     explicit-logits reference and torch.compile of it, TRL's
-    chunked log-prob function (what its DPO and KTO trainers use), Liger-Kernel's fused linear
-    cross entropy (reduction="none") and Apple's Cut Cross-Entropy (reduction="none"; its default
-    filters small gradient entries, "-exact" does not).
+    chunked log-prob function (what its DPO and KTO trainers use; its torch fallback on a CPU),
+    Liger-Kernel's fused linear cross entropy (reduction="none") and its fused linear DPO loss
+    (policy only, compiled), and Apple's Cut Cross-Entropy (reduction="none"; its default filters
+    small gradient entries, "-exact" does not, "-torch_compile" is its compiled PyTorch
+    implementation). TRL's function, CCE's torch_compile and Liger's DPO loss run on a CPU too.
 
     Ordered by what a run cut short needs first: prefopt-triton and the peers it is checked
     against (:func:`linear_checks`), prefopt-cuda (checked too), then the rest.
     """
     on_gpu = device.type == "cuda"
-    gpu_only = None if on_gpu else "GPU only"
+    triton_peer = None if on_gpu else _TRITON_PEER_ON_CPU
     triton = unavailable_reason("triton", device) if on_gpu else "GPU only"
-    cce_reason = gpu_only or _peer_missing("cut_cross_entropy")
+    cce_reason = triton_peer or _peer_missing("cut_cross_entropy")
     return [
         Implementation("prefopt-triton", _prefopt_linear("triton"), unavailable=triton,
                        gemm_products=PREFOPT_LINEAR_PRODUCTS),
         Implementation(CCE, _cut_cross_entropy("high"), unavailable=cce_reason),
-        Implementation(TRL_CHUNKED, _trl_chunked, unavailable=gpu_only or _peer_missing("trl")),
-        Implementation(LIGER_LINEAR, _liger_linear, unavailable=gpu_only or _peer_missing("liger_kernel")),
+        # TRL's function runs its torch fallback on a CPU (cuBLAS tiles and Triton on a GPU).
+        Implementation(TRL_CHUNKED, _trl_chunked, unavailable=_peer_missing("trl")),
+        Implementation(LIGER_LINEAR, _liger_linear, unavailable=triton_peer or _peer_missing("liger_kernel")),
         Implementation(CCE_EXACT, _cut_cross_entropy(None), unavailable=cce_reason),
+        Implementation(CCE_COMPILE, _cut_cross_entropy(None, "torch_compile"),
+                       unavailable=_peer_missing("cut_cross_entropy")),
+        Implementation(LIGER_DPO, _liger_linear_dpo, unavailable=_peer_missing("liger_kernel")),
         Implementation("prefopt-cuda", _prefopt_linear("cuda"), gemm_products=PREFOPT_LINEAR_PRODUCTS,
                        unavailable=unavailable_reason("cuda", device) if on_gpu else "GPU only"),
+        # The statistics inside the GEMM: its forward is one tl.dot product, its backward one more
+        # (recomputing the tiles) and the two gradient products.
+        Implementation("prefopt-triton-fused", _prefopt_linear("triton-fused"), unavailable=triton,
+                       gemm_products=PREFOPT_LINEAR_PRODUCTS),
         # The memory process's "reference" backend computes the same explicit logits (float32 on
         # a CPU, the only dtype CPU memory is measured in).
         Implementation(REFERENCE, lambda: _explicit_logits_logprobs, memory_script_args=("reference",)),

@@ -27,14 +27,17 @@ Backends:
 
 - "reference": explicit logits (float32; float64 for float64 inputs) and plain autograd. It
   materializes [tokens, V]: the oracle, not for training.
-- "torch": tiled over tokens and vocabulary, any device. A chunk of tokens has its float32
-  logits ([chunk, V], ``torch_backend.CHUNK_BYTES`` whatever the number of tokens) built tile by tile
-  of the vocabulary, so that no upcast copy of the whole weight exists either, and the chunked
-  log-prob fallback (``prefopt.logprobs.torch_backend``) computes the statistics on it. The backward recomputes
-  each chunk's logits, turns them into their gradient in place, and accumulates grad_hidden and
-  grad_weight in float32 over the vocabulary tiles in a fixed order (deterministic). Rows whose
-  label is ignored are dropped before any product (one host round trip per call on a GPU, to
-  count them; none while a CUDA graph is captured, when every row is multiplied).
+- "torch": chunks of hundreds of scored rows x the whole vocabulary, any device. A chunk's
+  [rows, V] buffer (1/8 of the problem's float32 logits, within ``torch_backend``'s bounds; one buffer,
+  reused) is written by one product, alpha * (hidden @ weight.T + bias) with logit_scale / T
+  folded into alpha, and ``torch_backend.row_stats_`` / ``row_gradient_`` work on it in place (at most
+  two more buffers of its size for the entropy and softcap terms): no copies of tiles. bf16/fp16
+  weights are upcast a vocabulary tile (``WEIGHT_TILE_BYTES``) at a time; float32 ones are used
+  where they lie. The backward recomputes each chunk's logits with the same product (bit for
+  bit), turns them into their gradient in place, and accumulates grad_hidden and grad_weight in
+  float32 in a fixed order (deterministic). Rows whose label is ignored are dropped before any
+  product (one host round trip per call on a GPU, to count them; none while a CUDA graph is
+  captured, when every row is multiplied and the ignored ones are zeroed before the gradient).
 - "triton" and "cuda" (bf16/fp16/fp32): cuBLAS products, and the token-stats kernels of the
   logits path (Triton's, or the CUDA C++ ones of ``csrc/``) on float32 logits tiles of at most
   ``GEMM_TILE_BYTES`` whatever the number of tokens (bf16/fp16 operands on the tensor cores,
@@ -57,11 +60,20 @@ Backends:
     over every tile of the other dimension: a [128, H] float32 slab fits neither registers nor
     shared memory, so it would travel to and from global memory once per tile, about a terabyte
     at 16384 x 4096 x 128256, where cuBLAS reads each operand a few times.
+- "triton-fused" (bf16/fp16/fp32; chosen by name while GPU measurements are pending): the
+  statistics inside the GEMM. ``kernels/linear_stats_fwd.py`` turns each tl.dot [64, 64] logits
+  tile into per-(row, vocabulary tile) partials in registers, merged over the tiles in a fixed
+  order, so the logits never reach memory; ``kernels/linear_stats_bwd.py`` recomputes each tile
+  the same way and writes its gradient once in the operands' dtype for the two gradient products
+  (cuBLAS, or with ``grad_filter_eps`` the deterministic block-sparse kernels
+  ``kernels/linear_grad_hidden.py`` and ``linear_grad_weight.py``). The block sizes are fixed,
+  not yet tuned on a GPU.
 - "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path, "cuda" included),
   "torch" elsewhere and for float64.
 """
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -82,6 +94,10 @@ if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Partial
 
 Tensor = torch.Tensor
+
+# The statistics inside the GEMM (kernels/linear_stats_fwd.py, linear_stats_bwd.py): selectable
+# by this name next to "triton" (cuBLAS tiles), until GPU measurements decide between them.
+FUSED = backends.LINEAR_FUSED
 
 
 # ----------------------------------------------------------------------------- validation
@@ -104,6 +120,17 @@ def _full_head(name: str, tensor: Tensor | None, process_group: "ProcessGroup | 
     return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
+def _check_grad_filter_eps(grad_filter_eps: object, backend: str) -> None:
+    if grad_filter_eps is None:
+        return
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
+        raise TypeError(f"grad_filter_eps: expected a float or None, got {type(grad_filter_eps).__name__}")
+    if not (math.isfinite(grad_filter_eps) and grad_filter_eps >= 0):
+        raise ValueError(f"grad_filter_eps: expected a finite value >= 0 or None, got {grad_filter_eps}")
+    if backend != FUSED:
+        raise ValueError(f"grad_filter_eps: only backend={FUSED!r} filters the gradient, got backend={backend!r}")
+
+
 # ----------------------------------------------------------------------------- torch backend
 
 
@@ -111,24 +138,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The fused linear path's chunks of rows hold 1/8 of the [tokens, V] float32 logits (within
+# torch_backend's bounds): with at most three alive, well within its 0.5x target.
+LINEAR_PATH_FRACTION = 8
+# bf16/fp16 weights are upcast for the CPU's float32 products a vocabulary tile at a time.
+WEIGHT_TILE_BYTES = 8 << 20
+
+
 def _vocab_tiles(weight: Tensor) -> list[slice]:
-    # A tile of the weight upcast to the compute dtype holds at most CHUNK_BYTES.
+    """Vocabulary tiles of the products: the whole vocabulary when the weight is already in the
+    compute dtype (no copy), else tiles whose upcast holds at most WEIGHT_TILE_BYTES."""
     vocab_size, hidden_size = weight.shape
-    step = max(1, torch_backend.CHUNK_BYTES // (4 * hidden_size))
+    if weight.dtype == _compute_dtype(weight.dtype):
+        return [slice(0, vocab_size)]
+    step = max(1, WEIGHT_TILE_BYTES // (4 * hidden_size))
     return [slice(start, start + step) for start in range(0, vocab_size, step)]
 
 
-def _chunk_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float,
-                  tiles: list[slice]) -> Tensor:
-    """x = logit_scale * (hidden_rows @ weight.T + bias) for one chunk of rows, [rows, V], in the
-    compute dtype; built tile by tile so that no upcast copy of the whole weight exists."""
-    logits = hidden_rows.new_empty(hidden_rows.shape[0], weight.shape[0])
+def _torch_transform(temperature: float, softcap: float | None, logit_scale: float
+                     ) -> tuple[float, float, float | None]:
+    """(alpha, temperature', softcap') for the torch backend's chunks: the products compute
+    alpha * (hidden @ weight.T + bias), which ``torch_backend``'s row functions transform with
+    (temperature', softcap'). Without a cap, logit_scale / T folds into alpha (z comes straight
+    out of the product, no pass over the chunk); with one, alpha = logit_scale gives x. The
+    gradient those functions return, times alpha, is that of y = hidden @ weight.T + bias."""
+    if softcap is None:
+        return logit_scale / temperature, 1.0, None
+    return logit_scale, temperature, softcap
+
+
+def _chunk_logits_(out: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, alpha: float,
+                   tiles: list[slice]) -> Tensor:
+    """out [rows, V] = alpha * (hidden_rows @ weight.T + bias) in the compute dtype, written in
+    place by the products (a vocabulary tile's columns are a strided view the GEMM writes)."""
     for tile in tiles:
         w = weight[tile].to(hidden_rows.dtype)
-        logits[:, tile] = F.linear(hidden_rows, w, None if bias is None else bias[tile].to(hidden_rows.dtype))
-    if logit_scale != 1.0:
-        logits.mul_(logit_scale)
-    return logits
+        if bias is None:
+            torch.addmm(out[:, tile], hidden_rows, w.T, beta=0.0, alpha=alpha, out=out[:, tile])
+        else:
+            torch.addmm(bias[tile].to(hidden_rows.dtype), hidden_rows, w.T, beta=alpha, alpha=alpha, out=out[:, tile])
+    return out
 
 
 def _capturing(labels: Tensor) -> bool:
@@ -162,17 +211,40 @@ def _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_ch
                 output.index_copy_(0, rows, chunk_output)
 
 
+def _torch_row_chunks(hidden_2d: Tensor, labels: Tensor, ignore_index: int, vocab_size: int
+                      ) -> tuple[Tensor, list[slice] | list[Tensor]]:
+    """(one reused [chunk, V] compute-dtype buffer, the chunks of scored rows) of the torch
+    backend: slices when every row is multiplied (nothing gathered or scattered), else index
+    tensors. The forward and the backward split the rows alike, so that the backward's products
+    repeat the forward's bit for bit."""
+    rows = _scored_rows(labels, ignore_index)
+    count = rows.numel()
+    step = torch_backend.rows_per_chunk(max(1, count), vocab_size, LINEAR_PATH_FRACTION)
+    buffer = hidden_2d.new_empty(min(step, count), vocab_size, dtype=_compute_dtype(hidden_2d.dtype))
+    if count == labels.numel():
+        return buffer, [slice(start, start + step) for start in range(0, count, step)]
+    return buffer, list(rows.split(step))
+
+
 def _torch_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
-
-    def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
-        logits = _chunk_logits(hidden_rows.to(compute_dtype), weight, bias, logit_scale, tiles)
-        torch_backend.token_stats_forward(logits, chunk_labels, *chunk_outputs, ignore_index=ignore_index,
-                                    temperature=temperature, softcap=softcap)
-
-    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, torch_backend.rows_per_chunk(weight.shape[0]),
-                           chunk_stats)
+    alpha, chunk_temperature, chunk_softcap = _torch_transform(temperature, softcap, logit_scale)
+    for output in outputs:
+        if output is not None:
+            output.zero_()
+    buffer, chunks = _torch_row_chunks(hidden_2d, labels, ignore_index, weight.shape[0])
+    for chunk in chunks:
+        gathered = isinstance(chunk, Tensor)
+        hidden_rows = hidden_2d[chunk].to(compute_dtype)
+        chunk_outputs = [None if o is None else (o.new_empty(chunk.shape) if gathered else o[chunk]) for o in outputs]
+        logits = _chunk_logits_(buffer[: hidden_rows.shape[0]], hidden_rows, weight, bias, alpha, tiles)
+        torch_backend.row_stats_(logits, labels[chunk], *chunk_outputs, ignore_index=ignore_index,
+                           temperature=chunk_temperature, softcap=chunk_softcap)
+        if gathered:
+            for output, chunk_output in zip(outputs, chunk_outputs):
+                if output is not None:
+                    output.index_copy_(0, chunk, chunk_output)
 
 
 def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse,
@@ -180,38 +252,43 @@ def _torch_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                     logit_scale, need_hidden, need_weight, need_bias):
     compute_dtype = _compute_dtype(hidden_2d.dtype)
     tiles = _vocab_tiles(weight)
+    alpha, chunk_temperature, chunk_softcap = _torch_transform(temperature, softcap, logit_scale)
     # Ignored rows receive exact zeros and cost nothing.
-    grad_hidden = torch.zeros_like(hidden_2d, memory_format=torch.contiguous_format) if need_hidden else None
+    grad_hidden = torch.zeros(hidden_2d.shape, dtype=compute_dtype, device=hidden_2d.device) if need_hidden else None
     # float32 accumulators, rounded to the parameter dtype once by the caller: rounding every
-    # tile's product to bf16 before summing would bias training. grad_hidden needs no such
-    # accumulator across chunks: each chunk's rows are summed in float32 and written once.
+    # chunk's product to bf16 before summing would bias training. For float32 parameters they
+    # are the gradients returned, no copy.
     grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=compute_dtype, device=weight.device) if need_bias else None
-
-    def gathered(tensor, rows):
-        return None if tensor is None else tensor.index_select(0, rows)
-
-    for rows in _scored_rows(labels, ignore_index).split(torch_backend.rows_per_chunk(weight.shape[0])):
-        hidden_rows = hidden_2d.index_select(0, rows).to(compute_dtype)
-        logits = _chunk_logits(hidden_rows, weight, bias, logit_scale, tiles)
-        # The logits buffer becomes d(outputs)/dx in place.
-        torch_backend.token_stats_backward(
-            logits, logits, labels.index_select(0, rows), lse.index_select(0, rows), gathered(entropy, rows),
-            gathered(log_sum_sq_probs, rows), grad_logps.index_select(0, rows), gathered(grad_entropy, rows),
-            gathered(grad_mean_logits, rows), gathered(grad_log_sum_sq_probs, rows),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        )
-        grad_x = logits.mul_(logit_scale) if logit_scale != 1.0 else logits
+    buffer, chunks = _torch_row_chunks(hidden_2d, labels, ignore_index, weight.shape[0])
+    capturing = _capturing(labels)
+    for chunk in chunks:
+        gathered = isinstance(chunk, Tensor)
+        hidden_rows = hidden_2d[chunk].to(compute_dtype)
+        logits = _chunk_logits_(buffer[: hidden_rows.shape[0]], hidden_rows, weight, bias, alpha, tiles)
+        if capturing:
+            # Every row is multiplied: an ignored row's logits, whose saved lse is 0, could
+            # overflow exp; zeroed, they give exact zeros.
+            torch_backend.copy_scored_rows(logits, logits, labels[chunk] != ignore_index)
+        # The logits buffer becomes d(outputs)/d(logits) in place; times alpha, that of y.
+        grad_y = torch_backend.row_gradient_(
+            logits, labels[chunk], lse[chunk], *(None if t is None else t[chunk] for t in (
+                entropy, log_sum_sq_probs, grad_logps, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs)),
+            ignore_index=ignore_index, temperature=chunk_temperature, softcap=chunk_softcap)
         if grad_bias is not None:
-            grad_bias += grad_x.sum(0)
-        grad_hidden_rows = torch.zeros_like(hidden_rows) if grad_hidden is not None else None
-        for tile in tiles:
-            if grad_hidden_rows is not None:
-                grad_hidden_rows.addmm_(grad_x[:, tile], weight[tile].to(compute_dtype))
-            if grad_weight is not None:
-                grad_weight[tile].addmm_(grad_x[:, tile].T, hidden_rows)
+            grad_bias.add_(grad_y.sum(0), alpha=alpha)
+        grad_hidden_rows = None
         if grad_hidden is not None:
-            grad_hidden.index_copy_(0, rows, grad_hidden_rows.to(grad_hidden.dtype))
+            grad_hidden_rows = torch.zeros_like(hidden_rows) if gathered else grad_hidden[chunk]
+        for k, tile in enumerate(tiles):
+            w = weight[tile].to(compute_dtype)
+            if grad_hidden_rows is not None:
+                # The first tile writes the rows (beta 0), the others add to them.
+                grad_hidden_rows.addmm_(grad_y[:, tile], w, beta=1.0 if k else 0.0, alpha=alpha)
+            if grad_weight is not None:
+                grad_weight[tile].addmm_(grad_y[:, tile].T, hidden_rows, alpha=alpha)
+        if grad_hidden is not None and gathered:
+            grad_hidden.index_copy_(0, chunk, grad_hidden_rows)
     if grad_lse is not None:
         _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
                                 logit_scale, grad_hidden, grad_weight, grad_bias)
@@ -369,18 +446,115 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     return grad_hidden, grad_weight, grad_bias
 
 
-def _implementation(backend: str):
+def _fused_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, temperature, softcap, logit_scale):
+    """The forward of "triton-fused": per-(row, vocabulary tile) partials from the tl.dot tiles of
+    ``kernels.linear_stats_fwd``, combined in a fixed order. The partials of a chunk of rows
+    ([tiles, rows], seven numbers each) hold at most GEMM_TILE_BYTES."""
+    from ..kernels.linear_stats_fwd import BLOCK_M, BLOCK_N, combine_partials, linear_stats_partials
+
+    vocab_size = weight.shape[0]
+    names = ("logps", "lse", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+    weight = weight.contiguous()
+
+    def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
+        partials = linear_stats_partials(hidden_rows.contiguous(), weight, bias, chunk_labels,
+                                         logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+        stats = combine_partials(partials, chunk_labels, ignore_index, vocab_size)
+        for output, name in zip(chunk_outputs, names):
+            if output is not None:
+                output.copy_(stats[name])
+
+    tiles = -(-vocab_size // BLOCK_N)
+    rows_per_chunk = max(BLOCK_M, GEMM_TILE_BYTES // (7 * 4 * tiles))
+    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats)
+
+
+def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse,
+                    grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap,
+                    logit_scale, need_hidden, need_weight, need_bias, grad_filter_eps=None):
+    """The backward of "triton-fused": every scored row x a vocabulary tile (a multiple of the
+    kernel's BLOCK_N wide, so its tiles are the forward's, recomputed bit for bit), whose
+    gradient ``kernels.linear_stats_bwd`` writes once in the operands' dtype; then the two
+    gradient products, summed in float32 (grad_weight per tile by one product over every row,
+    grad_hidden over the tiles in a fixed order). The log-sum-exp's label term is added as in
+    the torch backend.
+
+    ``grad_filter_eps``: a [BLOCK_M, BLOCK_N] tile of the logits gradient whose every |entry| is
+    below it is left out of the two products (``kernels.linear_grad_hidden`` and
+    ``linear_grad_weight``: fixed order, no atomics). A vocabulary tile with nothing to leave out
+    takes the exact products, so 0.0 gives the exact gradients bit for bit. grad_bias is exact."""
+    from ..kernels.linear_grad_hidden import linear_grad_hidden
+    from ..kernels.linear_grad_weight import linear_grad_weight
+    from ..kernels.linear_stats_bwd import BLOCK_N, linear_stats_grad_logits
+
+    vocab_size = weight.shape[0]
+    weight = weight.contiguous()
+
+    def float32_zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
+
+    grad_hidden = float32_zeros(*hidden_2d.shape) if need_hidden else None
+    grad_weight = float32_zeros(*weight.shape) if need_weight else None
+    grad_bias = float32_zeros(vocab_size) if need_bias else None
+    rows = _scored_rows(labels, ignore_index)
+    if rows.numel() > 0:
+        all_scored = rows.numel() == labels.numel()
+
+        def gathered(tensor):
+            return tensor if tensor is None or all_scored else tensor.index_select(0, rows)
+
+        hidden_rows = gathered(hidden_2d).contiguous()
+        row_labels, row_lse = gathered(labels), gathered(lse)
+        coefficients = torch_backend.gradient_coefficients(
+            row_labels, *(gathered(t) for t in (entropy, log_sum_sq_probs, grad_logps, grad_entropy,
+                                                 grad_mean_logits, grad_log_sum_sq_probs)),
+            ignore_index=ignore_index, vocab_size=vocab_size)
+        grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden else None
+        columns = max(BLOCK_N, GEMM_TILE_BYTES // (hidden_rows.element_size() * rows.numel()) // BLOCK_N * BLOCK_N)
+        for start in range(0, vocab_size, columns):
+            tile = slice(start, start + columns)
+            grad_y, tile_max = linear_stats_grad_logits(
+                hidden_rows, weight, bias, row_labels, row_lse, coefficients, tile, ignore_index=ignore_index,
+                logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+            if grad_bias is not None:
+                grad_bias[tile] = grad_y.float().sum(0)
+            keep = None if grad_filter_eps is None else (tile_max >= grad_filter_eps).to(torch.int32)
+            if keep is not None and bool((keep == 0).any()):
+                if grad_weight is not None:
+                    grad_weight[tile] = linear_grad_weight(grad_y, hidden_rows, keep)
+                if grad_hidden_rows is not None:
+                    grad_hidden_rows += linear_grad_hidden(grad_y, weight, keep, start)
+                continue
+            if grad_weight is not None:
+                grad_weight[tile] = _float32_product(grad_y.T, hidden_rows)
+            if grad_hidden_rows is not None:
+                grad_hidden_rows += _float32_product(grad_y, weight[tile])
+        if grad_hidden is not None:
+            if all_scored:
+                grad_hidden = grad_hidden_rows
+            else:
+                grad_hidden.index_copy_(0, rows, grad_hidden_rows)
+    if grad_lse is not None:
+        _add_lse_label_gradient(hidden_2d, weight, bias, labels, grad_lse, ignore_index, temperature, softcap,
+                                logit_scale, grad_hidden, grad_weight, grad_bias)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _implementation(backend: str, grad_filter_eps: float | None = None):
     """(forward, backward) of a fused backend. forward(hidden [N, H], weight, bias, labels [N],
     outputs, ...) fills the [N] outputs; backward returns (grad_hidden [N, H], grad_weight
     [V, H], grad_bias [V]), each None where not needed and otherwise summed in float32, to be
     rounded to the input's dtype by the caller (or already rounded once, in that dtype)."""
     if backend == "torch":
         return _torch_forward, _torch_backward
+    if backend == FUSED:
+        return _fused_forward, functools.partial(_fused_backward, grad_filter_eps=grad_filter_eps)
     if backend in backends.FUSED_BACKENDS:
         row_kernels = backends.row_kernels(backend)
         return (functools.partial(_tiled_forward, row_kernels.token_stats_forward),
                 functools.partial(_tiled_backward, row_kernels.token_stats_backward))
-    raise ValueError(f"backend: the fused linear operators run 'triton', 'cuda' or 'torch', got {backend!r}")
+    raise ValueError(f"backend: the fused linear operators run 'triton', '{FUSED}', 'cuda' or 'torch', "
+                     f"got {backend!r}")
 
 
 # ----------------------------------------------------------------------------- operators
@@ -408,9 +582,11 @@ def linear_token_stats_op(
     with_log_sum_sq_probs: bool,
     with_is_top1: bool,
     backend: str,
+    grad_filter_eps: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(logps, lse, entropy, mean_logits, log_sum_sq_probs, is_top1), each [N] float32 (is_top1
-    bool; [0] when not asked for), for hidden [..., H] with N = labels.numel() rows."""
+    bool; [0] when not asked for), for hidden [..., H] with N = labels.numel() rows.
+    ``grad_filter_eps`` only reaches the backward ("triton-fused")."""
     forward, _ = _implementation(backend)
     outputs = empty_stats_outputs(hidden, labels.numel(), with_entropy, with_mean_logits,
                                   with_log_sum_sq_probs, with_is_top1)
@@ -422,7 +598,7 @@ def linear_token_stats_op(
 
 @linear_token_stats_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, with_entropy,
-      with_mean_logits, with_log_sum_sq_probs, with_is_top1, backend):
+      with_mean_logits, with_log_sum_sq_probs, with_is_top1, backend, grad_filter_eps):
     return empty_stats_outputs(hidden, labels.numel(), with_entropy, with_mean_logits,
                                with_log_sum_sq_probs, with_is_top1)
 
@@ -449,11 +625,12 @@ def linear_token_stats_backward_op(
     need_weight: bool,
     need_bias: bool,
     backend: str,
+    grad_filter_eps: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) in the shapes and dtypes of hidden, weight and bias;
     one not needed (or a missing bias) is an empty tensor. ``grad_logps`` is g_logp - g_lse when
     ``grad_lse`` is given (see ``prefopt.logprobs.op``)."""
-    _, backward = _implementation(backend)
+    _, backward = _implementation(backend, grad_filter_eps)
     hidden_2d = _rows(hidden)
     grad_hidden, grad_weight, grad_bias = backward(
         hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse, grad_entropy,
@@ -471,7 +648,7 @@ def linear_token_stats_backward_op(
 @linear_token_stats_backward_op.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, grad_lse, grad_entropy,
       grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap, logit_scale, need_hidden,
-      need_weight, need_bias, backend):
+      need_weight, need_bias, backend, grad_filter_eps):
     return (
         torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else hidden.new_empty(0),
@@ -480,11 +657,12 @@ def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logps, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, *_, backend = inputs
+    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, *_, backend, grad_filter_eps = inputs
     _, lse, entropy, _, log_sum_sq_probs, _ = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs)
     ctx.hyperparameters = (ignore_index, temperature, softcap, logit_scale)
     ctx.backend = backend
+    ctx.grad_filter_eps = grad_filter_eps
     # Outputs nobody differentiated arrive as None: without a gradient for the log-sum-exp the
     # backward does no label-column work.
     ctx.set_materialize_grads(False)
@@ -502,10 +680,10 @@ def _backward(ctx, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_lo
         log_sum_sq_probs if grad_log_sum_sq_probs is not None else None,
         logps_upstream(dense_upstream(grad_logps), grad_lse, lse), grad_lse, grad_entropy,
         dense_upstream(grad_mean_logits), grad_log_sum_sq_probs,
-        *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend,
+        *ctx.hyperparameters, need_hidden, need_weight, need_bias, ctx.backend, ctx.grad_filter_eps,
     )
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, *([None] * 10))
+            grad_bias if need_bias else None, *([None] * 11))
 
 
 linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -527,6 +705,7 @@ def linear_token_stats(
     logit_scale: float = 1.0,
     backend: str = "auto",
     process_group: "ProcessGroup | None" = None,
+    grad_filter_eps: float | None = None,
 ) -> TokenStats:
     """``prefopt.token_stats`` of the logits ``logit_scale * (hidden @ weight.T + bias)``,
     without materializing them.
@@ -541,7 +720,8 @@ def linear_token_stats(
         stats: any of "entropy", "mean_logits", "log_sum_sq_probs", "is_top1".
         temperature, softcap: z = softcap(x) / temperature, applied after ``logit_scale``.
         logit_scale: finite > 0, multiplies hidden @ weight.T + bias.
-        backend: "auto", "triton", "cuda", "torch" or "reference" (see the module docstring).
+        backend: "auto", "triton", "triton-fused", "cuda", "torch" or "reference" (see the module
+            docstring).
         process_group: None, or the group whose ranks each hold a contiguous slice of the
             vocabulary (in rank order, sizes may differ): ``weight`` [V_rank, H] and ``bias``
             [V_rank] are this rank's rows, ``labels`` global ids in [0, sum of V_rank), and
@@ -550,6 +730,10 @@ def linear_token_stats(
             whole vocabulary (the ranks' parts, all-reduced in backward: identity forward,
             all-reduce backward, as Megatron's tensor-parallel input). "is_top1" is not
             available (see ``prefopt.logprobs.distributed``).
+        grad_filter_eps: None (exact), or a threshold >= 0 with backend="triton-fused": the
+            backward leaves out of the hidden and weight gradient products every [64, 64] tile of
+            the logits gradient whose entries are all below it in magnitude (deterministic; 0.0
+            is exact bit for bit). Opt-in: it changes the gradients by up to eps per entry left out.
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the labels'
@@ -562,9 +746,11 @@ def linear_token_stats(
     _validation.check_ignore_index(ignore_index)
     asked = _validation.check_stats(stats, STAT_NAMES)
     backend = backends.resolve("linear", backend, hidden.device, hidden.dtype)
+    _check_grad_filter_eps(grad_filter_eps, backend)
     weight, bias = _full_head("weight", weight, process_group), _full_head("bias", bias, process_group)
     options = {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
-               "logit_scale": float(logit_scale), "backend": backend}
+               "logit_scale": float(logit_scale), "backend": backend,
+               "grad_filter_eps": None if grad_filter_eps is None else float(grad_filter_eps)}
     if process_group is None:
         labels = _validation.check_label_values(labels, weight.shape[0], ignore_index)
         kernel_ignore_index = NO_LABEL if ignore_index is None else ignore_index
@@ -583,7 +769,8 @@ def linear_token_stats(
 def _local_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                               asked: frozenset[str], ignore_index: int, *, temperature: float,
                               softcap: float | None, logit_scale: float, backend: str,
-                              with_lse: bool) -> tuple[TokenStats, Tensor | None]:
+                              with_lse: bool, grad_filter_eps: float | None = None
+                              ) -> tuple[TokenStats, Tensor | None]:
     """(TokenStats, lse) of checked inputs on one device, as ``prefopt.logprobs.local_token_stats``."""
     if backend == "reference":
         compute_dtype = _compute_dtype(hidden.dtype)
@@ -594,6 +781,7 @@ def _local_linear_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | Non
     outputs = torch.ops.prefopt.linear_token_stats(
         hidden, weight, bias, labels.reshape(-1), ignore_index, temperature, softcap, logit_scale,
         "entropy" in asked, "mean_logits" in asked, "log_sum_sq_probs" in asked, "is_top1" in asked, backend,
+        grad_filter_eps,
     )
     result, lse = shaped_stats(outputs, labels.shape, asked)
     return result, lse if with_lse else None
