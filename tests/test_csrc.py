@@ -516,15 +516,15 @@ def test_backward_of_column_tiles_is_that_of_whole_rows(simulator, dtype, softca
     rows, vocab_size = 6, 1003
     logits = (torch.randn(1, rows, vocab_size) * 3).to(dtype)
     labels = torch.tensor([0, 1002, -100, 500, 333, 334])
-    logps, lse, entropy, log_sum_sq_probs = (torch.empty(rows) for _ in range(4))
-    simulator(logits, labels, logps, lse, entropy, None, log_sum_sq_probs, None, -100, 0.7, softcap)
+    logps, lse, entropy, log_sum_sq_probs, lse_residual = (torch.empty(rows) for _ in range(5))
+    simulator(logits, labels, logps, lse, entropy, None, log_sum_sq_probs, None, -100, 0.7, softcap, lse_residual)
     upstream = [torch.randn(rows) for _ in range(4)]
     arguments = (labels, lse, entropy, log_sum_sq_probs, *upstream, -100, 0.7, softcap)
     whole = torch.empty_like(logits)
-    torch.ops.prefopt_sim.cuda_token_stats_backward(logits, whole, *arguments, 0, vocab_size)
+    torch.ops.prefopt_sim.cuda_token_stats_backward(logits, whole, *arguments, 0, vocab_size, lse_residual)
     for start, stop in ((0, 256), (256, 333), (333, 334), (334, 1003)):
         tile = logits[:, :, start:stop].contiguous()
-        torch.ops.prefopt_sim.cuda_token_stats_backward(tile, tile, *arguments, start, vocab_size)
+        torch.ops.prefopt_sim.cuda_token_stats_backward(tile, tile, *arguments, start, vocab_size, lse_residual)
         assert torch.equal(tile, whole[:, :, start:stop]), (start, stop)
 
 
