@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_stats_fwd import BLOCK_M, BLOCK_N, precision
+from .linear_stats_fwd import BLOCK_M, BLOCK_N, precision, tile_dot
 
 BLOCK_H = 64
 
@@ -32,13 +32,7 @@ def _linear_grad_hidden_kernel(
                         mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
             w = tl.load(weight_ptr + (col_start + cols[:, None]).to(tl.int64) * stride_weight + hs[None, :],
                         mask=(cols[:, None] < n_cols) & (hs[None, :] < hidden_size), other=0.0)
-            if UPCAST:
-                g = g.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(g, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(g, w, acc)
+            acc = tile_dot(g, w, acc, IEEE, UPCAST)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + hs[None, :], acc,
              mask=(rows[:, None] < n_rows) & (hs[None, :] < hidden_size))
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .linear_grad_hidden import BLOCK_H
-from .linear_stats_fwd import BLOCK_M, BLOCK_N, precision
+from .linear_stats_fwd import BLOCK_M, BLOCK_N, precision, tile_dot
 
 
 @triton.jit
@@ -32,13 +32,7 @@ def _linear_grad_weight_kernel(
                         mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
             h = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * stride_hidden + hs[None, :],
                         mask=(rows[:, None] < n_rows) & (hs[None, :] < hidden_size), other=0.0)
-            if UPCAST:
-                g = g.to(tl.float32)
-                h = h.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(tl.trans(g), h, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(g), h, acc)
+            acc = tile_dot(tl.trans(g), h, acc, IEEE, UPCAST)
     tl.store(out_ptr + cols[:, None].to(tl.int64) * stride_out + hs[None, :], acc,
              mask=(cols[:, None] < n_cols) & (hs[None, :] < hidden_size))
 

@@ -34,6 +34,20 @@ def precision(dtype: torch.dtype) -> dict[str, bool]:
 
 
 @triton.jit
+def tile_dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in float32: the one tile product of every fused linear kernel."""
+    if UPCAST:
+        # Triton's interpreter multiplies bf16/fp16 operands wrongly; their float32 values give
+        # the same products (exact in float32) and sums.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    # float32 operands are multiplied in float32 (no TF32), as the explicit logits are.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, vocab_size, hidden_size,
                 stride_hidden, stride_weight, logit_scale, inv_temperature, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -46,16 +60,7 @@ def logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, n_rows, vocab_size
                     mask=(rows[:, None] < n_rows) & (ks[None, :] < hidden_size), other=0.0)
         b = tl.load(weight_ptr + cols[None, :] * stride_weight + ks[:, None],
                     mask=(cols[None, :] < vocab_size) & (ks[:, None] < hidden_size), other=0.0)
-        if UPCAST:
-            # Triton's interpreter multiplies bf16/fp16 operands wrongly; their float32 values
-            # give the same products (exact in float32) and sums.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        # float32 operands are multiplied in float32 (no TF32), as the explicit logits are.
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = tile_dot(a, b, acc, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < vocab_size, other=0.0).to(tl.float32)[None, :]
     x = acc * logit_scale

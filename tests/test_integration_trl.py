@@ -15,7 +15,6 @@ transformers = pytest.importorskip("transformers")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 
@@ -23,6 +22,8 @@ import prefopt.integrations.trl as prefopt_trl  # noqa: E402
 from prefopt.backends import unavailable_reason  # noqa: E402
 
 from conftest import ALL_STATS, relative_error  # noqa: E402
+from trl_engine_worker import WORDS  # noqa: E402
+from trl_engine_worker import tokenizer as word_tokenizer  # noqa: E402
 
 # Raised inside TRL and Transformers 5.23, which still call their own deprecated names.
 pytestmark = pytest.mark.filterwarnings(
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 TRL_ORIGINALS = {name: getattr(trl_utils, name) for name in
                  ("_ChunkedLogProbFunction", "selective_log_softmax", "selective_log_softmax_and_entropy")}
-WORDS = "the a cat dog sat ran on mat log red blue big small is was and".split()
 PROMPTS = ["the cat", "a dog", "the big dog", "a red cat"]
 CHOSEN = [" sat on the mat", " ran", " is small", " was on a log"]
 REJECTED = [" ran on", " sat on a red mat", " is", " sat"]
@@ -59,11 +59,7 @@ def fused_calls(monkeypatch) -> list:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", "<eos>", *WORDS])}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<eos>")
+    return word_tokenizer()
 
 
 def tiny_llama(seed: int, vocab_size: int = 3 + len(WORDS)) -> LlamaForCausalLM:
