@@ -7,6 +7,15 @@ from conftest import DEVICE, random_labels, random_logits
 import prefopt
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: the same functions are compiled for every backend and
+    option, and the recompiles of one worker's tests would otherwise reach Dynamo's limit (8)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def loss_of(logits, labels, cu_seqlens, backend, inplace_backward):
     stats = prefopt.token_stats(logits, labels, stats=("entropy", "mean_logits", "is_top1"), backend=backend,
                                 inplace_backward=inplace_backward)
