@@ -186,9 +186,11 @@ def resolve(op: str, backend: object, device: torch.device, dtype: torch.dtype, 
             return "reference"
         return resolve_backend(backend, device)
     if op == "linear":
-        resolved = resolve_backend("triton" if backend == LINEAR_FUSED else backend, device)
         if backend == LINEAR_FUSED:
+            resolve_backend("triton", device)  # raises, saying why, where Triton cannot run
             resolved = LINEAR_FUSED
+        else:
+            resolved = resolve_backend(backend, device)
         if resolved in (*FUSED_BACKENDS, LINEAR_FUSED) and dtype == torch.float64:
             if backend == "auto":
                 return "torch"
