@@ -1,5 +1,6 @@
 // Fused preference-loss reductions on per-sequence log-probs: one launch per direction for a whole
-// batch (the CUDA twin of kernels/preference_loss.py; both are tested against prefopt/losses.py).
+// batch (the twin of kernels/preference_loss.py, function for function; both are tested against
+// prefopt/losses/formulas.py, which carries the derivations).
 //
 // Each loss type is one device function, written as its paper writes it and generic over the
 // scalar type S. The forward evaluates it on plain numbers (S = C, the compute type); the backward

@@ -1,18 +1,29 @@
 """Fused preference-loss reductions on per-sequence log-probs: one launch per direction.
 
-Each family (DPO and its pairwise relatives, KTO, CPO/SimPO, ORPO) is one kernel, compiled in
-two modes. Forward: per-example losses, the reduced loss, the rewards and the batch metrics.
-Backward: the gradients of ``losses`` (and of the reduced loss) with respect to every
-log-prob input, recomputed from the inputs, so nothing but the inputs is saved. The formulas
-are those of ``prefopt.losses`` (the reference every path is tested against); the derivatives
-are their closed forms.
+One kernel serves every family (DPO and its pairwise relatives, KTO, CPO/SimPO, ORPO), compiled
+in two modes. Forward: per-example losses, the reduced loss, the rewards and the batch metrics.
+Backward: the gradients of ``losses`` (and of the reduced loss) with respect to every log-prob
+input, recomputed from the inputs, so nothing but the inputs is saved.
 
-A single program walks the batch in blocks of ``BLOCK`` examples in a fixed order, so every
-sum is deterministic and no atomics are needed; batches of preference pairs are small (tens to
+Each loss type is written once, as ``prefopt.losses.formulas`` writes it (that module is the
+reference and carries each derivation), on forward-mode dual numbers: a tuple
+(value, d/dx0, d/dx1, d/dx2) over the example's three variables
+
+    x0 = chosen - ref_chosen,   x1 = rejected - ref_rejected   (an absent reference is 0),
+    x2 = margin (DPO) or nll (ORPO), else unused,
+
+so the same line of math gives the value and its exact partial derivatives, and each elementary
+function carries its derivative once (``_sigmoid_d`` and its neighbours). The forward reads only
+the values: the compiler drops the derivative lanes, which no store uses. ``csrc/preference_loss.cu``
+is the same design in C++, function for function.
+
+A single program walks the batch in blocks of ``BLOCK`` examples in a fixed order, so every sum
+is deterministic and no atomics are needed; batches of preference pairs are small (tens to
 thousands), so one program is also the fastest launch. Math runs in float32, or in float64 for
 float64 inputs. Triton passes Python floats as float32, so the scalar arguments are annotated
 float64, and the per-type weights of a combined DPO loss (a tuple, which cannot be annotated)
-travel as float32 (hi, lo) pairs whose sum carries 48 bits.
+travel as float32 (hi, lo) pairs whose sum carries 48 bits. An absent tensor is passed as None,
+which the kernel sees as a constant: its branch is compiled out.
 
 The metrics are written in the order ``prefopt._codes.METRIC_NAMES`` gives for each family.
 """
@@ -21,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._codes import F_DIVERGENCE_TYPES, LOSS_TYPE_CODES
+from .._codes import F_DIVERGENCE_TYPES, FAMILIES, LOSS_TYPE_CODES
 from ._common import log1p
 
 # Loss-type codes, those of prefopt._codes (the CUDA C++ kernels use the same).
@@ -38,16 +49,16 @@ _APO_DOWN = tl.constexpr(LOSS_TYPE_CODES["apo_down"])
 _DISCOPOP = tl.constexpr(LOSS_TYPE_CODES["discopop"])
 _SIGMOID_NORM = tl.constexpr(LOSS_TYPE_CODES["sigmoid_norm"])
 _SIMPO = tl.constexpr(LOSS_TYPE_CODES["simpo"])
+_KTO = tl.constexpr(LOSS_TYPE_CODES["kto"])
 _FORWARD_KL = tl.constexpr(F_DIVERGENCE_TYPES.index("forward_kl"))
 _JS_DIVERGENCE = tl.constexpr(F_DIVERGENCE_TYPES.index("js_divergence"))
 _ALPHA_DIVERGENCE = tl.constexpr(F_DIVERGENCE_TYPES.index("alpha_divergence"))
+_DPO = tl.constexpr(FAMILIES.index("dpo"))
+_KTO_FAMILY = tl.constexpr(FAMILIES.index("kto"))
+_CPO = tl.constexpr(FAMILIES.index("cpo"))
+_ORPO = tl.constexpr(FAMILIES.index("orpo"))
 
-DPO_KINDS = {kind: LOSS_TYPE_CODES[kind] for kind in (
-    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
-    "discopop", "sigmoid_norm",
-)}
-CPO_KINDS = {kind: LOSS_TYPE_CODES[kind] for kind in ("sigmoid", "hinge", "ipo", "simpo")}
-
+_LN2 = tl.constexpr(0.6931471805599453)
 _MAX_BLOCK = 1024
 
 
@@ -79,10 +90,10 @@ def _expm1(x):
 
 @triton.jit
 def _log1mexp(x):
-    """log(1 - e^x) for x < 0, split at -ln 2 as in prefopt.losses._log1mexp."""
-    near_zero = tl.log(-_expm1(tl.maximum(x, -0.6931471805599453)))
-    far = log1p(-tl.exp(tl.minimum(x, -0.6931471805599453)))
-    return tl.where(x > -0.6931471805599453, near_zero, far)
+    """log(1 - e^x) for x < 0, split at -ln 2 as in prefopt.losses.formulas.log1mexp."""
+    near_zero = tl.log(-_expm1(tl.maximum(x, -_LN2)))
+    far = log1p(-tl.exp(tl.minimum(x, -_LN2)))
+    return tl.where(x > -_LN2, near_zero, far)
 
 
 @triton.jit
@@ -91,634 +102,554 @@ def _scalar(x, DTYPE: tl.constexpr):
     return (tl.zeros((), DTYPE) + x).to(DTYPE)
 
 
+# ----------------------------------------------------------------------------------------------
+# Dual numbers (value, d/dx0, d/dx1, d/dx2). A constant k (a scalar or a per-example tensor)
+# carries no derivative, so it is never multiplied in as a dual (inf * 0 would be NaN).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _variable(x, INDEX: tl.constexpr):
+    zero = tl.zeros_like(x)
+    if INDEX == 0:
+        return x, zero + 1.0, zero, zero
+    elif INDEX == 1:
+        return x, zero, zero + 1.0, zero
+    else:
+        return x, zero, zero, zero + 1.0
+
+
+@triton.jit
+def _constant(x):
+    zero = tl.zeros_like(x)
+    return x, zero, zero, zero
+
+
+@triton.jit
+def _then(a, value, slope):
+    """f(a) by the chain rule, from f(a's value) and f'(a's value)."""
+    return value, slope * a[1], slope * a[2], slope * a[3]
+
+
+@triton.jit
+def _add(a, b):
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+
+@triton.jit
+def _sub(a, b):
+    return a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3]
+
+
+@triton.jit
+def _mul(a, b):
+    return a[0] * b[0], a[1] * b[0] + a[0] * b[1], a[2] * b[0] + a[0] * b[2], a[3] * b[0] + a[0] * b[3]
+
+
+@triton.jit
+def _scale(k, a):
+    return k * a[0], k * a[1], k * a[2], k * a[3]
+
+
+@triton.jit
+def _div(a, k):
+    return a[0] / k, a[1] / k, a[2] / k, a[3] / k
+
+
+@triton.jit
+def _shift(a, k):
+    return a[0] + k, a[1], a[2], a[3]
+
+
+@triton.jit
+def _neg(a):
+    return -a[0], -a[1], -a[2], -a[3]
+
+
+@triton.jit
+def _select(condition, a, b):
+    return (tl.where(condition, a[0], b[0]), tl.where(condition, a[1], b[1]), tl.where(condition, a[2], b[2]),
+            tl.where(condition, a[3], b[3]))
+
+
+@triton.jit
+def _square(a):
+    return _mul(a, a)
+
+
+@triton.jit
+def _sigmoid_d(a):
+    s = _sigmoid(a[0])
+    return _then(a, s, s * _sigmoid(-a[0]))
+
+
+@triton.jit
+def _log_sigmoid_d(a):
+    return _then(a, _log_sigmoid(a[0]), _sigmoid(-a[0]))
+
+
+@triton.jit
+def _exp_d(a):
+    e = tl.exp(a[0])
+    return _then(a, e, e)
+
+
+@triton.jit
+def _expm1_d(a):
+    return _then(a, _expm1(a[0]), tl.exp(a[0]))
+
+
+@triton.jit
+def _log1mexp_d(a):
+    # d/dx log(1 - e^x) = e^x / (e^x - 1), finite for every x < 0.
+    return _then(a, _log1mexp(a[0]), tl.exp(a[0]) / _expm1(a[0]))
+
+
+@triton.jit
+def _relu_d(a):
+    return _then(a, tl.maximum(a[0], 0.0), tl.where(a[0] > 0.0, 1.0, 0.0).to(a[0].dtype))
+
+
+@triton.jit
+def _clamp_max_d(a, bound):
+    """min(a, bound) with torch.clamp(max=bound)'s gradient: 1 up to and including the bound."""
+    return _then(a, tl.minimum(a[0], bound), tl.where(a[0] <= bound, 1.0, 0.0).to(a[0].dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss types, one function each, on dual numbers; the derivations are in
+# prefopt.losses.formulas. c and r are the chosen and rejected log-ratios (or scores), m the
+# margin, z = beta (c - r) - m.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _smoothed_logistic(z, eps):
+    return _sub(_scale(-(1.0 - eps), _log_sigmoid_d(z)), _scale(eps, _log_sigmoid_d(_neg(z))))
+
+
+@triton.jit
+def _robust_logistic(z, eps):
+    return _div(_add(_scale(-(1.0 - eps), _log_sigmoid_d(z)), _scale(eps, _log_sigmoid_d(_neg(z)))),
+                1.0 - 2.0 * eps)
+
+
+@triton.jit
+def _hinge(z):
+    return _relu_d(_shift(_neg(z), 1.0))
+
+
+@triton.jit
+def _ipo(h, m, beta):
+    return _square(_sub(h, _div(_shift(m, 0.5), beta)))
+
+
+@triton.jit
+def _exo_pair(z, eps):
+    return _add(_mul(_sigmoid_d(z), _shift(_log_sigmoid_d(z), -log1p(-eps))),
+                _mul(_sigmoid_d(_neg(z)), _shift(_log_sigmoid_d(_neg(z)), -tl.log(eps))))
+
+
+@triton.jit
+def _nca_pair(chosen_reward, rejected_reward):
+    return _sub(_sub(_neg(_log_sigmoid_d(chosen_reward)), _scale(0.5, _log_sigmoid_d(_neg(chosen_reward)))),
+                _scale(0.5, _log_sigmoid_d(_neg(rejected_reward))))
+
+
+@triton.jit
+def _bco_pair(chosen_reward, rejected_reward, delta):
+    return _sub(_neg(_log_sigmoid_d(_shift(chosen_reward, -delta))),
+                _log_sigmoid_d(_shift(_neg(rejected_reward), delta)))
+
+
+@triton.jit
+def _sppo_hard(c, r, beta):
+    return _add(_square(_shift(c, -0.5 / beta)), _square(_shift(r, 0.5 / beta)))
+
+
+@triton.jit
+def _apo_zero(chosen_reward, rejected_reward):
+    return _add(_sigmoid_d(_neg(chosen_reward)), _sigmoid_d(rejected_reward))
+
+
+@triton.jit
+def _apo_down(chosen_reward, z):
+    return _add(_sigmoid_d(chosen_reward), _sigmoid_d(_neg(z)))
+
+
+@triton.jit
+def _discopop(z, tau):
+    return _add(_neg(_mul(_log_sigmoid_d(z), _sigmoid_d(_neg(_div(z, tau))))),
+                _exp_d(_sub(_log_sigmoid_d(_div(z, tau)), z)))
+
+
+@triton.jit
+def _f_divergence_score(x, coef, F_DIV: tl.constexpr):
+    """f'(e^x) of a log-ratio x (formulas.f_divergence_scores); reverse KL (0) is x itself."""
+    if F_DIV == _FORWARD_KL:
+        return _neg(_expm1_d(_neg(x)))
+    elif F_DIV == _JS_DIVERGENCE:
+        return _shift(_log_sigmoid_d(x), _LN2)
+    elif F_DIV == _ALPHA_DIVERGENCE:
+        return _div(_expm1_d(_clamp_max_d(_scale(coef - 1.0, x), 80.0)), coef - 1.0)
+    else:
+        return x
+
+
+@triton.jit
+def _alphapo_reward(x, alpha):
+    return _div(_neg(_expm1_d(_scale(-alpha, x))), alpha)
+
+
+@triton.jit
+def _log_odds(x, tiny):
+    """log(p / (1 - p)) of p = e^x, with log p = 0 clamped to -tiny (formulas.log1mexp)."""
+    return _sub(x, _log1mexp_d(_clamp_max_d(x, -tiny)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The families: one example's loss (a dual), its rewards and ORPO's extra metrics.
+# ----------------------------------------------------------------------------------------------
+
+
 @triton.jit
 def _weight(weights_hi, weights_lo, i: tl.constexpr, DTYPE: tl.constexpr):
     return _scalar(weights_hi[i], DTYPE) + _scalar(weights_lo[i], DTYPE)
 
 
-# ----------------------------------------------------------------------------------------------
-# Per-family terms: the loss of each example of a block and its partial derivatives.
-# ----------------------------------------------------------------------------------------------
-
-
 @triton.jit
-def _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
-               KINDS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DTYPE: tl.constexpr):
-    """c, r: chosen and rejected log-ratios; m: margin. Returns (loss, dL/dc, dL/dr, dL/dm)."""
-    z = beta * (c - r) - m
-    loss = tl.zeros_like(z)
-    dc = tl.zeros_like(z)
-    dr = tl.zeros_like(z)
-    dm = tl.zeros_like(z)
-    for i in tl.static_range(len(KINDS)):
-        w = _weight(weights_hi, weights_lo, i, DTYPE)
-        if KINDS[i] == _IPO:
-            if HAS_LENGTHS:
-                h = c / len_c - r / len_r
-                t = h - (m + 0.5) / beta
-                loss += w * (t * t)
-                dc += w * 2.0 * t / len_c
-                dr -= w * 2.0 * t / len_r
-            else:
-                t = (c - r) - (m + 0.5) / beta
-                loss += w * (t * t)
-                dc += w * 2.0 * t
-                dr -= w * 2.0 * t
-            dm -= w * 2.0 * t / beta
-        elif KINDS[i] == _NCA_PAIR:
-            cw = beta * c
-            rw = beta * r
-            loss += w * (-_log_sigmoid(cw) - 0.5 * _log_sigmoid(-cw) - 0.5 * _log_sigmoid(-rw))
-            dc += w * beta * (0.5 * _sigmoid(cw) - _sigmoid(-cw))
-            dr += w * beta * 0.5 * _sigmoid(rw)
-        elif KINDS[i] == _BCO_PAIR:
-            a = beta * c - delta
-            b = delta - beta * r
-            loss += w * (-_log_sigmoid(a) - _log_sigmoid(b))
-            dc -= w * beta * _sigmoid(-a)
-            dr += w * beta * _sigmoid(-b)
-        elif KINDS[i] == _SPPO_HARD:
-            a = c - 0.5 / beta
-            b = r + 0.5 / beta
-            loss += w * (a * a + b * b)
-            dc += w * 2.0 * a
-            dr += w * 2.0 * b
-        elif KINDS[i] == _APO_ZERO:
-            cw = beta * c
-            rw = beta * r
-            loss += w * (_sigmoid(-cw) + _sigmoid(rw))
-            dc -= w * beta * _sigmoid(cw) * _sigmoid(-cw)
-            dr += w * beta * _sigmoid(rw) * _sigmoid(-rw)
-        elif KINDS[i] == _SIGMOID_NORM:
-            zn = beta * (c / len_c - r / len_r) - m
-            loss -= w * _log_sigmoid(zn)
-            dzn = -w * _sigmoid(-zn)
-            dc += beta * dzn / len_c
-            dr -= beta * dzn / len_r
-            dm -= dzn
+def _dpo_type_loss(c, r, m, len_c, len_r, beta, eps, tau, delta, KIND: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    z = _sub(_scale(beta, _sub(c, r)), m)
+    if KIND == _SIGMOID:
+        return _smoothed_logistic(z, eps)
+    elif KIND == _ROBUST:
+        return _robust_logistic(z, eps)
+    elif KIND == _HINGE:
+        return _hinge(z)
+    elif KIND == _IPO:
+        # On sums (the paper's), or per token when lengths are given (TRL's convention).
+        if HAS_LENGTHS:
+            return _ipo(_sub(_div(c, len_c), _div(r, len_r)), m, beta)
         else:
-            # The types that see the pair only through z = βΔ - m: their value and dL/dz.
-            if KINDS[i] == _SIGMOID:
-                value = -(1.0 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
-                dz = eps * _sigmoid(z) - (1.0 - eps) * _sigmoid(-z)
-            elif KINDS[i] == _ROBUST:
-                value = (eps * _log_sigmoid(-z) - (1.0 - eps) * _log_sigmoid(z)) / (1.0 - 2.0 * eps)
-                dz = -((1.0 - eps) * _sigmoid(-z) + eps * _sigmoid(z)) / (1.0 - 2.0 * eps)
-            elif KINDS[i] == _HINGE:
-                value = tl.maximum(1.0 - z, 0.0)
-                dz = tl.where(1.0 - z > 0.0, -1.0, 0.0).to(DTYPE)
-            elif KINDS[i] == _EXO_PAIR:
-                p = _sigmoid(z)
-                q = _sigmoid(-z)
-                log_ratio = log1p(-eps) - tl.log(eps)
-                value = p * (_log_sigmoid(z) - log1p(-eps)) + q * (_log_sigmoid(-z) - tl.log(eps))
-                # logσ(z) - logσ(-z) = z, so the derivative is σ(z)σ(-z)(z - log((1-ε)/ε)).
-                dz = p * q * (z - log_ratio)
-            elif KINDS[i] == _APO_DOWN:
-                cw = beta * c
-                value = _sigmoid(cw) + _sigmoid(-z)
-                dz = -_sigmoid(z) * _sigmoid(-z)
-                dc += w * beta * _sigmoid(cw) * _sigmoid(-cw)
-            else:
-                tl.static_assert(KINDS[i] == _DISCOPOP)
-                zt = z / tau
-                log_sig = _log_sigmoid(z)
-                # exp(-z)·σ(z/τ) formed in log space: exp(-z) alone overflows.
-                tail = tl.exp(_log_sigmoid(zt) - z)
-                value = -log_sig * _sigmoid(-zt) + tail
-                dz = (-_sigmoid(-z) * _sigmoid(-zt) + log_sig * _sigmoid(zt) * _sigmoid(-zt) / tau
-                      + tail * (_sigmoid(-zt) / tau - 1.0))
-            loss += w * value
-            dc += w * beta * dz
-            dr -= w * beta * dz
-            dm -= w * dz
-    return loss, dc, dr, dm
-
-
-@triton.jit
-def _cpo_terms(c, r, beta, eps, gamma, KIND: tl.constexpr, DTYPE: tl.constexpr):
-    """c, r: chosen and rejected log-probs (per-token averages for ipo and simpo).
-    Returns (preference loss, dL/dh) with h = c - r."""
-    h = c - r
-    if KIND == _IPO:
-        t = h - 0.5 / beta
-        return t * t, 2.0 * t
-    z = beta * h
-    if KIND == _SIMPO:
-        z = z - gamma
-    if KIND == _HINGE:
-        return tl.maximum(1.0 - z, 0.0), beta * tl.where(1.0 - z > 0.0, -1.0, 0.0).to(DTYPE)
-    value = -(1.0 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
-    return value, beta * (eps * _sigmoid(z) - (1.0 - eps) * _sigmoid(-z))
-
-
-@triton.jit
-def _log_odds(x, tiny):
-    """(log-odds of e^x, its derivative), with prefopt.losses.orpo_loss's clamp: x is held at
-    -tiny in log(1 - e^x), and where the clamp holds only the plain x term has a gradient."""
-    xc = tl.minimum(x, -tiny)
-    value = x - _log1mexp(xc)
-    derivative = tl.where(x <= -tiny, 1.0 - tl.exp(xc) / _expm1(xc), 1.0)
-    return value, derivative
-
-
-@triton.jit
-def _f_score(x, coef, F_DIV: tl.constexpr):
-    """(f-divergence score of a log-ratio x, its derivative): prefopt.losses.formulas.f_divergence_scores."""
-    if F_DIV == _FORWARD_KL:
-        return -_expm1(-x), tl.exp(-x)
-    elif F_DIV == _JS_DIVERGENCE:
-        return 0.6931471805599453 + _log_sigmoid(x), _sigmoid(-x)
+            return _ipo(_sub(c, r), m, beta)
+    elif KIND == _EXO_PAIR:
+        return _exo_pair(z, eps)
+    elif KIND == _NCA_PAIR:
+        return _nca_pair(_scale(beta, c), _scale(beta, r))
+    elif KIND == _BCO_PAIR:
+        return _bco_pair(_scale(beta, c), _scale(beta, r), delta)
+    elif KIND == _SPPO_HARD:
+        return _sppo_hard(c, r, beta)
+    elif KIND == _APO_ZERO:
+        return _apo_zero(_scale(beta, c), _scale(beta, r))
+    elif KIND == _APO_DOWN:
+        return _apo_down(_scale(beta, c), z)
+    elif KIND == _DISCOPOP:
+        return _discopop(z, tau)
     else:
-        tl.static_assert(F_DIV == _ALPHA_DIVERGENCE)
-        t = (coef - 1.0) * x
-        tc = tl.minimum(t, 80.0)
-        # torch.clamp(max=80)'s gradient: through up to and including the bound.
-        return _expm1(tc) / (coef - 1.0), tl.where(t <= 80.0, tl.exp(tc), 0.0)
+        tl.static_assert(KIND == _SIGMOID_NORM)
+        return _neg(_log_sigmoid_d(_sub(_scale(beta, _sub(_div(c, len_c), _div(r, len_r))), m)))
 
 
 @triton.jit
-def _alphapo(x, alpha):
-    """(AlphaPO reward -expm1(-αx)/α, its derivative e^(-αx)): prefopt.losses.formulas.alphapo_rewards."""
-    return -_expm1(-alpha * x) / alpha, tl.exp(-alpha * x)
+def _dpo_loss(x, len_c, len_r, beta, eps, tau, delta, f_coef, weights_hi, weights_lo,
+              KINDS: tl.constexpr, F_DIV: tl.constexpr, HAS_LENGTHS: tl.constexpr, DTYPE: tl.constexpr):
+    """The weighted sum of the listed types, in list order as formulas.dpo_losses sums them.
+    Under an f-divergence the types see the scores of the log-ratios."""
+    c = _f_divergence_score(x[0], f_coef, F_DIV)
+    r = _f_divergence_score(x[1], f_coef, F_DIV)
+    loss = _constant(tl.zeros_like(x[0][0]))
+    for i in tl.static_range(len(KINDS)):
+        term = _dpo_type_loss(c, r, x[2], len_c, len_r, beta, eps, tau, delta, KINDS[i], HAS_LENGTHS)
+        loss = _add(loss, _scale(_weight(weights_hi, weights_lo, i, DTYPE), term))
+    return loss
+
+
+@triton.jit
+def _kto_loss(x, desirable, beta, reference_point, desirable_weight, undesirable_weight):
+    """formulas.kto_losses: the weight times sigma(-s) for a desirable example, sigma(s) otherwise."""
+    s = _scale(beta, _shift(x[0], -reference_point))
+    return _scale(tl.where(desirable, desirable_weight, undesirable_weight), _sigmoid_d(_select(desirable, _neg(s), s)))
+
+
+@triton.jit
+def _cpo_transform(x, length, alpha, AVERAGED: tl.constexpr, ALPHAPO: tl.constexpr):
+    """CPO's view of one side's log-prob: its per-token average for ipo and simpo, then the
+    AlphaPO reward when alpha is nonzero."""
+    if AVERAGED:
+        x = _div(x, length)
+    if ALPHAPO:
+        x = _alphapo_reward(x, alpha)
+    return x
+
+
+@triton.jit
+def _cpo_loss(c, r, x0, beta, eps, gamma, nll_weight, total_tokens, KIND: tl.constexpr, WITH_NLL: tl.constexpr):
+    """formulas.cpo_pair_losses on h = c - r, plus formulas.cpo_nll_losses of the chosen x0."""
+    h = _sub(c, r)
+    if KIND == _IPO:
+        loss = _ipo(h, _constant(tl.zeros_like(h[0])), beta)
+    elif KIND == _HINGE:
+        loss = _hinge(_scale(beta, h))
+    elif KIND == _SIMPO:
+        loss = _smoothed_logistic(_shift(_scale(beta, h), -gamma), eps)
+    else:
+        tl.static_assert(KIND == _SIGMOID)
+        loss = _smoothed_logistic(_scale(beta, h), eps)
+    if WITH_NLL:
+        loss = _sub(loss, _div(_scale(nll_weight, x0), total_tokens))
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. BACKWARD selects the mode; pointers the mode does not use are never touched.
+# The kernel. BACKWARD selects the mode; pointers the mode does not use are None.
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load(ptr, offs, valid, DTYPE: tl.constexpr):
+    """Block ``offs`` of a [B] input in the compute dtype, or 0 where the input is absent."""
+    if ptr is None:
+        return tl.zeros(offs.shape, DTYPE)
+    else:
+        return tl.load(ptr + offs, mask=valid, other=0.0).to(DTYPE)
 
 
 @triton.jit
 def _token_count(lengths_ptr, offs, valid, DTYPE: tl.constexpr):
     """Completion token counts, at least 1 (TRL's clamp: an empty completion counts as one
-    token). A NaN stays NaN, as torch.clamp keeps it: tl.maximum would drop it and count 1."""
-    count = tl.load(lengths_ptr + offs, mask=valid, other=1).to(DTYPE)
-    return tl.where(count < 1.0, 1.0, count)
+    token; 1 where no lengths are given). A NaN stays NaN, as torch.clamp keeps it: tl.maximum
+    would drop it and count 1."""
+    if lengths_ptr is None:
+        return tl.full(offs.shape, 1.0, DTYPE)
+    else:
+        count = tl.load(lengths_ptr + offs, mask=valid, other=1).to(DTYPE)
+        return tl.where(count < 1.0, 1.0, count)
 
 
 @triton.jit
-def _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN: tl.constexpr, DTYPE: tl.constexpr):
-    """Gradient reaching each example's loss: through ``losses`` and through the reduced loss."""
-    g = tl.load(grad_losses_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-    grad_loss = tl.load(grad_loss_ptr).to(DTYPE)
-    if MEAN:
-        grad_loss = grad_loss / _scalar(n, DTYPE)
-    return g + grad_loss
+def _masked_sum(valid, x):
+    return tl.sum(tl.where(valid, x, 0.0), 0)
+
+
+@triton.jit
+def _store_if(ptr, offs, value, valid):
+    if ptr is not None:
+        tl.store(ptr + offs, value, mask=valid)
 
 
 @triton.jit(do_not_specialize=["n"])
-def _dpo_kernel(
-    policy_chosen_ptr, policy_rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
-    margin_ptr, chosen_lengths_ptr, rejected_lengths_ptr, delta_ptr, pair_weights_ptr,
+def _preference_loss_kernel(
+    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, margin_ptr, chosen_lengths_ptr,
+    rejected_lengths_ptr, desirable_ptr, offset_ptr, nll_ptr, pair_weights_ptr,
     loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
-    grad_loss_ptr, grad_losses_ptr,
-    grad_policy_chosen_ptr, grad_policy_rejected_ptr, grad_ref_chosen_ptr, grad_ref_rejected_ptr, grad_margin_ptr,
-    n, beta: tl.float64, eps: tl.float64, tau: tl.float64, delta_value: tl.float64, f_coef: tl.float64,
-    weights_hi, weights_lo,
-    KINDS: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_LENGTHS: tl.constexpr, DELTA_IN_TENSOR: tl.constexpr,
-    F_DIV: tl.constexpr, HAS_PAIR_WEIGHTS: tl.constexpr,
-    MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    grad_loss_ptr, grad_losses_ptr, grad_chosen_ptr, grad_rejected_ptr, grad_ref_chosen_ptr,
+    grad_ref_rejected_ptr, grad_margin_ptr, grad_nll_ptr,
+    n, beta: tl.float64, eps: tl.float64, tau: tl.float64, gamma: tl.float64, cpo_alpha: tl.float64,
+    desirable_weight: tl.float64, undesirable_weight: tl.float64, offset_value: tl.float64, f_coef: tl.float64,
+    alpha: tl.float64, tiny: tl.float64, weights_hi, weights_lo,
+    FAMILY: tl.constexpr, KINDS: tl.constexpr, F_DIV: tl.constexpr, NLL_IS_VECTOR: tl.constexpr,
+    CPO_NLL: tl.constexpr, ALPHAPO: tl.constexpr, MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     beta = _scalar(beta, DTYPE)
-    f_coef = _scalar(f_coef, DTYPE)
     eps = _scalar(eps, DTYPE)
     tau = _scalar(tau, DTYPE)
-    if DELTA_IN_TENSOR:
-        delta = tl.load(delta_ptr).to(DTYPE)
-    else:
-        delta = _scalar(delta_value, DTYPE)
-    zero = tl.zeros((), DTYPE)
-    sum_loss = zero
-    sum_chosen = zero
-    sum_rejected = zero
-    sum_correct = zero
-    sum_margin = zero
-    sum_policy_chosen = zero
-    sum_policy_rejected = zero
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < n
-        pc = tl.load(policy_chosen_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        pr = tl.load(policy_rejected_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        c = pc - tl.load(ref_chosen_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        r = pr - tl.load(ref_rejected_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        m = tl.zeros_like(c)
-        if HAS_MARGIN:
-            m = tl.load(margin_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        len_c = tl.full((BLOCK,), 1.0, DTYPE)
-        len_r = tl.full((BLOCK,), 1.0, DTYPE)
-        if HAS_LENGTHS:
-            len_c = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
-            len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
-        if F_DIV == 0:
-            loss, dc, dr, dm = _dpo_terms(c, r, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
-                                          KINDS, HAS_LENGTHS, DTYPE)
-        else:
-            # The types an f-divergence changes see only the scores: the chain rule through them.
-            sc, dsc = _f_score(c, f_coef, F_DIV)
-            sr, dsr = _f_score(r, f_coef, F_DIV)
-            loss, dc, dr, dm = _dpo_terms(sc, sr, m, len_c, len_r, beta, eps, tau, delta, weights_hi, weights_lo,
-                                          KINDS, HAS_LENGTHS, DTYPE)
-            dc = dc * dsc
-            dr = dr * dsr
-        if HAS_PAIR_WEIGHTS:
-            w = tl.load(pair_weights_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-            loss = w * loss
-            dc = w * dc
-            dr = w * dr
-            dm = w * dm
-        if BACKWARD:
-            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
-            tl.store(grad_policy_chosen_ptr + offs, g * dc, mask=valid)
-            tl.store(grad_ref_chosen_ptr + offs, -(g * dc), mask=valid)
-            tl.store(grad_policy_rejected_ptr + offs, g * dr, mask=valid)
-            tl.store(grad_ref_rejected_ptr + offs, -(g * dr), mask=valid)
-            if HAS_MARGIN:
-                tl.store(grad_margin_ptr + offs, g * dm, mask=valid)
-        else:
-            chosen_reward = beta * c
-            rejected_reward = beta * r
-            tl.store(losses_ptr + offs, loss, mask=valid)
-            tl.store(chosen_rewards_ptr + offs, chosen_reward, mask=valid)
-            tl.store(rejected_rewards_ptr + offs, rejected_reward, mask=valid)
-            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
-            sum_chosen += tl.sum(tl.where(valid, chosen_reward, 0.0), 0)
-            sum_rejected += tl.sum(tl.where(valid, rejected_reward, 0.0), 0)
-            sum_correct += tl.sum(tl.where(valid & (chosen_reward > rejected_reward), 1.0, 0.0), 0)
-            sum_margin += tl.sum(tl.where(valid, chosen_reward - rejected_reward, 0.0), 0)
-            sum_policy_chosen += tl.sum(tl.where(valid, pc, 0.0), 0)
-            sum_policy_rejected += tl.sum(tl.where(valid, pr, 0.0), 0)
-    if not BACKWARD:
-        count = _scalar(n, DTYPE)
-        tl.store(loss_ptr, sum_loss / count if MEAN else sum_loss)
-        tl.store(metrics_ptr + 0, sum_chosen / count)
-        tl.store(metrics_ptr + 1, sum_rejected / count)
-        tl.store(metrics_ptr + 2, sum_correct / count)
-        tl.store(metrics_ptr + 3, sum_margin / count)
-        tl.store(metrics_ptr + 4, sum_policy_chosen / count)
-        tl.store(metrics_ptr + 5, sum_policy_rejected / count)
-
-
-@triton.jit(do_not_specialize=["n"])
-def _kto_kernel(
-    policy_ptr, ref_ptr, desirable_ptr, kl_ptr,
-    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
-    grad_loss_ptr, grad_losses_ptr, grad_policy_ptr, grad_ref_ptr,
-    n, beta: tl.float64, kl_value: tl.float64, desirable_weight: tl.float64, undesirable_weight: tl.float64,
-    USE_KL: tl.constexpr, KL_IN_TENSOR: tl.constexpr,
-    MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    beta = _scalar(beta, DTYPE)
-    desirable_weight = _scalar(desirable_weight, DTYPE)
-    undesirable_weight = _scalar(undesirable_weight, DTYPE)
-    kl = tl.zeros((), DTYPE)
-    if USE_KL:
-        if KL_IN_TENSOR:
-            kl = tl.load(kl_ptr).to(DTYPE)
-        else:
-            kl = _scalar(kl_value, DTYPE)
-    zero = tl.zeros((), DTYPE)
-    sum_loss = zero
-    sum_chosen = zero
-    sum_rejected = zero
-    sum_policy_chosen = zero
-    sum_policy_rejected = zero
-    count_chosen = zero
-    count_rejected = zero
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < n
-        p = tl.load(policy_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        r = p - tl.load(ref_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        d = tl.load(desirable_ptr + offs, mask=valid, other=0) != 0
-        s = beta * (r - kl)
-        # Desirable examples lose for a reward below the reference point, the others above it.
-        value = _sigmoid(tl.where(d, -s, s))
-        weight = tl.where(d, desirable_weight, undesirable_weight)
-        if BACKWARD:
-            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
-            slope = weight * beta * _sigmoid(s) * _sigmoid(-s)
-            dr = g * tl.where(d, -slope, slope)
-            tl.store(grad_policy_ptr + offs, dr, mask=valid)
-            tl.store(grad_ref_ptr + offs, -dr, mask=valid)
-        else:
-            loss = weight * value
-            reward = beta * r
-            chosen = valid & d
-            rejected = valid & (~d)
-            tl.store(losses_ptr + offs, loss, mask=valid)
-            tl.store(chosen_rewards_ptr + offs, tl.where(d, reward, 0.0), mask=valid)
-            tl.store(rejected_rewards_ptr + offs, tl.where(d, 0.0, reward), mask=valid)
-            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
-            sum_chosen += tl.sum(tl.where(chosen, reward, 0.0), 0)
-            sum_rejected += tl.sum(tl.where(rejected, reward, 0.0), 0)
-            sum_policy_chosen += tl.sum(tl.where(chosen, p, 0.0), 0)
-            sum_policy_rejected += tl.sum(tl.where(rejected, p, 0.0), 0)
-            count_chosen += tl.sum(tl.where(chosen, 1.0, 0.0), 0)
-            count_rejected += tl.sum(tl.where(rejected, 1.0, 0.0), 0)
-    if not BACKWARD:
-        tl.store(loss_ptr, sum_loss / _scalar(n, DTYPE) if MEAN else sum_loss)
-        # A class absent from the batch has no mean: 0/0 gives NaN, as a mean of nothing should.
-        chosen_mean = sum_chosen / count_chosen
-        rejected_mean = sum_rejected / count_rejected
-        tl.store(metrics_ptr + 0, chosen_mean)
-        tl.store(metrics_ptr + 1, rejected_mean)
-        tl.store(metrics_ptr + 2, chosen_mean - rejected_mean)
-        tl.store(metrics_ptr + 3, sum_policy_chosen / count_chosen)
-        tl.store(metrics_ptr + 4, sum_policy_rejected / count_rejected)
-        tl.store(metrics_ptr + 5, count_chosen)
-        tl.store(metrics_ptr + 6, count_rejected)
-
-
-@triton.jit(do_not_specialize=["n"])
-def _cpo_kernel(
-    policy_chosen_ptr, policy_rejected_ptr, chosen_lengths_ptr, rejected_lengths_ptr,
-    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
-    grad_loss_ptr, grad_losses_ptr, grad_policy_chosen_ptr, grad_policy_rejected_ptr,
-    n, beta: tl.float64, eps: tl.float64, gamma: tl.float64, alpha: tl.float64, alpha_po: tl.float64,
-    KIND: tl.constexpr, AVERAGED: tl.constexpr, WITH_NLL: tl.constexpr, ALPHAPO: tl.constexpr,
-    MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    beta = _scalar(beta, DTYPE)
-    eps = _scalar(eps, DTYPE)
     gamma = _scalar(gamma, DTYPE)
+    f_coef = _scalar(f_coef, DTYPE)
     alpha = _scalar(alpha, DTYPE)
-    alpha_po = _scalar(alpha_po, DTYPE)
-    count = _scalar(n, DTYPE)
-    # The NLL term is a token mean over the whole batch: its denominator needs a first pass.
-    total_tokens = tl.zeros((), DTYPE)
-    if WITH_NLL:
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < n
-            lengths = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
-            total_tokens += tl.sum(tl.where(valid, lengths, 0.0), 0)
-    zero = tl.zeros((), DTYPE)
-    sum_loss = zero
-    sum_chosen = zero
-    sum_rejected = zero
-    sum_correct = zero
-    sum_margin = zero
-    sum_policy_chosen = zero
-    sum_policy_rejected = zero
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < n
-        pc = tl.load(policy_chosen_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        pr = tl.load(policy_rejected_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-        c = pc
-        r = pr
-        len_c = tl.full((BLOCK,), 1.0, DTYPE)
-        len_r = tl.full((BLOCK,), 1.0, DTYPE)
-        if AVERAGED:
-            len_c = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
-            len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
-            c = pc / len_c
-            r = pr / len_r
-        # d(reward)/d(log-prob) of each side: 1 without AlphaPO.
-        dc = tl.full((BLOCK,), 1.0, DTYPE)
-        dr = tl.full((BLOCK,), 1.0, DTYPE)
-        if ALPHAPO:
-            c, dc = _alphapo(c, alpha_po)
-            r, dr = _alphapo(r, alpha_po)
-        loss, dh = _cpo_terms(c, r, beta, eps, gamma, KIND, DTYPE)
-        if BACKWARD:
-            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
-            grad_chosen = g * dh * dc / len_c
-            if WITH_NLL:
-                grad_chosen -= g * (alpha * count / total_tokens)
-            tl.store(grad_policy_chosen_ptr + offs, grad_chosen, mask=valid)
-            tl.store(grad_policy_rejected_ptr + offs, -(g * dh) * dr / len_r, mask=valid)
-        else:
-            if WITH_NLL:
-                loss = loss - alpha * count * pc / total_tokens
-            chosen_reward = beta * c
-            rejected_reward = beta * r
-            tl.store(losses_ptr + offs, loss, mask=valid)
-            tl.store(chosen_rewards_ptr + offs, chosen_reward, mask=valid)
-            tl.store(rejected_rewards_ptr + offs, rejected_reward, mask=valid)
-            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
-            sum_chosen += tl.sum(tl.where(valid, chosen_reward, 0.0), 0)
-            sum_rejected += tl.sum(tl.where(valid, rejected_reward, 0.0), 0)
-            sum_correct += tl.sum(tl.where(valid & (chosen_reward > rejected_reward), 1.0, 0.0), 0)
-            sum_margin += tl.sum(tl.where(valid, chosen_reward - rejected_reward, 0.0), 0)
-            sum_policy_chosen += tl.sum(tl.where(valid, pc, 0.0), 0)
-            sum_policy_rejected += tl.sum(tl.where(valid, pr, 0.0), 0)
-    if not BACKWARD:
-        tl.store(loss_ptr, sum_loss / count if MEAN else sum_loss)
-        tl.store(metrics_ptr + 0, sum_chosen / count)
-        tl.store(metrics_ptr + 1, sum_rejected / count)
-        tl.store(metrics_ptr + 2, sum_correct / count)
-        tl.store(metrics_ptr + 3, sum_margin / count)
-        tl.store(metrics_ptr + 4, sum_policy_chosen / count)
-        tl.store(metrics_ptr + 5, sum_policy_rejected / count)
-
-
-@triton.jit(do_not_specialize=["n"])
-def _orpo_kernel(
-    policy_chosen_ptr, policy_rejected_ptr, nll_ptr,
-    loss_ptr, losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
-    grad_loss_ptr, grad_losses_ptr, grad_policy_chosen_ptr, grad_policy_rejected_ptr, grad_nll_ptr,
-    n, beta: tl.float64, tiny: tl.float64,
-    NLL_MODE: tl.constexpr, MEAN: tl.constexpr, BACKWARD: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # NLL_MODE: 0, the per-pair -policy_chosen_logps; 1, one 0-d NLL for the batch; 2, a [B] NLL.
-    beta = _scalar(beta, DTYPE)
     tiny = _scalar(tiny, DTYPE)
     count = _scalar(n, DTYPE)
+    # bco_pair's delta or KTO's KL reference point; apo_zero_unpaired's reference point is 0.
+    if offset_ptr is not None:
+        offset = tl.load(offset_ptr).to(DTYPE)
+    else:
+        offset = _scalar(offset_value, DTYPE)
+    if FAMILY == _KTO_FAMILY:
+        if KINDS[0] != _KTO:
+            offset = tl.zeros((), DTYPE)
+    # CPO's NLL is a token mean over the whole batch: its denominator needs a first pass.
+    nll_weight = _scalar(cpo_alpha, DTYPE) * count
+    total_tokens = tl.zeros((), DTYPE)
+    if CPO_NLL:
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            total_tokens += _masked_sum(offs < n, _token_count(chosen_lengths_ptr, offs, offs < n, DTYPE))
+    grad_each = tl.zeros((), DTYPE)
+    if BACKWARD:
+        grad_each = tl.load(grad_loss_ptr).to(DTYPE)
+        if MEAN:
+            grad_each = grad_each / count
+    nll_scalar = tl.zeros((), DTYPE)
+    if nll_ptr is not None:
+        if not NLL_IS_VECTOR:
+            nll_scalar = tl.load(nll_ptr).to(DTYPE)
     zero = tl.zeros((), DTYPE)
-    nll_scalar = zero
-    if NLL_MODE == 1:
-        nll_scalar = tl.load(nll_ptr).to(DTYPE)
+    # The batch sums behind the reduced loss and the metrics, as in csrc/preference_loss.cu's
+    # add_to_sums. Pairs: loss, chosen and rejected rewards, wins, reward margin, chosen and
+    # rejected log-probs, ORPO's three extras. KTO: loss, the rewards, the log-probs of each
+    # class and the class sizes.
     sum_loss = zero
-    sum_chosen = zero
-    sum_rejected = zero
-    sum_correct = zero
-    sum_margin = zero
-    sum_policy_chosen = zero
-    sum_policy_rejected = zero
-    sum_ratio = zero
-    sum_log_odds = zero
-    sum_nll = zero
+    sum_chosen_reward = zero
+    sum_rejected_reward = zero
+    sum_3 = zero
+    sum_4 = zero
+    sum_5 = zero
+    sum_6 = zero
+    sum_7 = zero
+    sum_8 = zero
+    sum_9 = zero
     grad_nll_sum = zero
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < n
-        # Masked lanes read -1, a log-prob whose log-odds are finite.
-        c = tl.load(policy_chosen_ptr + offs, mask=valid, other=-1.0).to(DTYPE)
-        r = tl.load(policy_rejected_ptr + offs, mask=valid, other=-1.0).to(DTYPE)
-        odds_c, d_odds_c = _log_odds(c, tiny)
-        odds_r, d_odds_r = _log_odds(r, tiny)
-        log_odds = odds_c - odds_r
-        if BACKWARD:
-            g = _upstream(grad_loss_ptr, grad_losses_ptr, offs, valid, n, MEAN, DTYPE)
-            d_log_odds = -beta * _sigmoid(-log_odds)
-            grad_chosen = g * d_log_odds * d_odds_c
-            if NLL_MODE == 0:
-                grad_chosen -= g
-            tl.store(grad_policy_chosen_ptr + offs, grad_chosen, mask=valid)
-            tl.store(grad_policy_rejected_ptr + offs, -(g * d_log_odds) * d_odds_r, mask=valid)
-            if NLL_MODE == 1:
-                grad_nll_sum += tl.sum(tl.where(valid, g, 0.0), 0)
-            if NLL_MODE == 2:
-                tl.store(grad_nll_ptr + offs, g, mask=valid)
-        else:
-            if NLL_MODE == 0:
-                nll = -c
-            elif NLL_MODE == 1:
-                nll = tl.zeros_like(c) + nll_scalar
+        policy_chosen = _load(chosen_ptr, offs, valid, DTYPE)
+        policy_rejected = _load(rejected_ptr, offs, valid, DTYPE)
+        x0 = policy_chosen - _load(ref_chosen_ptr, offs, valid, DTYPE)
+        x1 = policy_rejected - _load(ref_rejected_ptr, offs, valid, DTYPE)
+        if nll_ptr is not None:
+            if NLL_IS_VECTOR:
+                x2 = _load(nll_ptr, offs, valid, DTYPE)
             else:
-                nll = tl.load(nll_ptr + offs, mask=valid, other=0.0).to(DTYPE)
-            ratio = _log_sigmoid(log_odds)
-            loss = nll - beta * ratio
-            chosen_reward = beta * c
-            rejected_reward = beta * r
-            tl.store(losses_ptr + offs, loss, mask=valid)
+                x2 = tl.zeros_like(x0) + nll_scalar
+        else:
+            x2 = _load(margin_ptr, offs, valid, DTYPE)
+        x = (_variable(x0, 0), _variable(x1, 1), _variable(x2, 2))
+        len_c = _token_count(chosen_lengths_ptr, offs, valid, DTYPE)
+        len_r = _token_count(rejected_lengths_ptr, offs, valid, DTYPE)
+        extras = (tl.zeros_like(x0), tl.zeros_like(x0), tl.zeros_like(x0))
+        desirable = valid
+        if FAMILY == _DPO:
+            loss = _dpo_loss(x, len_c, len_r, beta, eps, tau, offset, f_coef, weights_hi, weights_lo,
+                             KINDS, F_DIV, chosen_lengths_ptr is not None, DTYPE)
+            if pair_weights_ptr is not None:
+                loss = _scale(_load(pair_weights_ptr, offs, valid, DTYPE), loss)
+            chosen_reward = beta * x0
+            rejected_reward = beta * x1
+        elif FAMILY == _KTO_FAMILY:
+            desirable = tl.load(desirable_ptr + offs, mask=valid, other=0) != 0
+            loss = _kto_loss(x, desirable, beta, offset, _scalar(desirable_weight, DTYPE),
+                             _scalar(undesirable_weight, DTYPE))
+            # A reward counts for its own class and is 0 in the other's vector.
+            chosen_reward = tl.where(desirable, beta * x0, 0.0)
+            rejected_reward = tl.where(desirable, 0.0, beta * x0)
+        elif FAMILY == _CPO:
+            averaged: tl.constexpr = (KINDS[0] == _IPO) or (KINDS[0] == _SIMPO)
+            c = _cpo_transform(x[0], len_c, alpha, averaged, ALPHAPO)
+            r = _cpo_transform(x[1], len_r, alpha, averaged, ALPHAPO)
+            loss = _cpo_loss(c, r, x[0], beta, eps, gamma, nll_weight, total_tokens, KINDS[0], CPO_NLL)
+            chosen_reward = beta * c[0]
+            rejected_reward = beta * r[0]
+        else:
+            # ORPO: the NLL of the chosen plus beta (-log sigma(log-odds ratio)), on per-token
+            # average log-probs; the NLL is x2 where given, the pair's -c otherwise.
+            log_odds_ratio = _sub(_log_odds(x[0], tiny), _log_odds(x[1], tiny))
+            ratio = _log_sigmoid_d(log_odds_ratio)
+            if nll_ptr is not None:
+                nll = x[2]
+            else:
+                nll = _neg(x[0])
+            loss = _sub(nll, _scale(beta, ratio))
+            chosen_reward = beta * x0
+            rejected_reward = beta * x1
+            extras = (ratio[0], log_odds_ratio[0], nll[0])
+        if BACKWARD:
+            # Example i's loss receives grad_losses[i] + grad_loss (/ n for the mean).
+            g = tl.load(grad_losses_ptr + offs, mask=valid, other=0.0).to(DTYPE) + grad_each
+            _store_if(grad_chosen_ptr, offs, g * loss[1], valid)
+            _store_if(grad_ref_chosen_ptr, offs, -(g * loss[1]), valid)
+            _store_if(grad_rejected_ptr, offs, g * loss[2], valid)
+            _store_if(grad_ref_rejected_ptr, offs, -(g * loss[2]), valid)
+            _store_if(grad_margin_ptr, offs, g * loss[3], valid)
+            if NLL_IS_VECTOR:
+                _store_if(grad_nll_ptr, offs, g * loss[3], valid)
+            else:
+                grad_nll_sum += _masked_sum(valid, g * loss[3])
+        else:
+            tl.store(losses_ptr + offs, loss[0], mask=valid)
             tl.store(chosen_rewards_ptr + offs, chosen_reward, mask=valid)
             tl.store(rejected_rewards_ptr + offs, rejected_reward, mask=valid)
-            sum_loss += tl.sum(tl.where(valid, loss, 0.0), 0)
-            sum_chosen += tl.sum(tl.where(valid, chosen_reward, 0.0), 0)
-            sum_rejected += tl.sum(tl.where(valid, rejected_reward, 0.0), 0)
-            sum_correct += tl.sum(tl.where(valid & (chosen_reward > rejected_reward), 1.0, 0.0), 0)
-            sum_margin += tl.sum(tl.where(valid, chosen_reward - rejected_reward, 0.0), 0)
-            sum_policy_chosen += tl.sum(tl.where(valid, c, 0.0), 0)
-            sum_policy_rejected += tl.sum(tl.where(valid, r, 0.0), 0)
-            sum_ratio += tl.sum(tl.where(valid, ratio, 0.0), 0)
-            sum_log_odds += tl.sum(tl.where(valid, log_odds, 0.0), 0)
-            sum_nll += tl.sum(tl.where(valid, nll, 0.0), 0)
+            sum_loss += _masked_sum(valid, loss[0])
+            sum_chosen_reward += _masked_sum(valid, chosen_reward)
+            sum_rejected_reward += _masked_sum(valid, rejected_reward)
+            if FAMILY == _KTO_FAMILY:
+                sum_3 += _masked_sum(valid & desirable, policy_chosen)
+                sum_4 += _masked_sum(valid & (~desirable), policy_chosen)
+                sum_5 += _masked_sum(valid & desirable, tl.full(offs.shape, 1.0, DTYPE))
+                sum_6 += _masked_sum(valid & (~desirable), tl.full(offs.shape, 1.0, DTYPE))
+            else:
+                # TRL's accuracy: strict wins only.
+                sum_3 += _masked_sum(valid & (chosen_reward > rejected_reward), tl.full(offs.shape, 1.0, DTYPE))
+                sum_4 += _masked_sum(valid, chosen_reward - rejected_reward)
+                sum_5 += _masked_sum(valid, policy_chosen)
+                sum_6 += _masked_sum(valid, policy_rejected)
+                sum_7 += _masked_sum(valid, extras[0])
+                sum_8 += _masked_sum(valid, extras[1])
+                sum_9 += _masked_sum(valid, extras[2])
     if BACKWARD:
-        if NLL_MODE == 1:
-            tl.store(grad_nll_ptr, grad_nll_sum)
+        # One NLL shared by the batch: its gradient is the sum over the pairs.
+        if not NLL_IS_VECTOR:
+            if grad_nll_ptr is not None:
+                tl.store(grad_nll_ptr, grad_nll_sum)
     else:
         tl.store(loss_ptr, sum_loss / count if MEAN else sum_loss)
-        tl.store(metrics_ptr + 0, sum_chosen / count)
-        tl.store(metrics_ptr + 1, sum_rejected / count)
-        tl.store(metrics_ptr + 2, sum_correct / count)
-        tl.store(metrics_ptr + 3, sum_margin / count)
-        tl.store(metrics_ptr + 4, sum_policy_chosen / count)
-        tl.store(metrics_ptr + 5, sum_policy_rejected / count)
-        tl.store(metrics_ptr + 6, sum_ratio / count)
-        tl.store(metrics_ptr + 7, sum_log_odds / count)
-        tl.store(metrics_ptr + 8, sum_nll / count)
+        if FAMILY == _KTO_FAMILY:
+            # A class absent from the batch has no mean: 0/0 gives NaN, as a mean of nothing should.
+            chosen_mean = sum_chosen_reward / sum_5
+            rejected_mean = sum_rejected_reward / sum_6
+            tl.store(metrics_ptr + 0, chosen_mean)
+            tl.store(metrics_ptr + 1, rejected_mean)
+            tl.store(metrics_ptr + 2, chosen_mean - rejected_mean)
+            tl.store(metrics_ptr + 3, sum_3 / sum_5)
+            tl.store(metrics_ptr + 4, sum_4 / sum_6)
+            tl.store(metrics_ptr + 5, sum_5)
+            tl.store(metrics_ptr + 6, sum_6)
+        else:
+            tl.store(metrics_ptr + 0, sum_chosen_reward / count)
+            tl.store(metrics_ptr + 1, sum_rejected_reward / count)
+            tl.store(metrics_ptr + 2, sum_3 / count)
+            tl.store(metrics_ptr + 3, sum_4 / count)
+            tl.store(metrics_ptr + 4, sum_5 / count)
+            tl.store(metrics_ptr + 5, sum_6 / count)
+            if FAMILY == _ORPO:
+                tl.store(metrics_ptr + 6, sum_7 / count)
+                tl.store(metrics_ptr + 7, sum_8 / count)
+                tl.store(metrics_ptr + 8, sum_9 / count)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Inputs are validated, contiguous [B] tensors of one floating dtype and device.
+# The launcher. Inputs are validated, contiguous [B] tensors of one floating dtype and device.
 # ----------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(t: torch.Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _block(n: int) -> int:
-    return min(_MAX_BLOCK, triton.next_power_of_2(max(n, 1)))
-
-
-def _split_weights(weights: list[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _split_weights(weights: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Each weight as a float32 pair (hi, lo) with hi + lo = weight to 48 bits."""
     hi = [float(torch.tensor(w, dtype=torch.float32)) for w in weights]
     return tuple(hi), tuple(float(torch.tensor(w - h, dtype=torch.float32)) for w, h in zip(weights, hi))
 
 
-def _dpo_launch(call, outputs, grads) -> None:
+def launch(call, outputs, grads) -> None:
+    """One launch of the kernel for ``call`` (a ``prefopt.losses.fused.LossCall``): forward when
+    ``outputs`` (a ``LossOutputs``) is given, backward when ``grads`` (a ``LossGrads``) is; the
+    other is None."""
     n = call.chosen.shape[0]
-    dummy = call.chosen
-    weights_hi, weights_lo = _split_weights(list(call.loss_weights))
-    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, g_margin, _ = grads or (dummy,) * 8
-    _dpo_kernel[(1,)](
-        call.chosen, call.rejected, call.ref_chosen, call.ref_rejected,
-        _or(call.margin, dummy), _or(call.chosen_lengths, dummy), _or(call.rejected_lengths, dummy),
-        _or(call.offset, dummy), _or(call.pair_weights, dummy),
-        loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr, g_rc, g_rr, _or(g_margin, dummy),
-        n, call.beta, call.label_smoothing, call.discopop_tau, call.offset_value, call.f_alpha_divergence_coef,
-        weights_hi, weights_lo,
-        KINDS=tuple(DPO_KINDS[kind] for kind in call.loss_types),
-        HAS_MARGIN=call.margin is not None,
-        HAS_LENGTHS=call.chosen_lengths is not None,
-        DELTA_IN_TENSOR=call.offset is not None,
+    float64 = call.chosen.dtype == torch.float64
+    weights_hi, weights_lo = _split_weights(call.loss_weights or (0.0,))
+    _preference_loss_kernel[(1,)](
+        call.chosen, call.rejected, call.ref_chosen, call.ref_rejected, call.margin, call.chosen_lengths,
+        call.rejected_lengths, call.desirable, call.offset, call.nll, call.pair_weights,
+        *(outputs or (None,) * 5),
+        *(grads or (None,) * 8),
+        n, call.beta, call.label_smoothing, call.discopop_tau, call.simpo_gamma, call.cpo_alpha,
+        call.desirable_weight, call.undesirable_weight, call.offset_value, call.f_alpha_divergence_coef,
+        call.alpha, torch.finfo(torch.float64 if float64 else torch.float32).tiny, weights_hi, weights_lo,
+        FAMILY=FAMILIES.index(call.family),
+        KINDS=tuple(LOSS_TYPE_CODES[kind] for kind in call.loss_types) or (0,),
         F_DIV=F_DIVERGENCE_TYPES.index(call.f_divergence),
-        HAS_PAIR_WEIGHTS=call.pair_weights is not None,
-        MEAN=call.mean,
-        BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(call.chosen),
-        BLOCK=_block(n),
-    )
-
-
-def _kto_launch(call, outputs, grads) -> None:
-    n = call.chosen.shape[0]
-    dummy = call.chosen
-    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_policy, _, g_ref, _, _, _ = grads or (dummy,) * 8
-    _kto_kernel[(1,)](
-        call.chosen, call.ref_chosen, call.desirable, _or(call.offset, dummy),
-        loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_policy, g_ref,
-        n, call.beta, call.offset_value, call.desirable_weight, call.undesirable_weight,
-        USE_KL=call.loss_types[0] == "kto",
-        KL_IN_TENSOR=call.offset is not None,
-        MEAN=call.mean,
-        BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(call.chosen),
-        BLOCK=_block(n),
-    )
-
-
-def _cpo_launch(call, outputs, grads) -> None:
-    n = call.chosen.shape[0]
-    dummy = call.chosen
-    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, _, _, _, _ = grads or (dummy,) * 8
-    kind = call.loss_types[0]
-    _cpo_kernel[(1,)](
-        call.chosen, call.rejected, _or(call.chosen_lengths, dummy), _or(call.rejected_lengths, dummy),
-        loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr,
-        n, call.beta, call.label_smoothing, call.simpo_gamma, call.cpo_alpha, call.alpha,
-        KIND=CPO_KINDS[kind],
-        AVERAGED=kind in ("ipo", "simpo"),
-        WITH_NLL=call.cpo_alpha != 0.0,
+        NLL_IS_VECTOR=call.nll is not None and call.nll.dim() == 1,
+        CPO_NLL=call.family == "cpo" and call.cpo_alpha != 0.0,
         ALPHAPO=call.alpha != 0.0,
         MEAN=call.mean,
         BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(call.chosen),
-        BLOCK=_block(n),
+        DTYPE=tl.float64 if float64 else tl.float32,
+        BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(max(n, 1))),
     )
-
-
-def _orpo_launch(call, outputs, grads) -> None:
-    n = call.chosen.shape[0]
-    dummy = call.chosen
-    loss, losses, chosen_rewards, rejected_rewards, metrics = outputs or (dummy,) * 5
-    grad_loss, grad_losses, g_pc, g_pr, _, _, _, g_nll = grads or (dummy,) * 8
-    nll = call.nll
-    nll_mode = 0 if nll is None else 1 if nll.dim() == 0 else 2
-    _orpo_kernel[(1,)](
-        call.chosen, call.rejected, _or(nll, dummy),
-        loss, losses, chosen_rewards, rejected_rewards, metrics,
-        grad_loss, grad_losses, g_pc, g_pr, _or(g_nll, dummy),
-        n, call.beta, torch.finfo(call.chosen.dtype if call.chosen.dtype == torch.float64 else torch.float32).tiny,
-        NLL_MODE=nll_mode,
-        MEAN=call.mean,
-        BACKWARD=grads is not None,
-        DTYPE=_compute_dtype(call.chosen),
-        BLOCK=_block(n),
-    )
-
-
-def _or(t, dummy):
-    """A pointer the kernel never reads in this mode (its flag is off) still needs a tensor."""
-    return dummy if t is None else t
-
-
-_LAUNCHERS = {"dpo": _dpo_launch, "kto": _kto_launch, "cpo": _cpo_launch, "orpo": _orpo_launch}
-
-
-def launch(call, outputs, grads) -> None:
-    """One launch of the family's kernel for ``call`` (a ``prefopt.losses.fused.LossCall``):
-    forward when ``outputs`` (a ``LossOutputs``) is given, backward when ``grads`` (a
-    ``LossGrads``) is; the other is None."""
-    _LAUNCHERS[call.family](call, outputs, grads)

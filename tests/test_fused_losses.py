@@ -7,6 +7,11 @@ Triton's interpreter on CPU tensors (tests/conftest.py), and the CUDA kernels' s
 same tests on the CPU through the host simulator (the fixture's "cuda-sim", tests/cuda_simulator.py).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import CUDA, DEVICE, fixture_backend
@@ -21,6 +26,7 @@ DTYPES = [torch.float32, torch.float64]
 FUSED_DPO_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired", "sft")]
 MARGIN_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=[CUDA if name == "cuda" else name for name in FUSED_BACKENDS])
@@ -433,3 +439,21 @@ def test_a_nan_completion_length_gives_nan_in_that_pair_only(kind, backend):
                        rejected_lengths=rejected_lengths.to(DEVICE), reduction="none", backend=name)
         assert torch.isnan(out.losses[2]), name
         assert torch.isfinite(out.losses[[0, 1, 3, 4]]).all(), name
+
+
+def test_the_triton_kernel_compiles_for_sm90_in_every_configuration():
+    """The interpreter runs the kernel as Python and accepts what the compiler refuses; this
+    compiles every configuration the launcher can choose for the GPU (no GPU needed)."""
+    sys.path.insert(0, str(ROOT / "benches"))
+    import kernel_report
+
+    reason = kernel_report.triton_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_loss_compiler.py")], capture_output=True,
+                            text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("compiled ")]
+    # Per dtype: 4 f-divergences and a plain ipo (dpo), 2 kto, 4 cpo, 3 orpo; each both ways.
+    assert len(compiled) == 2 * 2 * (5 + 2 + 4 + 3)
