@@ -97,20 +97,30 @@ class LossGrads(NamedTuple):
     nll: Tensor | None
 
 
-# The operators' tensor inputs, in LossCall's order after ``family``.
-_TENSOR_INPUTS = 11
+# The operators' arguments are a LossCall's fields, in its order, then the backend: the schema is
+# written from the record, so that the two operators and the record cannot drift apart.
+_SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", str: "str", float: "float", bool: "bool",
+                 tuple[str, ...]: "str[]", tuple[float, ...]: "float[]"}
+_CALL_ARGUMENTS = ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in LossCall.__annotations__.items())
+# LossCall's tensors: the fields after ``family``.
+_TENSORS = slice(1, 12)
+
+_library = torch.library.Library("prefopt", "FRAGMENT")
+# (loss, losses, chosen_rewards, rejected_rewards, metrics): loss 0-d (the mean, or the sum for
+# reduction "sum" and "none"), the others [B], metrics [len(METRIC_NAMES[family])], all in
+# ``chosen``'s dtype. Every tensor input is contiguous.
+_library.define(f"preference_loss({_CALL_ARGUMENTS}, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+# Gradients [chosen, rejected, ref_chosen, ref_rejected, margin, nll] from the upstream gradients
+# of the reduced loss (0-d) and of ``losses`` ([B], dense); an input that is absent, or that the
+# family does not differentiate, gets an empty tensor (a custom operator cannot return None).
+_library.define(f"preference_loss_backward(Tensor grad_loss, Tensor grad_losses, {_CALL_ARGUMENTS}, "
+                "str backend) -> Tensor[]")
 
 
-def _record(tensors: Sequence[Tensor | None], family: str, loss_types: str, loss_weights: Sequence[float],
-            *constants: float | str, reduction: str) -> LossCall:
-    """The call record of the operators' flat arguments (a custom operator's schema is flat)."""
-    return LossCall(family, *tensors, tuple(kind for kind in loss_types.split(",") if kind),
-                    tuple(float(w) for w in loss_weights), *constants, reduction == "mean")
-
-
-def _launch(backend: str, call: LossCall, outputs: LossOutputs | None, grads: LossGrads | None) -> None:
-    """Forward (``outputs`` given) or backward (``grads`` given) of one loss."""
-    backends.loss_kernel(backend)(call, outputs, grads)
+def _call(arguments: Sequence) -> LossCall:
+    """The call record of an operator's flat arguments (the dispatcher passes lists for tuples)."""
+    call = LossCall(*arguments)
+    return call._replace(loss_types=tuple(call.loss_types), loss_weights=tuple(call.loss_weights))
 
 
 def _empty_outputs(chosen: Tensor, family: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -121,117 +131,47 @@ def _empty_outputs(chosen: Tensor, family: str) -> tuple[Tensor, Tensor, Tensor,
             chosen.new_empty(len(METRIC_NAMES[family])))
 
 
-@torch.library.custom_op("prefopt::preference_loss", mutates_args=())
-def preference_loss_op(
-    chosen: Tensor,
-    rejected: Tensor | None,
-    ref_chosen: Tensor | None,
-    ref_rejected: Tensor | None,
-    margin: Tensor | None,
-    chosen_lengths: Tensor | None,
-    rejected_lengths: Tensor | None,
-    desirable: Tensor | None,
-    offset: Tensor | None,
-    nll: Tensor | None,
-    pair_weights: Tensor | None,
-    family: str,
-    loss_types: str,
-    loss_weights: list[float],
-    beta: float,
-    label_smoothing: float,
-    discopop_tau: float,
-    simpo_gamma: float,
-    cpo_alpha: float,
-    desirable_weight: float,
-    undesirable_weight: float,
-    offset_value: float,
-    f_divergence: str,
-    f_alpha_divergence_coef: float,
-    alpha: float,
-    reduction: str,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, losses, chosen_rewards, rejected_rewards, metrics): loss 0-d (the mean, or
-    the sum for reduction "sum" and "none"), the others [B], metrics [len(METRIC_NAMES[family])],
-    all in ``chosen``'s dtype. Every tensor input is contiguous."""
-    outputs = _empty_outputs(chosen, family)
-    tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-               offset, nll, pair_weights)
-    call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
-                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
-                   f_alpha_divergence_coef, alpha, reduction=reduction)
-    _launch(backend, call, LossOutputs(*outputs), None)
+def _empty_grads(call: LossCall) -> list[Tensor]:
+    differentiable = (call.chosen, call.rejected, call.ref_chosen, call.ref_rejected, call.margin, call.nll)
+    return [call.chosen.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in differentiable]
+
+
+@torch.library.register_kernel("prefopt::preference_loss", None, lib=_library)
+def _forward(*arguments) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    *fields, backend = arguments
+    call = _call(fields)
+    outputs = _empty_outputs(call.chosen, call.family)
+    backends.loss_kernel(backend)(call, LossOutputs(*outputs), None)
     return outputs
 
 
-@preference_loss_op.register_fake
-def _(chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable, offset,
-      nll, pair_weights, family, *config):
+@torch.library.register_fake("prefopt::preference_loss", lib=_library)
+def _(family, chosen, *rest):
     return _empty_outputs(chosen, family)
 
 
-def _grad_like(t: Tensor | None, like: Tensor) -> Tensor:
-    # An absent input gets an empty gradient: a custom operator cannot return None.
-    return like.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("prefopt::preference_loss_backward", mutates_args=())
-def preference_loss_backward_op(
-    grad_loss: Tensor,
-    grad_losses: Tensor,
-    chosen: Tensor,
-    rejected: Tensor | None,
-    ref_chosen: Tensor | None,
-    ref_rejected: Tensor | None,
-    margin: Tensor | None,
-    chosen_lengths: Tensor | None,
-    rejected_lengths: Tensor | None,
-    desirable: Tensor | None,
-    offset: Tensor | None,
-    nll: Tensor | None,
-    pair_weights: Tensor | None,
-    family: str,
-    loss_types: str,
-    loss_weights: list[float],
-    beta: float,
-    label_smoothing: float,
-    discopop_tau: float,
-    simpo_gamma: float,
-    cpo_alpha: float,
-    desirable_weight: float,
-    undesirable_weight: float,
-    offset_value: float,
-    f_divergence: str,
-    f_alpha_divergence_coef: float,
-    alpha: float,
-    reduction: str,
-    backend: str,
-) -> list[Tensor]:
-    """Gradients [chosen, rejected, ref_chosen, ref_rejected, margin, nll] from the upstream
-    gradients of the reduced loss (0-d) and of ``losses`` ([B], dense); an input that is absent,
-    or that the family does not differentiate, gets an empty tensor."""
-    differentiable = (chosen, rejected, ref_chosen, ref_rejected, margin, nll)
-    grads = [_grad_like(t, chosen) for t in differentiable]
-    tensors = (chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths, rejected_lengths, desirable,
-               offset, nll, pair_weights)
-    call = _record(tensors, family, loss_types, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma,
-                   cpo_alpha, desirable_weight, undesirable_weight, offset_value, f_divergence,
-                   f_alpha_divergence_coef, alpha, reduction=reduction)
+@torch.library.register_kernel("prefopt::preference_loss_backward", None, lib=_library)
+def _backward_kernel(grad_loss: Tensor, grad_losses: Tensor, *arguments) -> list[Tensor]:
+    *fields, backend = arguments
+    call = _call(fields)
+    grads = _empty_grads(call)
     # A gradient for each present input: KTO's "rejected" slot is absent, so it gets none.
-    wanted = [None if t is None else g for t, g in zip(differentiable, grads)]
-    _launch(backend, call, None, LossGrads(grad_loss, grad_losses, *wanted))
+    present = (call.chosen, call.rejected, call.ref_chosen, call.ref_rejected, call.margin, call.nll)
+    wanted = [None if t is None else g for t, g in zip(present, grads)]
+    backends.loss_kernel(backend)(call, None, LossGrads(grad_loss, grad_losses, *wanted))
     return grads
 
 
-@preference_loss_backward_op.register_fake
-def _(grad_loss, grad_losses, chosen, rejected, ref_chosen, ref_rejected, margin, chosen_lengths,
-      rejected_lengths, desirable, offset, nll, pair_weights, *config):
-    return [_grad_like(t, chosen) for t in (chosen, rejected, ref_chosen, ref_rejected, margin, nll)]
+@torch.library.register_fake("prefopt::preference_loss_backward", lib=_library)
+def _(grad_loss, grad_losses, *arguments):
+    return _empty_grads(_call(arguments[:-1]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS])
-    ctx.config = inputs[_TENSOR_INPUTS:]
+    ctx.family = inputs[0]
+    ctx.save_for_backward(*inputs[_TENSORS])
+    ctx.constants = inputs[_TENSORS.stop:]
     _, _, chosen_rewards, rejected_rewards, metrics = output
     ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, metrics)
 
@@ -244,17 +184,17 @@ def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_re
     grad_loss = chosen.new_zeros(()) if grad_loss is None else grad_loss
     grad_losses = chosen.new_zeros(chosen.shape) if grad_losses is None else grad_losses.contiguous()
     g_chosen, g_rejected, g_ref_chosen, g_ref_rejected, g_margin, g_nll = (
-        torch.ops.prefopt.preference_loss_backward(grad_loss, grad_losses, *saved, *ctx.config)
+        torch.ops.prefopt.preference_loss_backward(grad_loss, grad_losses, ctx.family, *saved, *ctx.constants)
     )
     _, rejected, ref_chosen, ref_rejected, margin, _, _, _, _, nll, _ = saved
-    family = ctx.config[0]
 
     def present(grad: Tensor, t: Tensor | None, used: bool = True) -> Tensor | None:
         return grad if t is not None and used else None
 
     return (
+        None,  # family
         g_chosen,
-        present(g_rejected, rejected, family != "kto"),
+        present(g_rejected, rejected, ctx.family != "kto"),
         present(g_ref_chosen, ref_chosen),
         present(g_ref_rejected, ref_rejected),
         present(g_margin, margin),
@@ -264,11 +204,11 @@ def _backward(ctx, grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_re
         None,
         present(g_nll, nll),
         None,  # the pair weights are constants
-        *([None] * len(ctx.config)),
+        *([None] * len(ctx.constants)),
     )
 
 
-preference_loss_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("prefopt::preference_loss", _backward, setup_context=_setup_context, lib=_library)
 
 
 def fused_preference_loss(
@@ -313,36 +253,17 @@ def fused_preference_loss(
         return None if t is None else t.contiguous()
 
     offset_tensor = offset if isinstance(offset, torch.Tensor) else None
-    loss, losses, chosen_rewards, rejected_rewards, metrics = torch.ops.prefopt.preference_loss(
-        dense(chosen),
-        dense(rejected),
-        dense(ref_chosen),
-        dense(ref_rejected),
-        dense(margin),
-        dense(chosen_lengths),
-        dense(rejected_lengths),
-        dense(desirable),
-        dense(offset_tensor),
-        dense(nll),
-        dense(pair_weights),
-        family,
-        ",".join(loss_types),
-        [float(w) for w in loss_weights],
-        float(beta),
-        float(label_smoothing),
-        float(discopop_tau),
-        float(simpo_gamma),
-        float(cpo_alpha),
-        float(desirable_weight),
-        float(undesirable_weight),
-        0.0 if offset_tensor is not None else float(offset),
+    call = LossCall(
+        family, dense(chosen), dense(rejected), dense(ref_chosen), dense(ref_rejected), dense(margin),
+        dense(chosen_lengths), dense(rejected_lengths), dense(desirable), dense(offset_tensor), dense(nll),
+        dense(pair_weights), tuple(loss_types), tuple(float(w) for w in loss_weights), float(beta),
+        float(label_smoothing), float(discopop_tau), float(simpo_gamma), float(cpo_alpha), float(desirable_weight),
+        float(undesirable_weight), 0.0 if offset_tensor is not None else float(offset),
         # α-divergence within 1e-6 of α = 1 is its limit, reverse KL: the kernels see that type.
         "reverse_kl" if f_divergence_type == "alpha_divergence" and abs(f_alpha_divergence_coef - 1.0)
         < ALPHA_DIVERGENCE_LIMIT else f_divergence_type,
-        float(f_alpha_divergence_coef),
-        float(alpha),
-        reduction,
-        backend,
+        float(f_alpha_divergence_coef), float(alpha), reduction == "mean",
     )
+    loss, losses, chosen_rewards, rejected_rewards, metrics = torch.ops.prefopt.preference_loss(*call, backend)
     named = dict(zip(METRIC_NAMES[family], metrics.unbind(0)))
     return (losses if reduction == "none" else loss), losses, chosen_rewards, rejected_rewards, named
