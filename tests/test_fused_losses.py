@@ -441,10 +441,12 @@ def test_a_nan_completion_length_gives_nan_in_that_pair_only(kind, backend):
         assert torch.isfinite(out.losses[[0, 1, 3, 4]]).all(), name
 
 
-def test_the_triton_kernel_compiles_for_sm90_in_every_configuration():
+def test_the_triton_kernel_compiles_for_sm90_in_every_configuration(monkeypatch):
     """The interpreter runs the kernel as Python and accepts what the compiler refuses; this
     compiles every configuration the launcher can choose for the GPU (no GPU needed)."""
-    sys.path.insert(0, str(ROOT / "benches"))
+    # Only for this test: processes started later (the engine tests' forkserver) inherit sys.path,
+    # and benches/ ahead of tests/ would give them benches/conftest.py for `import conftest`.
+    monkeypatch.syspath_prepend(str(ROOT / "benches"))
     import kernel_report
 
     reason = kernel_report.triton_unavailable_reason()
