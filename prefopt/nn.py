@@ -59,7 +59,7 @@ from .backends import BACKEND_CHOICES
 from .logprobs.api import sequence_logprobs, token_stats
 from .logprobs.linear import linear_sequence_logprobs, linear_token_stats
 from .losses import KTO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
-from .losses._checks import (
+from ._validation import (
     _SORTING_LOSS_TYPES,
     _check_f_divergence,
     _check_loss_type,

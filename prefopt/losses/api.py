@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._codes import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, REDUCTIONS
 from . import fused as fused_losses
-from ._checks import (
+from .._validation import (
     _SORTING_LOSS_TYPES,
     _MARGIN_LOSS_TYPES,
     _check_constant,
