@@ -221,7 +221,7 @@ def check_lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 # The loss arguments: shapes, dtypes, devices and Python scalars only, so none touches device values.
 
 # Types whose losses pair quantiles of the whole batch (a sort), not examples: no fused kernel.
-_SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
+SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
 # Allowed label_smoothing ε per loss type: (low, low_inclusive, high, high_inclusive). Types that
 # do not use ε accept the generic [0, 1). cDPO-style smoothing past 0.5 would mean trusting the
@@ -238,7 +238,7 @@ _SMOOTHING_RANGES: dict[str, tuple[float, bool, float, bool]] = {
 
 # DPO types with a βΔ term, where a per-pair margin has one meaning: βΔ - margin. The others score
 # each completion on its own or sort across the batch, where a per-pair margin has none.
-_MARGIN_LOSS_TYPES = frozenset(
+MARGIN_LOSS_TYPES = frozenset(
     {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "apo_down", "discopop", "sigmoid_norm"}
 )
 
@@ -248,7 +248,7 @@ _F_DIVERGENCE_LOSS_TYPES = frozenset(
 )
 
 
-def _check_vector(name: str, t: object, like: torch.Tensor | None = None, like_name: str = "") -> None:
+def check_vector(name: str, t: object, like: torch.Tensor | None = None, like_name: str = "") -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B], got {type(t).__name__}")
     if not t.is_floating_point():
@@ -269,7 +269,7 @@ def _check_vector(name: str, t: object, like: torch.Tensor | None = None, like_n
         raise ValueError(f"{name} must be on device {like.device} like {like_name}, got {t.device}")
 
 
-def _check_lengths(name: str, t: object, like: torch.Tensor, like_name: str) -> None:
+def check_lengths(name: str, t: object, like: torch.Tensor, like_name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token counts with shape [B], got {type(t).__name__}")
     if t.dtype == torch.bool or t.is_complex():
@@ -280,7 +280,7 @@ def _check_lengths(name: str, t: object, like: torch.Tensor, like_name: str) -> 
         raise ValueError(f"{name} must be on device {like.device} like {like_name}, got {t.device}")
 
 
-def _check_real(name: str, value: object, *, positive: bool = False, nonnegative: bool = False) -> float:
+def check_real(name: str, value: object, *, positive: bool = False, nonnegative: bool = False) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
     value = float(value)
@@ -293,8 +293,8 @@ def _check_real(name: str, value: object, *, positive: bool = False, nonnegative
     return value
 
 
-def _check_smoothing(label_smoothing: object, loss_types: Sequence[str]) -> float:
-    eps = _check_real("label_smoothing", label_smoothing)
+def check_smoothing(label_smoothing: object, loss_types: Sequence[str]) -> float:
+    eps = check_real("label_smoothing", label_smoothing)
     for kind in loss_types:
         low, low_in, high, high_in = _SMOOTHING_RANGES.get(kind, _ANY_SMOOTHING)
         if (eps < low or (eps == low and not low_in)) or (eps > high or (eps == high and not high_in)):
@@ -303,25 +303,25 @@ def _check_smoothing(label_smoothing: object, loss_types: Sequence[str]) -> floa
     return eps
 
 
-def _check_reduction(reduction: object) -> None:
+def check_reduction(reduction: object) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
 
 
-def _check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
+def check_loss_type(loss_type: object, valid: tuple[str, ...]) -> str:
     if not isinstance(loss_type, str) or loss_type not in valid:
         raise ValueError(f"loss_type must be one of {list(valid)}, got {loss_type!r}")
     return loss_type
 
 
-def _check_loss_types(loss_type: object, loss_weights: object) -> tuple[list[str], list[float]]:
+def check_loss_types(loss_type: object, loss_weights: object) -> tuple[list[str], list[float]]:
     types = [loss_type] if isinstance(loss_type, str) else loss_type
     if not isinstance(types, Sequence) or len(types) == 0:
         raise ValueError(
             f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a non-empty list of them, got {loss_type!r}"
         )
     for kind in types:
-        _check_loss_type(kind, DPO_LOSS_TYPES)
+        check_loss_type(kind, DPO_LOSS_TYPES)
     if loss_weights is None:
         return list(types), [1.0] * len(types)
     if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
@@ -330,10 +330,10 @@ def _check_loss_types(loss_type: object, loss_weights: object) -> tuple[list[str
         raise ValueError(
             f"loss_weights must have one weight per loss_type ({len(types)}), got {len(loss_weights)}"
         )
-    return list(types), [_check_real("loss_weights", w) for w in loss_weights]
+    return list(types), [check_real("loss_weights", w) for w in loss_weights]
 
 
-def _check_constant(name: str, value: object, like: torch.Tensor) -> None:
+def check_constant(name: str, value: object, like: torch.Tensor) -> None:
     """A constant of the loss: a real Python number, or a one-element floating tensor."""
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
@@ -343,10 +343,10 @@ def _check_constant(name: str, value: object, like: torch.Tensor) -> None:
         if value.device != like.device:
             raise ValueError(f"{name} must be on device {like.device}, got {value.device}")
     else:
-        _check_real(name, value)
+        check_real(name, value)
 
 
-def _check_length_pair(
+def check_length_pair(
     chosen_lengths: object, rejected_lengths: object, like: torch.Tensor, like_name: str, required_by: str | None
 ) -> None:
     if chosen_lengths is None and rejected_lengths is None:
@@ -356,16 +356,16 @@ def _check_length_pair(
     if chosen_lengths is None or rejected_lengths is None:
         missing = "chosen_lengths" if chosen_lengths is None else "rejected_lengths"
         raise ValueError(f"{missing} must be given together with the other completion lengths")
-    _check_lengths("chosen_lengths", chosen_lengths, like, like_name)
-    _check_lengths("rejected_lengths", rejected_lengths, like, like_name)
+    check_lengths("chosen_lengths", chosen_lengths, like, like_name)
+    check_lengths("rejected_lengths", rejected_lengths, like, like_name)
 
 
 
-def _check_f_divergence(f_divergence_type: object, coef: object, loss_types: Sequence[str]) -> float:
+def check_f_divergence(f_divergence_type: object, coef: object, loss_types: Sequence[str]) -> float:
     """TRL's f-DPO options: the divergence's name, and α (finite) for alpha_divergence."""
     if not isinstance(f_divergence_type, str) or f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got {f_divergence_type!r}")
-    coef = _check_real("f_alpha_divergence_coef", coef)
+    coef = check_real("f_alpha_divergence_coef", coef)
     if f_divergence_type != "reverse_kl":
         unsupported = [kind for kind in loss_types if kind not in _F_DIVERGENCE_LOSS_TYPES]
         if unsupported:
@@ -376,7 +376,7 @@ def _check_f_divergence(f_divergence_type: object, coef: object, loss_types: Seq
     return coef
 
 
-def _check_pair_weights(
+def check_pair_weights(
     chosen_weights: object, rejected_weights: object, like: torch.Tensor, like_name: str, loss_types: Sequence[str]
 ) -> None:
     """WPO's per-completion weights: both or neither, [B] like the log-probs; not with the types
@@ -387,9 +387,9 @@ def _check_pair_weights(
     if chosen_weights is None or rejected_weights is None:
         missing = "chosen_weights" if chosen_weights is None else "rejected_weights"
         raise ValueError(f"{missing} must be given together with the other completion weights")
-    _check_vector("chosen_weights", chosen_weights, like, like_name)
-    _check_vector("rejected_weights", rejected_weights, like, like_name)
-    sorting = [kind for kind in loss_types if kind in _SORTING_LOSS_TYPES]
+    check_vector("chosen_weights", chosen_weights, like, like_name)
+    check_vector("rejected_weights", rejected_weights, like, like_name)
+    sorting = [kind for kind in loss_types if kind in SORTING_LOSS_TYPES]
     if sorting:
         raise ValueError(f"chosen_weights (WPO) cannot weigh loss_type {sorting}, which pairs quantiles of the batch")
     if "sft" in loss_types:

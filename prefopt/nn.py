@@ -60,12 +60,12 @@ from .logprobs.api import sequence_logprobs, token_stats
 from .logprobs.linear import linear_sequence_logprobs, linear_token_stats
 from .losses import KTO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from ._validation import (
-    _SORTING_LOSS_TYPES,
-    _check_f_divergence,
-    _check_loss_type,
-    _check_loss_types,
-    _check_real,
-    _check_smoothing,
+    SORTING_LOSS_TYPES,
+    check_f_divergence,
+    check_loss_type,
+    check_loss_types,
+    check_real,
+    check_smoothing,
 )
 from .losses.formulas import wpo_weights
 
@@ -405,29 +405,29 @@ class DPOLoss(_FromLogits):
         backend: str = "auto",
     ) -> None:
         super().__init__(ignore_index, temperature, inplace_backward, backend)
-        types, weights = _check_loss_types(loss_type, loss_weights)
-        self.f_alpha_divergence_coef = _check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
+        types, weights = check_loss_types(loss_type, loss_weights)
+        self.f_alpha_divergence_coef = check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
         self.f_divergence_type = f_divergence_type
         if not isinstance(use_weighting, bool):
             raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
-        unweighable = [kind for kind in types if kind in _SORTING_LOSS_TYPES or kind == "sft"]
+        unweighable = [kind for kind in types if kind in SORTING_LOSS_TYPES or kind == "sft"]
         if use_weighting and unweighable:
             raise ValueError(f"use_weighting cannot weigh loss_type {unweighable} (see prefopt.dpo_loss's chosen_weights)")
         self.use_weighting = use_weighting
         if ld_alpha is not None:
-            ld_alpha = _check_real("ld_alpha", ld_alpha)
+            ld_alpha = check_real("ld_alpha", ld_alpha)
             if not 0.0 <= ld_alpha <= 1.0:
                 raise ValueError(f"ld_alpha must be None or lie in [0, 1], got {ld_alpha}")
         self.ld_alpha = ld_alpha
-        self.beta = _check_real("beta", beta, positive=True)
+        self.beta = check_real("beta", beta, positive=True)
         self.loss_type = loss_type if isinstance(loss_type, str) else list(types)
         self.loss_weights = None if loss_weights is None else weights
-        self.label_smoothing = _check_smoothing(label_smoothing, types)
-        self.bco_delta = _check_real("bco_delta", bco_delta)
-        self.discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
+        self.label_smoothing = check_smoothing(label_smoothing, types)
+        self.bco_delta = check_real("bco_delta", bco_delta)
+        self.discopop_tau = check_real("discopop_tau", discopop_tau, positive=True)
         self.length_normalized = True
         # The types that sort over the batch, and sft (a batch-level NLL), have no fused kernel.
-        self._fusable = not any(kind in _SORTING_LOSS_TYPES or kind == "sft" for kind in types)
+        self._fusable = not any(kind in SORTING_LOSS_TYPES or kind == "sft" for kind in types)
 
     def forward(
         self,
@@ -450,7 +450,7 @@ class DPOLoss(_FromLogits):
             token_weights = _ld_token_weights(labels, self.ignore_index, pairs, self.ld_alpha, dtype)
         policy = self._completions(logits, labels, token_weights, wpo=self.use_weighting)
         ref = self._constant_logps(ref_logps, ref_logits, labels, dtype, token_weights)
-        types, _ = _check_loss_types(self.loss_type, self.loss_weights)
+        types, _ = check_loss_types(self.loss_type, self.loss_weights)
         options = {}
         if self.length_normalized or "sft" in types:
             options = {"chosen_lengths": policy.tokens[:pairs], "rejected_lengths": policy.tokens[pairs:]}
@@ -549,10 +549,10 @@ class KTOLoss(_FromLogits):
         backend: str = "auto",
     ) -> None:
         super().__init__(ignore_index, temperature, inplace_backward, backend)
-        self.loss_type = _check_loss_type(loss_type, KTO_LOSS_TYPES)
-        self.beta = _check_real("beta", beta, positive=True)
-        self.desirable_weight = _check_real("desirable_weight", desirable_weight, nonnegative=True)
-        self.undesirable_weight = _check_real("undesirable_weight", undesirable_weight, nonnegative=True)
+        self.loss_type = check_loss_type(loss_type, KTO_LOSS_TYPES)
+        self.beta = check_real("beta", beta, positive=True)
+        self.desirable_weight = check_real("desirable_weight", desirable_weight, nonnegative=True)
+        self.undesirable_weight = check_real("undesirable_weight", undesirable_weight, nonnegative=True)
         self.process_group = process_group
 
     def _check_kl_inputs(self, kl: dict[str, object], dtype: torch.dtype, device: torch.device) -> None:
@@ -684,9 +684,9 @@ class SimPOLoss(_FromLogits):
         backend: str = "auto",
     ) -> None:
         super().__init__(ignore_index, temperature, inplace_backward, backend)
-        self.beta = _check_real("beta", beta, positive=True)
-        self.gamma = _check_real("gamma", gamma)
-        self.label_smoothing = _check_smoothing(label_smoothing, ["simpo"])
+        self.beta = check_real("beta", beta, positive=True)
+        self.gamma = check_real("gamma", gamma)
+        self.label_smoothing = check_smoothing(label_smoothing, ["simpo"])
 
     def forward(self, logits: Scores, labels: Tensor) -> tuple[Tensor, Metrics]:
         pairs = _check_batch(logits, labels, paired=True)
@@ -733,7 +733,7 @@ class ORPOLoss(_FromLogits):
         backend: str = "auto",
     ) -> None:
         super().__init__(ignore_index, temperature, inplace_backward, backend)
-        self.beta = _check_real("beta", beta, positive=True)
+        self.beta = check_real("beta", beta, positive=True)
 
     def forward(self, logits: Scores, labels: Tensor) -> tuple[Tensor, Metrics]:
         pairs = _check_batch(logits, labels, paired=True)

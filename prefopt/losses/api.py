@@ -46,22 +46,22 @@ import torch.nn.functional as F
 
 from .. import backends
 from .._codes import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KTO_LOSS_TYPES, REDUCTIONS
-from . import fused as fused_losses
 from .._validation import (
-    _SORTING_LOSS_TYPES,
-    _MARGIN_LOSS_TYPES,
-    _check_constant,
-    _check_f_divergence,
-    _check_length_pair,
-    _check_lengths,
-    _check_loss_type,
-    _check_loss_types,
-    _check_pair_weights,
-    _check_real,
-    _check_reduction,
-    _check_smoothing,
-    _check_vector,
+    MARGIN_LOSS_TYPES,
+    SORTING_LOSS_TYPES,
+    check_constant,
+    check_f_divergence,
+    check_length_pair,
+    check_lengths,
+    check_loss_type,
+    check_loss_types,
+    check_pair_weights,
+    check_real,
+    check_reduction,
+    check_smoothing,
+    check_vector,
 )
+from . import fused as fused_losses
 from .formulas import (
     alphapo_rewards,
     cpo_nll_losses,
@@ -243,17 +243,17 @@ def dpo_loss(
 
     Under an f-divergence, c and r in z (and in ipo's and sigmoid_norm's h) are the scores.
     """
-    types, weights = _check_loss_types(loss_type, loss_weights)
-    _check_vector("policy_chosen_logps", policy_chosen_logps)
+    types, weights = check_loss_types(loss_type, loss_weights)
+    check_vector("policy_chosen_logps", policy_chosen_logps)
     for name, t in (
         ("policy_rejected_logps", policy_rejected_logps),
         ("ref_chosen_logps", ref_chosen_logps),
         ("ref_rejected_logps", ref_rejected_logps),
     ):
-        _check_vector(name, t, policy_chosen_logps, "policy_chosen_logps")
-    beta = _check_real("beta", beta, positive=True)
-    eps = _check_smoothing(label_smoothing, types)
-    _check_length_pair(
+        check_vector(name, t, policy_chosen_logps, "policy_chosen_logps")
+    beta = check_real("beta", beta, positive=True)
+    eps = check_smoothing(label_smoothing, types)
+    check_length_pair(
         chosen_lengths,
         rejected_lengths,
         policy_chosen_logps,
@@ -261,23 +261,23 @@ def dpo_loss(
         next((f"loss_type {kind!r}" for kind in ("sigmoid_norm", "sft") if kind in types), None),
     )
     if margin is not None:
-        _check_vector("margin", margin, policy_chosen_logps, "policy_chosen_logps")
-        unsupported = [kind for kind in types if kind not in _MARGIN_LOSS_TYPES]
+        check_vector("margin", margin, policy_chosen_logps, "policy_chosen_logps")
+        unsupported = [kind for kind in types if kind not in MARGIN_LOSS_TYPES]
         if unsupported:
             raise ValueError(
-                f"margin is only defined for loss_type in {sorted(_MARGIN_LOSS_TYPES)}, "
+                f"margin is only defined for loss_type in {sorted(MARGIN_LOSS_TYPES)}, "
                 f"got loss_type {unsupported}"
             )
-    _check_constant("bco_delta", bco_delta, policy_chosen_logps)
-    discopop_tau = _check_real("discopop_tau", discopop_tau, positive=True)
-    f_alpha_divergence_coef = _check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
-    _check_pair_weights(chosen_weights, rejected_weights, policy_chosen_logps, "policy_chosen_logps", types)
+    check_constant("bco_delta", bco_delta, policy_chosen_logps)
+    discopop_tau = check_real("discopop_tau", discopop_tau, positive=True)
+    f_alpha_divergence_coef = check_f_divergence(f_divergence_type, f_alpha_divergence_coef, types)
+    check_pair_weights(chosen_weights, rejected_weights, policy_chosen_logps, "policy_chosen_logps", types)
     if sft_chosen_logps is not None:
-        _check_vector("sft_chosen_logps", sft_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
+        check_vector("sft_chosen_logps", sft_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
         if "sft" not in types:
             raise ValueError(f"sft_chosen_logps is only read by loss_type 'sft', got loss_type {types}")
-    _check_reduction(reduction)
-    sorting = [kind for kind in types if kind in _SORTING_LOSS_TYPES]
+    check_reduction(reduction)
+    sorting = [kind for kind in types if kind in SORTING_LOSS_TYPES]
     unfused = None
     if sorting:
         unfused = f"loss_type {sorting} sorts across the batch and has no fused kernel"
@@ -436,9 +436,9 @@ def kto_loss(
         TRL's vector when a host sync is acceptable. With ``return_metrics=True``, the pair
         ``(output, metrics)``.
     """
-    _check_loss_type(loss_type, KTO_LOSS_TYPES)
-    _check_vector("policy_logps", policy_logps)
-    _check_vector("ref_logps", ref_logps, policy_logps, "policy_logps")
+    check_loss_type(loss_type, KTO_LOSS_TYPES)
+    check_vector("policy_logps", policy_logps)
+    check_vector("ref_logps", ref_logps, policy_logps, "policy_logps")
     if not isinstance(desirable, torch.Tensor):
         raise TypeError(f"desirable must be a torch.bool tensor of shape [B], got {type(desirable).__name__}")
     if desirable.dtype != torch.bool:
@@ -449,11 +449,11 @@ def kto_loss(
         )
     if desirable.device != policy_logps.device:
         raise ValueError(f"desirable must be on device {policy_logps.device}, got {desirable.device}")
-    _check_constant("kl", kl, policy_logps)
-    beta = _check_real("beta", beta, positive=True)
-    desirable_weight = _check_real("desirable_weight", desirable_weight, nonnegative=True)
-    undesirable_weight = _check_real("undesirable_weight", undesirable_weight, nonnegative=True)
-    _check_reduction(reduction)
+    check_constant("kl", kl, policy_logps)
+    beta = check_real("beta", beta, positive=True)
+    desirable_weight = check_real("desirable_weight", desirable_weight, nonnegative=True)
+    undesirable_weight = check_real("undesirable_weight", undesirable_weight, nonnegative=True)
+    check_reduction(reduction)
     backend = backends.resolve("loss", backend, policy_logps.device, policy_logps.dtype)
     reference_point = _constant(kl, policy_logps) if loss_type == "kto" else 0.0
 
@@ -506,8 +506,8 @@ def kto_kl(
     Returns:
         max(0, mean(policy_kl_logps - ref_kl_logps)) over the group's examples, with no gradient.
     """
-    _check_vector("policy_kl_logps", policy_kl_logps)
-    _check_vector("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
+    check_vector("policy_kl_logps", policy_kl_logps)
+    check_vector("ref_kl_logps", ref_kl_logps, policy_kl_logps, "policy_kl_logps")
     difference = (policy_kl_logps - ref_kl_logps).detach()
     if process_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         totals = torch.stack([difference.sum(), difference.new_tensor(difference.numel())])
@@ -581,14 +581,14 @@ def cpo_loss(
         sums or averages the preference term uses); with ``return_metrics=True``, the pair
         ``(output, metrics)``.
     """
-    _check_loss_type(loss_type, CPO_LOSS_TYPES)
-    _check_vector("policy_chosen_logps", policy_chosen_logps)
-    _check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
-    beta = _check_real("beta", beta, positive=True)
-    eps = _check_smoothing(label_smoothing, [loss_type])
-    simpo_gamma = _check_real("simpo_gamma", simpo_gamma)
-    cpo_alpha = _check_real("cpo_alpha", cpo_alpha)
-    alpha = _check_real("alpha", alpha)
+    check_loss_type(loss_type, CPO_LOSS_TYPES)
+    check_vector("policy_chosen_logps", policy_chosen_logps)
+    check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
+    beta = check_real("beta", beta, positive=True)
+    eps = check_smoothing(label_smoothing, [loss_type])
+    simpo_gamma = check_real("simpo_gamma", simpo_gamma)
+    cpo_alpha = check_real("cpo_alpha", cpo_alpha)
+    alpha = check_real("alpha", alpha)
     averaged = loss_type in ("ipo", "simpo")  # TRL feeds these two per-token average log-probs
     if chosen_lengths is None and (averaged or cpo_alpha != 0.0):
         needs = f"loss_type {loss_type!r}" if averaged else "the NLL term (cpo_alpha != 0)"
@@ -596,10 +596,10 @@ def cpo_loss(
     if rejected_lengths is None and averaged:
         raise ValueError(f"rejected_lengths is required by loss_type {loss_type!r}")
     if chosen_lengths is not None:
-        _check_lengths("chosen_lengths", chosen_lengths, policy_chosen_logps, "policy_chosen_logps")
+        check_lengths("chosen_lengths", chosen_lengths, policy_chosen_logps, "policy_chosen_logps")
     if rejected_lengths is not None:
-        _check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
-    _check_reduction(reduction)
+        check_lengths("rejected_lengths", rejected_lengths, policy_chosen_logps, "policy_chosen_logps")
+    check_reduction(reduction)
     backend = backends.resolve("loss", backend, policy_chosen_logps.device, policy_chosen_logps.dtype)
 
     if backend != "reference":
@@ -662,7 +662,7 @@ def simpo_loss(
     Rewards are β·c/len_c and β·r/len_r, detached. ε in [0, 0.5]. ``backend`` and
     ``return_metrics`` as in :func:`cpo_loss`.
     """
-    _check_real("gamma", gamma)
+    check_real("gamma", gamma)
     return cpo_loss(
         policy_chosen_logps,
         policy_rejected_logps,
@@ -718,19 +718,19 @@ def orpo_loss(
         :class:`PreferenceLossOutput` with detached rewards β·c and β·r (TRL's); with
         ``return_metrics=True``, the pair ``(output, metrics)``.
     """
-    _check_vector("policy_chosen_logps", policy_chosen_logps)
-    _check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
-    beta = _check_real("beta", beta, positive=True)
+    check_vector("policy_chosen_logps", policy_chosen_logps)
+    check_vector("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps, "policy_chosen_logps")
+    beta = check_real("beta", beta, positive=True)
     if chosen_nll is not None:
         if not isinstance(chosen_nll, torch.Tensor):
             raise TypeError(f"chosen_nll must be a 0-d or [B] tensor, got {type(chosen_nll).__name__}")
         if chosen_nll.dim() != 0:
-            _check_vector("chosen_nll", chosen_nll, policy_chosen_logps, "policy_chosen_logps")
+            check_vector("chosen_nll", chosen_nll, policy_chosen_logps, "policy_chosen_logps")
         elif not chosen_nll.is_floating_point() or chosen_nll.dtype != policy_chosen_logps.dtype:
             raise TypeError(f"chosen_nll must have dtype {policy_chosen_logps.dtype}, got {chosen_nll.dtype}")
         elif chosen_nll.device != policy_chosen_logps.device:
             raise ValueError(f"chosen_nll must be on device {policy_chosen_logps.device}, got {chosen_nll.device}")
-    _check_reduction(reduction)
+    check_reduction(reduction)
     backend = backends.resolve("loss", backend, policy_chosen_logps.device, policy_chosen_logps.dtype)
 
     if backend != "reference":
