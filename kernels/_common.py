@@ -1,4 +1,5 @@
-"""Pieces shared by the log-prob kernels: the logit transform and its derivative.
+"""Pieces shared by the log-prob kernels: the logit transform and its derivative, and the one-MUFU
+exponential, reciprocal and tanh they are computed with.
 
 A kernel sees raw logits x and works on the logits the softmax is taken over,
 
@@ -22,6 +23,28 @@ def exp2(x, APPROX: tl.constexpr):
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
     return tl.exp2(x)
+
+
+@triton.jit
+def reciprocal(x, APPROX: tl.constexpr):
+    """1 / x: ``rcp.approx.ftz.f32`` (one MUFU instruction, 1 ulp) when APPROX, a division otherwise."""
+    if APPROX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return 1.0 / x
+
+
+@triton.jit
+def tanh_scaled(x, tanh_scale, APPROX: tl.constexpr):
+    """tanh(x / c) = sign(x) (1 - e) / (1 + e), e = 2^(-2 log2(e) |x| / c) (tanh_scale = 2 log2(e) /
+    c): two MUFU instructions and five others. e is in [0, 1], so nothing overflows and 1 - e is
+    exact for e >= 1/2: the error is that of e, an absolute ~3e-8 near 0, as for
+    ``_common.tanh``; a -inf logit gives -1, as in the backward."""
+    e = exp2(-(tl.abs(x) * tanh_scale), APPROX)
+    magnitude = (1.0 - e) * reciprocal(1.0 + e, APPROX)
+    # The sign of x put on the magnitude: one bitwise instruction.
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -49,32 +49,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2_E, exp2, log1p, lse_and_residual
+from ._common import LOG2_E, exp2, log1p, lse_and_residual, tanh_scaled
 
 _MAX_BLOCK_V = 4096
 # Elements per program and tile: a small vocabulary puts several rows in one tile.
 _TILE = 4096
-
-
-@triton.jit
-def _reciprocal(x, APPROX: tl.constexpr):
-    if APPROX:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    return 1.0 / x
-
-
-@triton.jit
-def _tanh(x, tanh_scale, APPROX: tl.constexpr):
-    """tanh(x / c) = sign(x) (1 - e) / (1 + e), e = 2^(-2 log2(e) |x| / c) (tanh_scale = 2 log2(e) /
-    c): two MUFU instructions and five others. e is in [0, 1], so nothing overflows and 1 - e is
-    exact for e >= 1/2: the error is that of e, an absolute ~3e-8 near 0, as for
-    ``_common.tanh``; a -inf logit gives -1, as in the backward."""
-    e = exp2(-(tl.abs(x) * tanh_scale), APPROX)
-    magnitude = (1.0 - e) * _reciprocal(1.0 + e, APPROX)
-    # The sign of x put on the magnitude: one bitwise instruction.
-    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
-    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -146,7 +125,7 @@ def _token_stats_fwd_kernel(
     in_row = scored & (label >= 0) & (label < vocab_size)
     label_x = tl.load(row_ptr + tl.where(in_row, label, 0), mask=in_row, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        label_x = _tanh(label_x, tanh_scale, APPROX)
+        label_x = tanh_scaled(label_x, tanh_scale, APPROX)
 
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full((ROWS, BLOCK_V), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
@@ -164,7 +143,7 @@ def _token_stats_fwd_kernel(
         for tile_start in range(0, read_limit - BLOCK_V + 1, BLOCK_V):
             y = tl.load(tile_ptr).to(tl.float32)
             if HAS_SOFTCAP:
-                y = _tanh(y, tanh_scale, APPROX)
+                y = tanh_scaled(y, tanh_scale, APPROX)
             m, r, t, r2, z_sum, best = _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY,
                                                WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
             tile_ptr += BLOCK_V
@@ -173,7 +152,7 @@ def _token_stats_fwd_kernel(
     if tail_start < read_limit:
         y = tl.load(tile_ptr, mask=tail, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            y = _tanh(y, tanh_scale, APPROX)
+            y = tanh_scaled(y, tanh_scale, APPROX)
         y = tl.where(tail, y, float("-inf"))  # after the cap, which would map -inf to -1
         m, r, t, r2, z_sum_tail, best = _absorb(y, tail_start, m, r, t, r2, tl.zeros_like(z_sum), best, scale2,
                                                 WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
