@@ -150,6 +150,19 @@ def test_inplace_backward_gives_the_same_gradient(backend, dtype):
     assert torch.equal(*gradients)
 
 
+@pytest.mark.parametrize(("inplace_backward", "softcap"), [(False, None), (True, 30.0)])
+def test_labels_on_the_edges_of_the_backward_blocks(backend, inplace_backward, softcap):
+    """The label's one-hot term is written apart from the rest of its block (Triton: 8192 columns a
+    program), over the block's own store and, in place, over the logit it was computed from: labels
+    on both sides of a block boundary, on a block's first column and on the row's last."""
+    block = 8192
+    vocab_size = 3 * block + 5
+    labels = torch.tensor([block - 1, block, 3 * block, vocab_size - 1], device=DEVICE)
+    logits = random_logits((len(labels), vocab_size), torch.float32)
+    check_against_reference(logits, labels, backend, stats=("entropy",), inplace_backward=inplace_backward,
+                            softcap=softcap)
+
+
 def test_inplace_backward_writes_into_the_logits_buffer(backend):
     leaf = random_logits((2, 3, 17), torch.float32).requires_grad_(True)
     logits = leaf * 1
