@@ -509,7 +509,10 @@ def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: floa
         asked = name in ("logps", "lse") or name in stats
         return _meta(rows, dtype=torch.bool if name == "is_top1" else torch.float32) if asked else None
 
-    with _recording(token_stats_fwd, "_token_stats_fwd_kernel") as recorder:
+    # Split-V's combine kernel (few rows: the fp32 tiles at V 128256 and 262144) runs once per row
+    # on [rows, slices] states, off the per-logit path: recorded, not reported.
+    with _recording(token_stats_fwd, "_token_stats_fwd_kernel") as recorder, \
+            _recording(token_stats_fwd, "_token_stats_combine_kernel"):
         for block, first in blocks:
             count = math.prod(block.shape[:-1])
             outputs = [output(name) for name in ("logps", "lse", "entropy", "mean_logits", "log_sum_sq_probs",

@@ -29,7 +29,11 @@ entropy and log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes 
 its row NaN, as on every backend.
 
 The main loop reads whole tiles unmasked and one masked tail follows. A vocabulary that fills less
-than a tile puts several rows in one program. Compiled, 2^x is ``ex2.approx.ftz.f32`` and the
+than a tile puts several rows in one program. Few rows of a large vocabulary (fewer than
+_SPLIT_PROGRAMS programs, e.g. 512 tokens or less) are cut into slices of whole tiles, one
+program each (split-V): each writes its slice's merged state, and a second kernel merges a row's
+slices in slice order with the same ``_merge`` as a row's lanes, so the result does not depend on
+which program finishes first. Compiled, 2^x is ``ex2.approx.ftz.f32`` and the
 softcap's reciprocal ``rcp.approx.ftz.f32`` (one MUFU instruction each, no denormal fix-up: terms
 below 2^-126 are 0; relative errors ~2^-22 and 1 ulp, inside the float32 tolerance of 1e-5 of the
 tests); under the interpreter, which cannot run inline PTX, they are ``tl.exp2`` and a division
@@ -54,6 +58,11 @@ from ._common import LOG2_E, exp2, log1p, lse_and_residual, tanh_scaled
 _MAX_BLOCK_V = 4096
 # Elements per program and tile: a small vocabulary puts several rows in one tile.
 _TILE = 4096
+# Split-V (see token_stats_forward): about 4 waves of 4 programs on each of an H100/H200's 132 SMs,
+# in slices of at least 4 tiles; the combine kernel merges 16 rows a program.
+_SPLIT_PROGRAMS = 2048
+_MIN_SLICE_TILES = 4
+_COMBINE_ROWS = 16
 
 
 @triton.jit
@@ -84,6 +93,81 @@ def _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY: tl.co
 
 
 @triton.jit
+def _rows(program, labels_ptr, rows, inner_size, stride_outer, stride_inner, logits_ptr, vocab_size, ignore_index,
+          ROWS: tl.constexpr):
+    """A program's rows: their indices, which exist, their first logit, labels and which are scored."""
+    row = program.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = row < rows
+    row = tl.where(row_ok, row, 0)
+    # 64-bit offsets: rows x vocab passes 2^31 at 16k tokens of a 128k vocabulary.
+    row_ptr = logits_ptr + (row // inner_size) * stride_outer + (row % inner_size) * stride_inner
+    label = tl.load(labels_ptr + row, mask=row_ok, other=ignore_index).to(tl.int64)
+    scored = row_ok & (label != ignore_index)
+    return row, row_ok, row_ptr, label, scored
+
+
+@triton.jit
+def _merge(m, r, t, r2, z_sum, column, scale2, WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr):
+    """[ROWS, N] states merged into one per row, in a fixed order (a tree over axis 1): rescaled to
+    the row maximum y_max, each state's own 1 kept out of the sum except for one, so that a peaked
+    row keeps r's relative precision. ``column`` is the first column of each state's maximum.
+    A state with no element (r = -1, m = -FLT_MAX) weighs 0 against any element, and an all-empty
+    row keeps r = -1: no finite logit."""
+    y_max = tl.max(m, 1)
+    shift = (m - y_max[:, None]) * scale2
+    weight = tl.exp2(shift)
+    holds_max = m == y_max[:, None]
+    maxima = tl.sum(holds_max.to(tl.float32), 1)
+    r_row = tl.sum(r * weight, 1) + tl.sum(tl.where(holds_max, 0.0, weight), 1) + (maxima - 1.0)
+    if WITH_ENTROPY:
+        t_row = tl.sum(tl.where(weight > 0.0, weight * (t + shift * (1.0 + r)), 0.0), 1)
+    else:
+        t_row = tl.zeros_like(r_row)
+    if WITH_SUM_SQ:
+        weight2 = weight * weight
+        r2_row = tl.sum(r2 * weight2, 1) + tl.sum(tl.where(holds_max, 0.0, weight2), 1) + (maxima - 1.0)
+    else:
+        r2_row = tl.zeros_like(r_row)
+    first = tl.min(tl.where(holds_max, column, 2**31 - 1), 1)
+    return y_max, r_row, t_row, r2_row, tl.sum(z_sum, 1), first
+
+
+@triton.jit
+def _finish(row, row_ok, row_ptr, label, scored, y_max, r_row, t_row, r2_row, z_row, first, logps_ptr, lse_ptr,
+            lse_residual_ptr, entropy_ptr, mean_logits_ptr, log_sum_sq_ptr, is_top1_ptr, vocab_size, z_scale,
+            tanh_scale, HAS_SOFTCAP: tl.constexpr, WITH_RESIDUAL: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+            WITH_MEAN: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, APPROX: tl.constexpr):
+    """The statistics of merged rows (the module docstring's formulas), stored; 0 for ignored rows."""
+    # Labels were validated before launch; the bounds test only keeps a bad one from reading
+    # outside the row.
+    in_row = scored & (label >= 0) & (label < vocab_size)
+    label_x = tl.load(row_ptr + tl.where(in_row, label, 0), mask=in_row, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        label_x = tanh_scaled(label_x, tanh_scale, APPROX)
+    no_logit = r_row == -1.0
+    log_s = tl.where(scored, tl.where(no_logit, float("nan"), log1p(r_row)), 0.0)
+    m_z = y_max * z_scale
+    label_z = label_x * z_scale
+    # log1p(r) >= 0 and z_l <= m make every log-prob <= 0 by construction; the min() guards z_l
+    # against a last-ulp difference between the scalar and the vector evaluation of the transform.
+    logp = tl.minimum(label_z - m_z, 0.0) - log_s
+    tl.store(logps_ptr + row, tl.where(scored, logp, 0.0), mask=row_ok)
+    lse, lse_residual = lse_and_residual(m_z, log_s)
+    tl.store(lse_ptr + row, tl.where(scored, lse, 0.0), mask=row_ok)
+    if WITH_RESIDUAL:
+        tl.store(lse_residual_ptr + row, tl.where(scored, lse_residual, 0.0), mask=row_ok)
+    if WITH_ENTROPY:
+        entropy = log_s - 0.6931471805599453 * t_row / (1.0 + r_row)
+        tl.store(entropy_ptr + row, tl.where(scored, entropy, 0.0), mask=row_ok)
+    if WITH_SUM_SQ:
+        tl.store(log_sum_sq_ptr + row, tl.where(scored, log1p(r2_row) - 2.0 * log_s, 0.0), mask=row_ok)
+    if WITH_MEAN:
+        tl.store(mean_logits_ptr + row, tl.where(scored, z_row * z_scale / vocab_size, 0.0), mask=row_ok)
+    if WITH_TOP1:
+        tl.store(is_top1_ptr + row, scored & (first == label), mask=row_ok)
+
+
+@triton.jit
 def _token_stats_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -94,7 +178,105 @@ def _token_stats_fwd_kernel(
     mean_logits_ptr,
     log_sum_sq_ptr,
     is_top1_ptr,
+    partial_ptr,
+    partial_first_ptr,
     rows,
+    inner_size,
+    stride_outer,
+    stride_inner,
+    vocab_size,
+    slice_columns,
+    ignore_index,
+    z_scale,
+    scale2,
+    tanh_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_RESIDUAL: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    WITH_MEAN: tl.constexpr,
+    WITH_SUM_SQ: tl.constexpr,
+    WITH_TOP1: tl.constexpr,
+    APPROX: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row, row_ok, row_ptr, label, scored = _rows(tl.program_id(0), labels_ptr, rows, inner_size, stride_outer,
+                                                stride_inner, logits_ptr, vocab_size, ignore_index, ROWS)
+    # Split-V: program (p, k) reads slice k of its row, columns [k slice_columns, (k + 1) slice_columns).
+    if SPLIT:
+        column_start = tl.program_id(1) * slice_columns
+        column_end = tl.minimum(column_start + slice_columns, vocab_size)
+    else:
+        column_start = 0
+        column_end = vocab_size
+
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full((ROWS, BLOCK_V), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
+    r = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)  # s = 1 + r = 0: empty
+    t = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    r2 = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)
+    z_sum = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    best = tl.full((ROWS, BLOCK_V), 2**31 - 1 - BLOCK_V, tl.int32)  # no column
+    tile_ptr = row_ptr[:, None] + column_start + lanes[None, :]
+    # The columns a program reads: its slice for a scored row, none for an ignored one.
+    read_limit = tl.where(tl.max(scored.to(tl.int32), 0) > 0, column_end, column_start)
+    tail_start = column_start
+    if ROWS == 1:
+        # The main loop: whole tiles, unmasked (an ignored row runs none).
+        for tile_start in range(column_start, read_limit - BLOCK_V + 1, BLOCK_V):
+            y = tl.load(tile_ptr).to(tl.float32)
+            if HAS_SOFTCAP:
+                y = tanh_scaled(y, tanh_scale, APPROX)
+            m, r, t, r2, z_sum, best = _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY,
+                                               WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
+            tile_ptr += BLOCK_V
+        tail_start = column_start + ((read_limit - column_start) // BLOCK_V) * BLOCK_V
+    tail = scored[:, None] & (tail_start + lanes[None, :] < column_end)
+    if tail_start < read_limit:
+        y = tl.load(tile_ptr, mask=tail, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            y = tanh_scaled(y, tanh_scale, APPROX)
+        y = tl.where(tail, y, float("-inf"))  # after the cap, which would map -inf to -1
+        m, r, t, r2, z_sum_tail, best = _absorb(y, tail_start, m, r, t, r2, tl.zeros_like(z_sum), best, scale2,
+                                                WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
+        if WITH_MEAN:
+            z_sum += tl.where(tail, z_sum_tail, 0.0)
+
+    y_max, r_row, t_row, r2_row, z_row, first = _merge(m, r, t, r2, z_sum, best + lanes[None, :], scale2,
+                                                       WITH_ENTROPY, WITH_SUM_SQ)
+    if SPLIT:
+        # The slice's merged state, for _token_stats_combine_kernel: planes m, r, t, r2, sum z of
+        # [rows, slices] each, and the first column of the maximum.
+        slot = row * tl.num_programs(1) + tl.program_id(1)
+        plane = rows * tl.num_programs(1)
+        tl.store(partial_ptr + slot, y_max, mask=row_ok)
+        tl.store(partial_ptr + plane + slot, r_row, mask=row_ok)
+        tl.store(partial_ptr + 2 * plane + slot, t_row, mask=row_ok)
+        tl.store(partial_ptr + 3 * plane + slot, r2_row, mask=row_ok)
+        tl.store(partial_ptr + 4 * plane + slot, z_row, mask=row_ok)
+        tl.store(partial_first_ptr + slot, first, mask=row_ok)
+    else:
+        _finish(row, row_ok, row_ptr, label, scored, y_max, r_row, t_row, r2_row, z_row, first, logps_ptr, lse_ptr,
+                lse_residual_ptr, entropy_ptr, mean_logits_ptr, log_sum_sq_ptr, is_top1_ptr, vocab_size, z_scale,
+                tanh_scale, HAS_SOFTCAP, WITH_RESIDUAL, WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
+
+
+@triton.jit
+def _token_stats_combine_kernel(
+    logits_ptr,
+    labels_ptr,
+    logps_ptr,
+    lse_ptr,
+    lse_residual_ptr,
+    entropy_ptr,
+    mean_logits_ptr,
+    log_sum_sq_ptr,
+    is_top1_ptr,
+    partial_ptr,
+    partial_first_ptr,
+    rows,
+    slices,
     inner_size,
     stride_outer,
     stride_inner,
@@ -111,91 +293,27 @@ def _token_stats_fwd_kernel(
     WITH_TOP1: tl.constexpr,
     APPROX: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    SLICES: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    row_ok = row < rows
-    row = tl.where(row_ok, row, 0)
-    # 64-bit offsets: rows x vocab passes 2^31 at 16k tokens of a 128k vocabulary.
-    row_ptr = logits_ptr + (row // inner_size) * stride_outer + (row % inner_size) * stride_inner
-    label = tl.load(labels_ptr + row, mask=row_ok, other=ignore_index).to(tl.int64)
-    scored = row_ok & (label != ignore_index)
-    # Labels were validated before launch; the bounds test only keeps a bad one from reading
-    # outside the row.
-    in_row = scored & (label >= 0) & (label < vocab_size)
-    label_x = tl.load(row_ptr + tl.where(in_row, label, 0), mask=in_row, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        label_x = tanh_scaled(label_x, tanh_scale, APPROX)
-
-    lanes = tl.arange(0, BLOCK_V)
-    m = tl.full((ROWS, BLOCK_V), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
-    r = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)  # s = 1 + r = 0: empty
-    t = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    r2 = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)
-    z_sum = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    best = tl.full((ROWS, BLOCK_V), 2**31 - 1 - BLOCK_V, tl.int32)  # no column
-    tile_ptr = row_ptr[:, None] + lanes[None, :]
-    # The columns a program reads: V for a scored row, none for an ignored one.
-    read_limit = tl.where(tl.max(scored.to(tl.int32), 0) > 0, vocab_size, 0)
-    tail_start = 0
-    if ROWS == 1:
-        # The main loop: whole tiles, unmasked (an ignored row runs none).
-        for tile_start in range(0, read_limit - BLOCK_V + 1, BLOCK_V):
-            y = tl.load(tile_ptr).to(tl.float32)
-            if HAS_SOFTCAP:
-                y = tanh_scaled(y, tanh_scale, APPROX)
-            m, r, t, r2, z_sum, best = _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY,
-                                               WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
-            tile_ptr += BLOCK_V
-        tail_start = (read_limit // BLOCK_V) * BLOCK_V
-    tail = scored[:, None] & (tail_start + lanes[None, :] < vocab_size)
-    if tail_start < read_limit:
-        y = tl.load(tile_ptr, mask=tail, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            y = tanh_scaled(y, tanh_scale, APPROX)
-        y = tl.where(tail, y, float("-inf"))  # after the cap, which would map -inf to -1
-        m, r, t, r2, z_sum_tail, best = _absorb(y, tail_start, m, r, t, r2, tl.zeros_like(z_sum), best, scale2,
-                                                WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
-        if WITH_MEAN:
-            z_sum += tl.where(tail, z_sum_tail, 0.0)
-
-    # The states of a row merged: rescaled to the row maximum y_max, each state's own 1 kept out
-    # of the sum except for one, so that a peaked row keeps r's relative precision.
-    y_max = tl.max(m, 1)
-    shift = (m - y_max[:, None]) * scale2
-    weight = tl.exp2(shift)
-    holds_max = m == y_max[:, None]
-    maxima = tl.sum(holds_max.to(tl.float32), 1)
-    r_row = tl.sum(r * weight, 1) + tl.sum(tl.where(holds_max, 0.0, weight), 1) + (maxima - 1.0)
-    # A state with no element (r = -1, m = -FLT_MAX) weighs 0 against any element, and an
-    # all-empty row keeps r = -1: no finite logit.
-    no_logit = r_row == -1.0
-    log_s = tl.where(scored, tl.where(no_logit, float("nan"), log1p(r_row)), 0.0)
-    m_z = y_max * z_scale
-    label_z = label_x * z_scale
-    # log1p(r) >= 0 and z_l <= m make every log-prob <= 0 by construction; the min() guards z_l
-    # against a last-ulp difference between the scalar and the vector evaluation of the transform.
-    logp = tl.minimum(label_z - m_z, 0.0) - log_s
-    tl.store(logps_ptr + row, tl.where(scored, logp, 0.0), mask=row_ok)
-    lse, lse_residual = lse_and_residual(m_z, log_s)
-    tl.store(lse_ptr + row, tl.where(scored, lse, 0.0), mask=row_ok)
-    if WITH_RESIDUAL:
-        tl.store(lse_residual_ptr + row, tl.where(scored, lse_residual, 0.0), mask=row_ok)
-    if WITH_ENTROPY:
-        moved = tl.where(weight > 0.0, weight * (t + shift * (1.0 + r)), 0.0)
-        t_row = tl.sum(moved, 1)
-        entropy = log_s - 0.6931471805599453 * t_row / (1.0 + r_row)
-        tl.store(entropy_ptr + row, tl.where(scored, entropy, 0.0), mask=row_ok)
-    if WITH_SUM_SQ:
-        weight2 = weight * weight
-        r2_row = tl.sum(r2 * weight2, 1) + tl.sum(tl.where(holds_max, 0.0, weight2), 1) + (maxima - 1.0)
-        tl.store(log_sum_sq_ptr + row, tl.where(scored, log1p(r2_row) - 2.0 * log_s, 0.0), mask=row_ok)
-    if WITH_MEAN:
-        tl.store(mean_logits_ptr + row, tl.where(scored, tl.sum(z_sum, 1) * z_scale / vocab_size, 0.0),
-                 mask=row_ok)
-    if WITH_TOP1:
-        first = tl.min(tl.where(holds_max, best + lanes[None, :], 2**31 - 1), 1)
-        tl.store(is_top1_ptr + row, scored & (first == label), mask=row_ok)
+    """Split-V's second half: the slices' states of each row merged in slice order (the same
+    _merge as a row's lanes), then the row's statistics."""
+    row, row_ok, row_ptr, label, scored = _rows(tl.program_id(0), labels_ptr, rows, inner_size, stride_outer,
+                                                stride_inner, logits_ptr, vocab_size, ignore_index, ROWS)
+    slice_index = tl.arange(0, SLICES)
+    slot = row[:, None] * slices + slice_index[None, :]
+    present = row_ok[:, None] & (slice_index[None, :] < slices)
+    plane = rows * slices
+    m = tl.load(partial_ptr + slot, mask=present, other=-3.4028234663852886e38)
+    r = tl.load(partial_ptr + plane + slot, mask=present, other=-1.0)
+    t = tl.load(partial_ptr + 2 * plane + slot, mask=present, other=0.0)
+    r2 = tl.load(partial_ptr + 3 * plane + slot, mask=present, other=-1.0)
+    z_sum = tl.load(partial_ptr + 4 * plane + slot, mask=present, other=0.0)
+    column = tl.load(partial_first_ptr + slot, mask=present, other=2**31 - 1)
+    y_max, r_row, t_row, r2_row, z_row, first = _merge(m, r, t, r2, z_sum, column, scale2, WITH_ENTROPY,
+                                                       WITH_SUM_SQ)
+    _finish(row, row_ok, row_ptr, label, scored, y_max, r_row, t_row, r2_row, z_row, first, logps_ptr, lse_ptr,
+            lse_residual_ptr, entropy_ptr, mean_logits_ptr, log_sum_sq_ptr, is_top1_ptr, vocab_size, z_scale,
+            tanh_scale, HAS_SOFTCAP, WITH_RESIDUAL, WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
 
 
 def token_stats_forward(
@@ -226,28 +344,26 @@ def token_stats_forward(
         return
     block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
     rows_per_program = max(1, min(_TILE // block_v, triton.next_power_of_2(rows)))
+    # Split-V when the rows alone would leave the GPU idle: enough slices for _SPLIT_PROGRAMS
+    # programs, none shorter than _MIN_SLICE_TILES tiles (its loop would be mostly prologue).
+    slices = 1
+    if rows_per_program == 1:
+        slices = max(1, min(triton.cdiv(_SPLIT_PROGRAMS, rows), vocab_size // (_MIN_SLICE_TILES * block_v)))
+    slice_columns = triton.cdiv(triton.cdiv(vocab_size, slices), block_v) * block_v
+    slices = triton.cdiv(vocab_size, slice_columns)
     # z = k y: y = x, k = 1/T without a softcap; y = tanh(x / c), k = c / T with one.
     z_scale = (1.0 if softcap is None else softcap) / temperature
     all_stats = mean_logits is not None or log_sum_sq_probs is not None or is_top1 is not None
-    _token_stats_fwd_kernel[(triton.cdiv(rows, rows_per_program),)](
-        logits,
-        labels,
-        logps,
-        lse,
-        lse if lse_residual is None else lse_residual,
-        lse if entropy is None else entropy,
-        lse if mean_logits is None else mean_logits,
-        lse if log_sum_sq_probs is None else log_sum_sq_probs,
-        lse if is_top1 is None else is_top1,
-        rows,
-        inner,
-        logits.stride(0),
-        logits.stride(1),
-        vocab_size,
-        ignore_index,
-        z_scale,
-        z_scale * LOG2_E,
-        0.0 if softcap is None else 2.0 * LOG2_E / softcap,
+    outputs = (logps, lse, lse if lse_residual is None else lse_residual, lse if entropy is None else entropy,
+               lse if mean_logits is None else mean_logits, lse if log_sum_sq_probs is None else log_sum_sq_probs,
+               lse if is_top1 is None else is_top1)
+    if slices > 1:
+        partial = torch.empty((5, rows, slices), dtype=torch.float32, device=logits.device)
+        partial_first = torch.empty((rows, slices), dtype=torch.int32, device=logits.device)
+    else:
+        partial, partial_first = lse, lse  # not read
+    scales = (z_scale, z_scale * LOG2_E, 0.0 if softcap is None else 2.0 * LOG2_E / softcap)
+    statistics = dict(
         HAS_SOFTCAP=softcap is not None,
         WITH_RESIDUAL=lse_residual is not None,
         WITH_ENTROPY=entropy is not None,
@@ -255,8 +371,31 @@ def token_stats_forward(
         WITH_SUM_SQ=log_sum_sq_probs is not None,
         WITH_TOP1=is_top1 is not None,
         APPROX=os.environ.get("TRITON_INTERPRET") != "1",
+    )
+    _token_stats_fwd_kernel[(triton.cdiv(rows, rows_per_program), slices)](
+        logits,
+        labels,
+        *outputs,
+        partial,
+        partial_first,
+        rows,
+        inner,
+        logits.stride(0),
+        logits.stride(1),
+        vocab_size,
+        slice_columns,
+        ignore_index,
+        *scales,
+        **statistics,
+        SPLIT=slices > 1,
         ROWS=rows_per_program,
         BLOCK_V=block_v,
         # 16 elements per thread, 8 with the states of the other statistics.
         num_warps=(16 if all_stats else 8) if block_v >= 4096 else 4,
     )
+    if slices > 1:
+        _token_stats_combine_kernel[(triton.cdiv(rows, _COMBINE_ROWS),)](
+            logits, labels, *outputs, partial, partial_first, rows, slices, inner, logits.stride(0),
+            logits.stride(1), vocab_size, ignore_index, *scales, **statistics, ROWS=_COMBINE_ROWS,
+            SLICES=triton.next_power_of_2(slices), num_warps=4,
+        )

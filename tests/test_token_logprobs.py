@@ -208,6 +208,29 @@ def test_is_top1_ties_go_to_the_earlier_token(backend):
     assert result.is_top1.tolist() == [True, False, False]
 
 
+def test_rows_cut_into_vocabulary_slices(backend):
+    """Few rows of a large vocabulary: Triton cuts each row into slices of 16384 columns or more, one
+    program each, merged in order (the CUDA kernel has its own split). Ties of the maximum in two
+    slices (is_top1 takes the earlier), a peaked row, a slice of -inf and an ignored row."""
+    slice_columns = 16384
+    vocab_size = 5 * slice_columns + 3
+    logits = random_logits((5, vocab_size), torch.float32)
+    logits[0, [slice_columns + 7, 3 * slice_columns + 1]] = 40.0
+    logits[1, 4 * slice_columns + 2] = 30.0
+    logits[2, slice_columns:3 * slice_columns] = float("-inf")
+    labels = torch.tensor([slice_columns + 7, 4 * slice_columns + 2, 5, -100, vocab_size - 1], device=DEVICE)
+    # The mean logit of the -inf row is -inf, which a relative error cannot compare: apart below.
+    result, _ = check_against_reference(logits, labels, backend, stats=[s for s in ALL_STATS if s != "mean_logits"])
+    mean = prefopt.token_stats(logits, labels, stats=("mean_logits",), backend=backend).mean_logits.cpu()
+    expected = reference_stats(logits.double().cpu(), labels.cpu(), stats=("mean_logits",)).mean_logits
+    finite = torch.tensor([0, 1, 3, 4])
+    assert relative_error(mean[finite], expected[finite]) <= TOLERANCE[torch.float32]
+    assert mean[2] == float("-inf")
+    labels[0] = 3 * slice_columns + 1
+    late_tie = prefopt.token_stats(logits, labels, stats=("is_top1",), backend=backend).is_top1
+    assert result.is_top1[0] and not late_tie[0]
+
+
 def test_minus_infinity_logits_are_masked_vocabulary(backend):
     """-inf logits (a masked vocabulary) have probability 0 and leave the softmax statistics and
     the gradient finite (the mean logit is -inf, as it should be)."""
