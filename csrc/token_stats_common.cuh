@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "prefopt_csrc.h"
 
@@ -42,6 +43,19 @@ __device__ __forceinline__ float2 lse_and_residual(float m, float log_s) {
   const float larger = m_larger ? m : log_s;
   const float smaller = m_larger ? log_s : m;
   return make_float2(lse, fabsf(lse) < INFINITY ? smaller - (lse - larger) : 0.f);
+}
+
+// Bit casts (memcpy: no aliasing questions, and one register move or none).
+__device__ __forceinline__ uint32_t float_bits(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+__device__ __forceinline__ float bits_float(uint32_t bits) {
+  float x;
+  memcpy(&x, &bits, sizeof(x));
+  return x;
 }
 
 // Element traits: float conversion (explicit intrinsics: torch builds with
@@ -99,9 +113,64 @@ __device__ __forceinline__ void store_vector(T* address, const Vector<T>& value)
   __stcs(reinterpret_cast<uint4*>(address), *reinterpret_cast<const uint4*>(&value));
 }
 
+// The kVector elements of a vector as float32. bf16 is the upper half of a float32: each 32-bit
+// word gives its two elements with one shift and one mask (the generic conversion spends a
+// byte permute and a shift on the upper one).
+template <typename T>
+__device__ __forceinline__ void vector_to_floats(const Vector<T>& in, float (&out)[Element<T>::kVector]) {
+#pragma unroll
+  for (int e = 0; e < Element<T>::kVector; ++e) out[e] = Element<T>::to_float(in.v[e]);
+}
+
+template <>
+__device__ __forceinline__ void vector_to_floats<__nv_bfloat16>(const Vector<__nv_bfloat16>& in, float (&out)[8]) {
+  uint32_t words[4];
+  memcpy(words, &in, sizeof(words));
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    out[2 * w] = bits_float(words[w] << 16);
+    out[2 * w + 1] = bits_float(words[w] & 0xffff0000u);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float load_scalar(const T* address) {
   return Element<T>::to_float(*address);
+}
+
+// 2^x and 1/x as one MUFU instruction each (ex2.approx.ftz.f32, rcp.approx.ftz.f32: no denormal
+// fix-up, results below 2^-126 are 0; relative errors ~2^-22 and 1 ulp). The host simulator
+// (csrc/testing/host_simulator.h), which cannot run inline PTX, takes exp2f and a division: the CPU
+// tests check the formulas, a GPU run the instructions' accuracy.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+__device__ __forceinline__ float fast_reciprocal(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.f / x;
+#endif
+}
+
+// tanh(x / c) = sign(x) (1 - e) / (1 + e), e = 2^(-2 log2(e) |x| / c) (tanh_scale = 2 log2(e) / c):
+// two MUFU instructions and five others (kernels/token_stats_fwd.py's _tanh). e is in [0, 1], so
+// nothing overflows and 1 - e is exact for e >= 1/2: the error is that of e, an absolute ~3e-8
+// near 0; -inf gives -1 and NaN stays NaN.
+__device__ __forceinline__ float softcap_tanh(float x, float tanh_scale) {
+  const float e = fast_exp2(-(fabsf(x) * tanh_scale));
+  const float magnitude = (1.f - e) * fast_reciprocal(1.f + e);
+  // The sign of x put on the magnitude: one bitwise instruction.
+  return bits_float(float_bits(magnitude) | (float_bits(x) & 0x80000000u));
 }
 
 // z = softcap(x) / T, in float32 (Gemma-style softcap c * tanh(x / c); identity when off).

@@ -1,41 +1,65 @@
 // Forward: per-token log-probability of the label, and optional softmax statistics, in one pass
 // over the logits (the CUDA twin of kernels/token_stats_fwd.py; the results must agree).
 //
-// For a row of transformed logits z (z = softcap(x) / T) and its label y, each thread folds the
-// elements it reads into a running state relative to its running maximum m:
+// For a row of transformed logits z = k y (y = x without a softcap, y = tanh(x / c) with one;
+// k = 1 / T or c / T) and its label l, with the row maximum m of y and s = k log2(e) (so that
+// (y_j - m) s <= 0 is z_j - z_max in log2 units):
 //
-//     s  = sum_j exp(z_j - m) = 1 + r                 lse     = m + log1p(r)
-//     t  = sum_j exp(z_j - m) (z_j - m)               entropy = log1p(r) - t / s
-//     s2 = sum_j exp(z_j - m)^2 = 1 + r2              log sum_j p_j^2 = log1p(r2) - 2 log1p(r)
-//     log p_y = (z_y - m) - log1p(r)                  mean logit = sum_j z_j / V
-//     is_top1 = (first argmax_j z_j) == y
+//     s  = sum_j 2^((y_j - m) s) = 1 + r                 lse     = k m + log1p(r)
+//     t  = sum_j 2^((y_j - m) s) (y_j - m) s             entropy = log1p(r) - ln 2 t / s
+//     s2 = sum_j 4^((y_j - m) s) = 1 + r2                log sum_j p_j^2 = log1p(r2) - 2 log1p(r)
+//     log p_l = k (y_l - m) - log1p(r)                   mean logit = k sum_j y_j / V
+//     is_top1 = (first argmax_j y_j) == l
 //
-// The maximum's own term exp(0) = 1 is kept out of r and r2: on a peaked row (p_max ~ 1) r is
-// tiny, 1 + r in float32 would lose it, and with it the relative precision of log p, the entropy
-// and log sum p^2. So the elements equal to the new maximum are counted, not summed: one of them
-// is the implicit 1, the others add exactly 1 each. When a chunk raises the maximum from m to m',
-// earlier sums are rescaled by a = exp(m - m'):  s <- a s,  s2 <- a^2 s2,  and
-// t <- a (t + s (m - m')) because every earlier z_j - m shifts by m - m'.
+// The maximum's own term 2^0 = 1 is kept out of r and r2: on a peaked row (p_max ~ 1) r is tiny,
+// 1 + r in float32 would lose it, and with it the relative precision of log p, the entropy and
+// log sum p^2. Elements equal to the maximum are counted, not summed: each adds exactly 1, except
+// the one that is the implicit 1 of s.
+//
+// Per thread. Each thread keeps one state (m, r, t, r2, sum y, argmax) over all the columns it
+// reads, and folds a whole step of 32 bf16 (16 float) elements at once, without a branch: the
+// step's maximum M = max(m, y_j) (one FMNMX per element), mu = fl(M s), and per element
+//
+//     a_j = fma(y_j, s, -mu)        e_j = 2^a_j (one ex2.approx: one MUFU, no fix-up)
+//     y_j <  M:  r += e_j,  t += e_j a_j,  r2 += e_j^2       y_j >= M: ones += 1
+//
+// (predicated adds after one compare; a NaN compares false and so poisons r). s is applied
+// inside the FMA, not by scaling y first: a_j is y_j s - mu rounded once, at its own magnitude,
+// so the terms that matter keep float32 rounding of z_j - z_max however large |z| is. mu is not
+// M s exactly but off by eps = fma(M, s, -mu) (exact, |eps| <= ulp(mu) / 2, which is not small at
+// |z| ~ 65536): every a_j is (y_j - M) s + eps, so the step's sums are brought to the maximum
+// once per step, r <- 2^-eps r and t <- 2^-eps (t - eps r), r2 <- 4^-eps r2. Then the state
+// moves to M: with c = 2^((m - M) s) (1 when M = m) and the old s = 1 + r,
+//
+//     raised (M > m):  r <- c (1 + r) + r_step + (ones - 1)      t <- c (t + (m - M) s (1 + r)) + t_step
+//     else:            r <- r + r_step + ones                     t <- t + t_step
+//
+// ties add their exact 1s last, and the maximum's own 1 stays out. The per-step work is a few
+// dozen instructions for 32 elements; per element there is no rescale and no branch. A -inf
+// logit has e = 0 and its a = -inf is clamped before the product (no inf * 0); a thread that has
+// seen nothing but -inf keeps m = -inf (the step then works against 0, so that nothing is NaN).
 //
 // Layout. One block of 256 threads per row; each thread reads 4 independent 16-byte vectors per
 // step (coalesced: consecutive threads read consecutive vectors), so several loads are in flight
-// before the first exp. A thread folds a whole step (32 bf16 elements) at once: one maximum,
-// independent exps, at most one rescale. The thread states are merged with warp shuffles, then
-// across the 8 warps through shared memory, in a fixed tree: the result is deterministic. Which
-// thread folds which column depends on the column index only, never on the row's address, so a
-// view and its contiguous copy give bitwise the same results; a row that does not start on a
-// 16-byte boundary (an odd vocabulary such as 50257) reads the same vectors element by element.
+// before the first exp. The thread states are merged with warp shuffles, then across the 8 warps
+// through shared memory, in a fixed tree: the result is deterministic. Which thread folds which
+// column depends on the column index only, never on the row's address, so a view and its
+// contiguous copy give bitwise the same results; a row that does not start on a 16-byte boundary
+// (an odd vocabulary such as 50257) reads the same vectors element by element.
 //
 // Split-V. With few rows and a very large vocabulary (8 rows of 262144) one block per row leaves
 // most SMs idle, so a row may be cut into `splits` slices, one block each; every block writes its
-// partial state (m, r, t, r2, sum z, argmax) to a workspace slot of its own, and a second tiny
+// partial state (m, r, t, r2, sum y, argmax) to a workspace slot of its own, and a second tiny
 // kernel (in this file: it is the second half of the same reduction) merges the slots of a row in
 // slice order. No atomics: the result does not depend on which block finishes first.
 //
-// A row whose label is ignore_index is never read; all its outputs are 0. Offsets are 64-bit.
-// __expf is used on purpose, and only on arguments <= 0 (z - m, never z itself): its error is
-// relative ~2 ulp plus |z - m| * 2^-24 for the terms that matter (|z - m| small), far inside the
-// 1e-5 tolerance; log1pf, tanhf and the divisions stay IEEE-accurate (no --use_fast_math).
+// A row whose label is ignore_index is never read; all its outputs are 0. A scored row with no
+// finite logit (all -inf) has no distribution: its log-prob, lse, entropy and log sum p^2 are NaN
+// (its mean logit -inf), and a NaN logit makes its row's statistics NaN. Offsets are 64-bit. The
+// approximate 2^x and 1/x (token_stats_common.cuh) are used in the per-element work only, on
+// arguments whose error they bound at ~2^-22 relative; log1pf and the final divisions stay
+// IEEE-accurate (no --use_fast_math).
+#include <cfloat>
 #include <climits>
 
 #include "token_stats_common.cuh"
@@ -47,19 +71,23 @@ namespace {
 // and the plain log-prob pass (DPO training) must stay at the memory roofline.
 enum StatsLevel { kLogpOnly = 0, kWithEntropy = 1, kAllStats = 2 };
 
+constexpr float kLog2E = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Relative to the maximum m of y (the logits before the factor k; see the top of the file).
 struct State {
-  float m;       // running maximum of z (-inf: nothing with probability mass seen yet)
-  float r;       // s - 1, s = sum_j exp(z_j - m): the maximum's own exp(0) = 1 kept out
-  float t;       // sum_j exp(z_j - m) (z_j - m)
-  float r2;      // s2 - 1, s2 = sum_j exp(z_j - m)^2
-  float z_sum;   // sum_j z_j
-  int argmax;    // first column with z_j = m
+  float m;       // running maximum of y (-inf: nothing with probability mass seen yet)
+  float r;       // s - 1, s = sum_j 2^((y_j - m) s): the maximum's own 1 kept out
+  float t;       // sum_j 2^((y_j - m) s) (y_j - m) s, in log2 units
+  float r2;      // s2 - 1, s2 = sum_j 4^((y_j - m) s)
+  float y_sum;   // sum_j y_j
+  int argmax;    // first column with y_j = m
 };
 
-// One split-V slice's result; label_z is only meaningful in slice 0, which reads it.
+// One split-V slice's result; label_y is only meaningful in slice 0, which reads it.
 struct Partial {
   State state;
-  float label_z;
+  float label_y;
   int unused;
 };
 
@@ -75,7 +103,9 @@ struct ForwardParams {
   int labels_are_int64;
   float inv_temperature;
   float softcap;
-  float inv_softcap;
+  float z_scale;     // k: z = k y
+  float scale2;      // s = k log2(e)
+  float tanh_scale;  // 2 log2(e) / c (softcap only)
   float* logps;
   float* lse;
   float* lse_residual;
@@ -89,68 +119,72 @@ struct ForwardParams {
 
 __device__ __forceinline__ State empty_state() { return {-INFINITY, 0.f, 0.f, 0.f, 0.f, INT_MAX}; }
 
-// Fold K transformed logits into the state. Element j sits at column
-// first_column + (j / kVector) * vector_step + j % kVector, and columns grow with j, so "first
+// y = x or tanh(x / c): the same code for the streamed elements and the label, so that the
+// label's y is bitwise one of the row's.
+template <bool kSoftcap>
+__device__ __forceinline__ float transform_y(float x, float tanh_scale) {
+  if constexpr (kSoftcap) return softcap_tanh(x, tanh_scale);
+  return x;
+}
+
+// Fold K values y into the state (see the top of the file). Element j sits at column
+// first_column + (j / kVector) * kVectorStep + j % kVector, and columns grow with j, so "first
 // index reaching the maximum" is found by scanning j.
-template <int kStats, int kVector, int K>
-__device__ __forceinline__ void absorb(State& s, const float (&z)[K], int first_column, int vector_step) {
-  float chunk_max = z[0];
+template <int kStats, int kVector, int kVectorStep, int K>
+__device__ __forceinline__ void absorb(State& s, const float (&y)[K], int first_column, float scale) {
+  float top = s.m;
 #pragma unroll
-  for (int j = 1; j < K; ++j) chunk_max = fmaxf(chunk_max, z[j]);
-  if constexpr (kStats == kAllStats) {
-    float sum = 0.f;
+  for (int j = 0; j < K; ++j) top = fmaxf(top, y[j]);  // NaN is skipped: m is never NaN
+  // Nothing but -inf (and NaN) so far: work against 0, where every a_j is -inf (or NaN) and no
+  // element counts as a maximum.
+  const float pivot = top > -INFINITY ? top : 0.f;
+  const float mu = pivot * scale;
+  float r = 0.f, t = 0.f, r2 = 0.f, ones = 0.f, y_sum = 0.f;
+  int best = 0;
+  // Last element first, so that the first column at the maximum is the one left in `best`.
 #pragma unroll
-    for (int j = 0; j < K; ++j) sum += z[j];
-    s.z_sum += sum;  // -inf logits make the mean -inf, as they should
-  }
-  const float m = fmaxf(s.m, chunk_max);
-  if (m == -INFINITY) return;  // only -inf logits so far: no probability mass to add
-
-  // Rescale first (while z is still whole, for the argmax), so that each z[j] dies as soon as
-  // its exp is taken below.
-  const bool raised = chunk_max > s.m;
-  if (raised) {
-    const float a = __expf(s.m - m);  // 0 when nothing was seen before (s.m = -inf)
-    const float s_old = 1.f + s.r;
-    if constexpr (kStats >= kWithEntropy) s.t = s.m == -INFINITY ? 0.f : a * (s.t + s_old * (s.m - m));
-    if constexpr (kStats == kAllStats) {
-      s.r2 = a * a * (1.f + s.r2);
-      // Strictly greater raised the maximum: on ties an earlier chunk keeps the argmax, and
-      // within the chunk the earliest column reaching it wins.
-      int first = K - 1;
-#pragma unroll
-      for (int j = K - 1; j >= 0; --j) first = z[j] == chunk_max ? j : first;
-      s.argmax = first_column + (first / kVector) * vector_step + first % kVector;
+  for (int j = K - 1; j >= 0; --j) {
+    const float a = fmaf(y[j], scale, -mu);  // (y_j - M) s + eps, rounded once
+    const float e = fast_exp2(a);
+    if (y[j] >= pivot) {
+      ones += 1.f;
+      if constexpr (kStats == kAllStats) best = (j / kVector) * kVectorStep + j % kVector;
+    } else {  // also NaN, which poisons r
+      r += e;
+      // a -inf logit: e = 0, and its a clamped so that the product is 0, not NaN.
+      if constexpr (kStats >= kWithEntropy) t = fmaf(fmaxf(a, -FLT_MAX), e, t);
+      if constexpr (kStats == kAllStats) r2 = fmaf(e, e, r2);
     }
-    s.r = a * s_old;
-    s.m = m;
+    if constexpr (kStats == kAllStats) y_sum += y[j];  // -inf logits make the mean -inf
   }
 
-  float r = 0.f, t = 0.f, r2 = 0.f;
-  int at_max = 0;
-#pragma unroll
-  for (int j = 0; j < K; ++j) {
-    const float d = z[j] - m;  // <= 0; -inf for a masked (-inf) logit
-    const bool is_max = d == 0.f;
-    const float e = is_max ? 0.f : __expf(d);
-    at_max += is_max;
-    r += e;
-    // Select, not multiply: a -inf logit has e = 0 and d = -inf.
-    if constexpr (kStats >= kWithEntropy) t += e > 0.f ? e * d : 0.f;
-    if constexpr (kStats == kAllStats) r2 += e * e;
+  // The step's sums brought from mu to the maximum: a_j - eps = (y_j - M) s.
+  const float eps = fmaf(pivot, scale, -mu);
+  const float unscale = fast_exp2(-eps);
+  // Strictly greater raised the maximum: on ties an earlier step keeps the argmax.
+  const bool raised = top > s.m;
+  // (m - M) s <= 0: 0 when not raised; clamped so that an empty state (m = -inf: 1 + r = 1,
+  // c = 0) gives 0 * finite, and so that the product with 1 + r cannot overflow.
+  const float shift = fmaxf((s.m - top) * scale, -1e20f);
+  const float c = fast_exp2(shift);
+  const float old_s = 1.f + s.r;
+  // The elements at the maximum add exactly 1 each, last, except the implicit 1 of s.
+  const float extra = raised ? ones - 1.f : ones;
+  s.r = ((raised ? c * old_s : s.r) + r * unscale) + extra;
+  if constexpr (kStats >= kWithEntropy) s.t = c * fmaf(shift, old_s, s.t) + (t - eps * r) * unscale;
+  if constexpr (kStats == kAllStats) {
+    s.r2 = ((raised ? c * c * (1.f + s.r2) : s.r2) + r2 * (unscale * unscale)) + extra;
+    s.y_sum += y_sum;
+    s.argmax = raised ? first_column + best : s.argmax;
   }
-  // Elements at the maximum add exactly 1 each, except the one that is the implicit 1 of s.
-  const float extra = static_cast<float>(at_max - (raised ? 1 : 0));
-  s.r += r + extra;
-  if constexpr (kStats >= kWithEntropy) s.t += t;
-  if constexpr (kStats == kAllStats) s.r2 += r2 + extra;
+  s.m = top;
 }
 
 // The state of the union of two disjoint sets of columns: the one with the larger maximum keeps
-// its sums, the other is rescaled by a = exp(m_lo - m_hi) (its whole s, its own 1 included).
+// its sums, the other is rescaled by a = 2^((m_lo - m_hi) s) (its whole s, its own 1 included).
 // Deterministic for a fixed (x, y) order; ties of the maximum take the smaller column.
 template <int kStats>
-__device__ __forceinline__ State merge(const State& x, const State& y) {
+__device__ __forceinline__ State merge(const State& x, const State& y, float scale) {
   const bool y_higher = y.m > x.m;
   const float hi_m = y_higher ? y.m : x.m;
   const float lo_m = y_higher ? x.m : y.m;
@@ -160,10 +194,10 @@ __device__ __forceinline__ State merge(const State& x, const State& y) {
   out.m = hi_m;
   out.t = 0.f;
   out.r2 = 0.f;
-  out.z_sum = 0.f;
+  out.y_sum = 0.f;
   out.argmax = INT_MAX;
   if constexpr (kStats == kAllStats) {
-    out.z_sum = x.z_sum + y.z_sum;
+    out.y_sum = x.y_sum + y.y_sum;
     out.argmax = x.m == y.m ? min(x.argmax, y.argmax) : (y_higher ? y.argmax : x.argmax);
   }
   const float hi_t = y_higher ? y.t : x.t;
@@ -176,10 +210,11 @@ __device__ __forceinline__ State merge(const State& x, const State& y) {
     if constexpr (kStats == kAllStats) out.r2 = hi_r2;
     return out;
   }
-  const float a = lo_m == hi_m ? 1.f : __expf(lo_m - hi_m);
+  const float shift = (lo_m - hi_m) * scale;  // <= 0, in log2 units
+  const float a = lo_m == hi_m ? 1.f : exp2f(shift);
   const float lo_s = 1.f + lo_r;
   out.r = hi_r + a * lo_s;
-  if constexpr (kStats >= kWithEntropy) out.t = hi_t + a * (lo_t + lo_s * (lo_m - hi_m));
+  if constexpr (kStats >= kWithEntropy) out.t = hi_t + a * (lo_t + lo_s * shift);
   if constexpr (kStats == kAllStats) out.r2 = hi_r2 + a * a * (1.f + lo_r2);
   return out;
 }
@@ -193,7 +228,7 @@ __device__ __forceinline__ State shuffle_down(const State& s, int offset) {
   if constexpr (kStats >= kWithEntropy) out.t = __shfl_down_sync(kAll, s.t, offset);
   if constexpr (kStats == kAllStats) {
     out.r2 = __shfl_down_sync(kAll, s.r2, offset);
-    out.z_sum = __shfl_down_sync(kAll, s.z_sum, offset);
+    out.y_sum = __shfl_down_sync(kAll, s.y_sum, offset);
     out.argmax = __shfl_down_sync(kAll, s.argmax, offset);
   }
   return out;
@@ -202,18 +237,20 @@ __device__ __forceinline__ State shuffle_down(const State& s, int offset) {
 // Merge the 256 thread states: a shuffle tree inside each warp, then the 8 warp results in warp
 // 0. The result is valid in thread 0.
 template <int kStats>
-__device__ __forceinline__ State block_reduce(State s) {
+__device__ __forceinline__ State block_reduce(State s, float scale) {
   __shared__ State warp_states[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) s = merge<kStats>(s, shuffle_down<kStats>(s, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) s = merge<kStats>(s, shuffle_down<kStats>(s, offset), scale);
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
   if (warp == 0) {
     s = lane < kWarps ? warp_states[lane] : empty_state();
 #pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset >>= 1) s = merge<kStats>(s, shuffle_down<kStats>(s, offset));
+    for (int offset = kWarps / 2; offset > 0; offset >>= 1) {
+      s = merge<kStats>(s, shuffle_down<kStats>(s, offset), scale);
+    }
   }
   return s;
 }
@@ -229,29 +266,31 @@ __device__ __forceinline__ void write_ignored(const ForwardParams& p, int64_t ro
 }
 
 __device__ __forceinline__ void finalize(const ForwardParams& p, int64_t row, int64_t label, const State& s,
-                                         float label_z) {
+                                         float label_y) {
   // log s = log(1 + r), exact for tiny r. A row with no finite logit (m = -inf) has no
   // distribution: log s = NaN makes its log-prob, lse, entropy and log sum p^2 NaN, where
   // fminf(NaN, 0) = 0 would have read as probability 1 (the same answer as every backend).
   const float log_s = s.m == -INFINITY ? NAN : log1pf(s.r);
-  // log1p(r) >= 0 and z_y <= m make every log-prob <= 0 by construction; the fminf keeps it so
-  // even if the label's z were a last ulp above the maximum.
-  p.logps[row] = fminf(label_z - s.m, 0.f) - log_s;
-  const float2 lse = lse_and_residual(s.m, log_s);
+  // y_l - m is exact where it matters (Sterbenz) and is scaled once. log1p(r) >= 0 and y_l <= m
+  // make every log-prob <= 0 by construction; the fminf keeps it so in any case.
+  p.logps[row] = fminf((label_y - s.m) * p.z_scale, 0.f) - log_s;
+  // z_max rounded as the backward rounds z_j (c tanh, then 1 / T), so that its z_j - lse agrees.
+  const float m_z = (p.softcap > 0.f ? p.softcap * s.m : s.m) * p.inv_temperature;
+  const float2 lse = lse_and_residual(m_z, log_s);
   p.lse[row] = lse.x;
   if (p.lse_residual) p.lse_residual[row] = lse.y;
-  if (p.entropy) p.entropy[row] = log_s - s.t / (1.f + s.r);
+  if (p.entropy) p.entropy[row] = log_s - kLn2 * s.t / (1.f + s.r);
   if (p.log_sum_sq_probs) p.log_sum_sq_probs[row] = log1pf(s.r2) - 2.f * log_s;
-  if (p.mean_logits) p.mean_logits[row] = s.z_sum / static_cast<float>(p.vocab_size);
+  if (p.mean_logits) p.mean_logits[row] = s.y_sum * p.z_scale / static_cast<float>(p.vocab_size);
   if (p.is_top1) p.is_top1[row] = s.argmax == label;
 }
 
 template <typename T, bool kSoftcap>
-__device__ __forceinline__ float label_logit(const ForwardParams& p, const T* row_logits, int64_t label) {
+__device__ __forceinline__ float label_value(const ForwardParams& p, const T* row_logits, int64_t label) {
   // Labels were validated before launch; the bounds test only keeps a bad one from reading
   // outside the row.
   if (label < 0 || label >= p.vocab_size) return 0.f;
-  return transform_logit<kSoftcap>(load_scalar(row_logits + label), p.inv_temperature, p.softcap, p.inv_softcap);
+  return transform_y<kSoftcap>(load_scalar(row_logits + label), p.tanh_scale);
 }
 
 // The kVector elements of column vector `index`: one 16-byte streaming load on an aligned row,
@@ -276,30 +315,32 @@ __device__ __forceinline__ void fold_vectors(State& s, const ForwardParams& p, c
   constexpr int kVector = Element<T>::kVector;
   constexpr int kStep = kUnroll * kThreads;  // vectors per block step
   const int tid = threadIdx.x;
-  auto z_of = [&](float value) {
-    return transform_logit<kSoftcap>(value, p.inv_temperature, p.softcap, p.inv_softcap);
-  };
+  const float scale = p.scale2;
+  const float tanh_scale = p.tanh_scale;
   int v = begin;
 #pragma unroll 1
   for (; v + kStep <= end; v += kStep) {
     Vector<T> in[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) in[u] = load_columns<T, kAligned>(x, v + u * kThreads + tid);
-    float z[kUnroll * kVector];
+    float y[kUnroll * kVector];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      float x_u[kVector];
+      vector_to_floats(in[u], x_u);
 #pragma unroll
-      for (int e = 0; e < kVector; ++e) z[u * kVector + e] = z_of(Element<T>::to_float(in[u].v[e]));
+      for (int e = 0; e < kVector; ++e) y[u * kVector + e] = transform_y<kSoftcap>(x_u[e], tanh_scale);
     }
-    absorb<kStats, kVector>(s, z, (v + tid) * kVector, kThreads * kVector);
+    absorb<kStats, kVector, kThreads * kVector>(s, y, (v + tid) * kVector, scale);
   }
 #pragma unroll 1
   for (int w = v + tid; w < end; w += kThreads) {
     const Vector<T> in = load_columns<T, kAligned>(x, w);
-    float z[kVector];
+    float y[kVector];
+    vector_to_floats(in, y);
 #pragma unroll
-    for (int e = 0; e < kVector; ++e) z[e] = z_of(Element<T>::to_float(in.v[e]));
-    absorb<kStats, kVector>(s, z, w * kVector, 0);
+    for (int e = 0; e < kVector; ++e) y[e] = transform_y<kSoftcap>(y[e], tanh_scale);
+    absorb<kStats, kVector, 0>(s, y, w * kVector, scale);
   }
 }
 
@@ -343,19 +384,18 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_fo
   if (split == p.splits - 1) {
     const int column = vectors * kVector + tid;
     if (column < p.vocab_size) {
-      const float z[1] = {transform_logit<kSoftcap>(load_scalar(x + column), p.inv_temperature, p.softcap,
-                                                    p.inv_softcap)};
-      absorb<kStats, 1>(s, z, column, 0);
+      const float y[1] = {transform_y<kSoftcap>(load_scalar(x + column), p.tanh_scale)};
+      absorb<kStats, 1, 0>(s, y, column, p.scale2);
     }
   }
 
-  s = block_reduce<kStats>(s);
+  s = block_reduce<kStats>(s, p.scale2);
   if (tid == 0) {
-    const float label_z = split == 0 ? label_logit<T, kSoftcap>(p, x, label) : 0.f;
+    const float label_y = split == 0 ? label_value<T, kSoftcap>(p, x, label) : 0.f;
     if (p.splits == 1) {
-      finalize(p, row, label, s, label_z);
+      finalize(p, row, label, s, label_y);
     } else {
-      p.partials[row * p.splits + split] = {s, label_z, 0};
+      p.partials[row * p.splits + split] = {s, label_y, 0};
     }
   }
 }
@@ -371,8 +411,8 @@ __global__ void __launch_bounds__(kThreads) token_stats_combine_kernel(const For
   }
   const Partial* slices = p.partials + row * p.splits;
   State s = slices[0].state;
-  for (int k = 1; k < p.splits; ++k) s = merge<kAllStats>(s, slices[k].state);
-  finalize(p, row, label, s, slices[0].label_z);
+  for (int k = 1; k < p.splits; ++k) s = merge<kAllStats>(s, slices[k].state, p.scale2);
+  finalize(p, row, label, s, slices[0].label_y);
 }
 
 template <typename T, int kStats>
@@ -473,7 +513,10 @@ extern "C" cudaError_t prefopt_token_stats_forward(
   p.labels_are_int64 = labels_are_int64 ? 1 : 0;
   p.inv_temperature = inv_temperature;
   p.softcap = softcap;
-  p.inv_softcap = softcap > 0.f ? 1.f / softcap : 0.f;
+  // z = k y: y = x, k = 1 / T without a softcap; y = tanh(x / c), k = c / T with one.
+  p.z_scale = (softcap > 0.f ? softcap : 1.f) * inv_temperature;
+  p.scale2 = p.z_scale * kLog2E;
+  p.tanh_scale = softcap > 0.f ? 2.f * kLog2E / softcap : 0.f;
   p.logps = logps;
   p.lse = lse;
   p.lse_residual = lse_residual;
