@@ -1,5 +1,5 @@
 // Device-side pieces shared by the log-prob kernels: element types and their 16-byte vectors,
-// the logit transform z = softcap(x) / T, the row geometry (where the 16-byte aligned part of a
+// the one-MUFU 2^x and 1/x and the softcap's tanh, the row geometry (where the 16-byte aligned part of a
 // row starts), and the block shape.
 //
 // The math mirrors kernels/_common.py (the Triton kernels); the two backends must agree.
@@ -171,14 +171,6 @@ __device__ __forceinline__ float softcap_tanh(float x, float tanh_scale) {
   const float magnitude = (1.f - e) * fast_reciprocal(1.f + e);
   // The sign of x put on the magnitude: one bitwise instruction.
   return bits_float(float_bits(magnitude) | (float_bits(x) & 0x80000000u));
-}
-
-// z = softcap(x) / T, in float32 (Gemma-style softcap c * tanh(x / c); identity when off).
-template <bool kSoftcap>
-__device__ __forceinline__ float transform_logit(float x, float inv_temperature, float softcap,
-                                                 float inv_softcap) {
-  if constexpr (kSoftcap) x = softcap * tanhf(x * inv_softcap);
-  return x * inv_temperature;
 }
 
 // The backward reads a row as [head | body | tail]: `head` scalar elements up to the first

@@ -18,7 +18,8 @@
 //
 // Per thread. Each thread keeps one state (m, r, t, r2, sum y, argmax) over all the columns it
 // reads, and folds a whole step of 32 bf16 (16 float) elements at once, without a branch: the
-// step's maximum M = max(m, y_j) (one FMNMX per element), mu = fl(M s), and per element
+// step's maximum M = max(m, y_j) (one FMNMX per element; for bf16 logits without a softcap one
+// max.bf16x2 per pair of raw elements, exact), mu = fl(M s), and per element
 //
 //     a_j = fma(y_j, s, -mu)        e_j = 2^a_j (one ex2.approx: one MUFU, no fix-up)
 //     y_j <  M:  r += e_j,  t += e_j a_j,  r2 += e_j^2       y_j >= M: ones += 1
@@ -61,6 +62,7 @@
 // IEEE-accurate (no --use_fast_math).
 #include <cfloat>
 #include <climits>
+#include <type_traits>
 
 #include "token_stats_common.cuh"
 
@@ -130,11 +132,41 @@ __device__ __forceinline__ float transform_y(float x, float tanh_scale) {
 // Fold K values y into the state (see the top of the file). Element j sits at column
 // first_column + (j / kVector) * kVectorStep + j % kVector, and columns grow with j, so "first
 // index reaching the maximum" is found by scanning j.
-template <int kStats, int kVector, int kVectorStep, int K>
-__device__ __forceinline__ void absorb(State& s, const float (&y)[K], int first_column, float scale) {
-  float top = s.m;
+// The step's maximum max(m, y_j) (NaN is skipped: m is never NaN).
+template <int K>
+__device__ __forceinline__ float step_max(float m, const float (&y)[K]) {
 #pragma unroll
-  for (int j = 0; j < K; ++j) top = fmaxf(top, y[j]);  // NaN is skipped: m is never NaN
+  for (int j = 0; j < K; ++j) m = fmaxf(m, y[j]);
+  return m;
+}
+
+// The maximum of the bf16 pairs of `words` as a pair (max.bf16x2: one instruction per two
+// elements; exact, and a NaN is skipped as fmaxf skips it).
+__device__ __forceinline__ uint32_t bf16x2_max(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  uint32_t out;
+  asm("max.bf16x2 %0, %1, %2;" : "=r"(out) : "r"(a), "r"(b));
+  return out;
+#else
+  const uint32_t lo = float_bits(fmaxf(bits_float(a << 16), bits_float(b << 16))) >> 16;
+  const uint32_t hi = float_bits(fmaxf(bits_float(a & 0xffff0000u), bits_float(b & 0xffff0000u))) & 0xffff0000u;
+  return hi | lo;
+#endif
+}
+
+template <int kVector, int kVectors>
+__device__ __forceinline__ float step_max_bf16(float m, const Vector<__nv_bfloat16> (&in)[kVectors]) {
+  uint32_t words[kVectors * 4];
+  memcpy(words, in, sizeof(words));
+  uint32_t pair = words[0];
+#pragma unroll
+  for (int w = 1; w < kVectors * 4; ++w) pair = bf16x2_max(pair, words[w]);
+  return fmaxf(m, fmaxf(bits_float(pair << 16), bits_float(pair & 0xffff0000u)));
+}
+
+// top = max(m, y_j), from step_max or an equivalent.
+template <int kStats, int kVector, int kVectorStep, int K>
+__device__ __forceinline__ void absorb(State& s, const float (&y)[K], float top, int first_column, float scale) {
   // Nothing but -inf (and NaN) so far: work against 0, where every a_j is -inf (or NaN) and no
   // element counts as a maximum.
   const float pivot = top > -INFINITY ? top : 0.f;
@@ -296,14 +328,13 @@ __device__ __forceinline__ float label_value(const ForwardParams& p, const T* ro
 // The kVector elements of column vector `index`: one 16-byte streaming load on an aligned row,
 // kVector scalar loads (through L1, which serves the neighbouring ones) otherwise.
 template <typename T, bool kAligned>
-__device__ __forceinline__ Vector<T> load_columns(const T* row, int index) {
-  constexpr int kVector = Element<T>::kVector;
+__device__ __forceinline__ Vector<T> load_columns(const T* columns) {
   if constexpr (kAligned) {
-    return load_vector(row + static_cast<int64_t>(index) * kVector);
+    return load_vector(columns);
   } else {
     Vector<T> out;
 #pragma unroll
-    for (int e = 0; e < kVector; ++e) out.v[e] = row[static_cast<int64_t>(index) * kVector + e];
+    for (int e = 0; e < Element<T>::kVector; ++e) out.v[e] = columns[e];
     return out;
   }
 }
@@ -318,11 +349,13 @@ __device__ __forceinline__ void fold_vectors(State& s, const ForwardParams& p, c
   const float scale = p.scale2;
   const float tanh_scale = p.tanh_scale;
   int v = begin;
+  // A running pointer: the kUnroll vectors of a step are immediate offsets from it.
+  const T* columns = x + static_cast<int64_t>(begin + tid) * kVector;
 #pragma unroll 1
-  for (; v + kStep <= end; v += kStep) {
+  for (; v + kStep <= end; v += kStep, columns += kStep * kVector) {
     Vector<T> in[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) in[u] = load_columns<T, kAligned>(x, v + u * kThreads + tid);
+    for (int u = 0; u < kUnroll; ++u) in[u] = load_columns<T, kAligned>(columns + u * kThreads * kVector);
     float y[kUnroll * kVector];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -331,16 +364,23 @@ __device__ __forceinline__ void fold_vectors(State& s, const ForwardParams& p, c
 #pragma unroll
       for (int e = 0; e < kVector; ++e) y[u * kVector + e] = transform_y<kSoftcap>(x_u[e], tanh_scale);
     }
-    absorb<kStats, kVector, kThreads * kVector>(s, y, (v + tid) * kVector, scale);
+    // bf16 logits without a softcap: the maximum of the raw pairs, y = x.
+    float top;
+    if constexpr (std::is_same_v<T, __nv_bfloat16> && !kSoftcap) {
+      top = step_max_bf16<kVector>(s.m, in);
+    } else {
+      top = step_max(s.m, y);
+    }
+    absorb<kStats, kVector, kThreads * kVector>(s, y, top, (v + tid) * kVector, scale);
   }
 #pragma unroll 1
   for (int w = v + tid; w < end; w += kThreads) {
-    const Vector<T> in = load_columns<T, kAligned>(x, w);
+    const Vector<T> in = load_columns<T, kAligned>(x + static_cast<int64_t>(w) * kVector);
     float y[kVector];
     vector_to_floats(in, y);
 #pragma unroll
     for (int e = 0; e < kVector; ++e) y[e] = transform_y<kSoftcap>(y[e], tanh_scale);
-    absorb<kStats, kVector, 0>(s, y, w * kVector, scale);
+    absorb<kStats, kVector, 0>(s, y, step_max(s.m, y), w * kVector, scale);
   }
 }
 
@@ -385,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_fo
     const int column = vectors * kVector + tid;
     if (column < p.vocab_size) {
       const float y[1] = {transform_y<kSoftcap>(load_scalar(x + column), p.tanh_scale)};
-      absorb<kStats, 1, 0>(s, y, column, p.scale2);
+      absorb<kStats, 1, 0>(s, y, step_max(s.m, y), column, p.scale2);
     }
   }
 
