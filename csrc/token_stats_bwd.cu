@@ -15,8 +15,16 @@
 //     A = g_mu / V,   B = -g - g_H H - 2 g_S,   C = 2 g_S / S,   D = -g_H
 //
 // so one formula serves every combination of statistics (an absent gradient is a zero
-// coefficient) and the per-element work is one exp and four FMAs. Then dx_j = dz_j * dz/dx with
-// dz/dx = (1 - tanh^2(x / c)) / T under a softcap, 1 / T without.
+// coefficient). Then dx_j = dz_j * dz/dx with dz/dx = (1 - tanh^2(x / c)) / T under a softcap,
+// 1 / T without; the 1 / T is folded into the coefficients once per row. Per element:
+//
+//     v = fma(x, 1 / T, -lse)  (z - lse: exact where p_j matters, Sterbenz)
+//     u = fma(v, log2 e, -residual log2 e) = log2 p_j      p_j = 2^u (one ex2.approx)
+//     dx = fma(p_j, fma(D ln 2, max(u, -256), fma(C, p_j, B)), A) (+ g at the label)
+//
+// five FMAs, one MUFU, one clamp (a -inf logit: p_j = 0 times a finite term) and one 32-bit
+// compare for the label. log2(e) multiplies z - lse, never z itself: a scaled z would round at
+// the scale of |z|. Under a softcap tanh is kernels/token_stats_fwd.py's exp2 + rcp.approx form.
 //
 // A launch may cover one tile of columns of each row, [column_offset, column_offset + vocab_size)
 // of a softmax over softmax_size columns (the fused linear path, which builds its logits a
@@ -30,13 +38,16 @@
 // a view such as logits[:, :-1] with an odd vocabulary they may not, and that row is done with
 // scalar, still coalesced, accesses). In place, every element is read before it is overwritten,
 // by the same thread. A row whose label is ignore_index is not read: its gradient is written as
-// exact zeros. Offsets are 64-bit.
+// exact zeros, by a copy of the loops that only stores. Offsets are 64-bit.
 #include <climits>
 
 #include "token_stats_common.cuh"
 
 namespace prefopt {
 namespace {
+
+constexpr float kLog2E = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct BackwardParams {
   const void* logits;
@@ -56,7 +67,9 @@ struct BackwardParams {
   int chunk_vectors;  // 16-byte vectors per chunk; the last chunk also takes the tail
   float inv_temperature;
   float softcap;
-  float inv_softcap;
+  float z_scale;     // c / T with a softcap (z = c tanh(x / c) / T)
+  float tanh_scale;  // 2 log2(e) / c
+
   const float* lse;
   const float* lse_residual;
   const float* entropy;
@@ -67,71 +80,49 @@ struct BackwardParams {
   const float* grad_log_sum_sq_probs;
 };
 
-// The per-row constants of dL/dz_j; all zero for an ignored row, whose gradient is exactly 0.
+// The per-row constants of dx_j, the factor 1 / T folded in (see the top of the file); all
+// zero for an ignored row, whose gradient is exactly 0.
 struct RowCoefficients {
-  float lse, lse_residual, g, a, b, c, d;
-  int64_t label;
+  float lse, residual2, g, a, b, c, d;
+  int label;  // the label's column in this launch's tile, -1 when another tile (or none) holds it
 };
 
 template <bool kSoftcap>
 __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const RowCoefficients& k, float x,
                                                 int column) {
-  float z, dz_dx;
+  float v, dz_dx = 1.f;
   if constexpr (kSoftcap) {
-    const float th = tanhf(x * p.inv_softcap);
-    z = p.softcap * th * p.inv_temperature;
-    dz_dx = (1.f - th * th) * p.inv_temperature;
+    const float th = softcap_tanh(x, p.tanh_scale);
+    v = fmaf(th, p.z_scale, -k.lse);
+    dz_dx = fmaf(-th, th, 1.f);  // dz/dx = (1 - tanh^2(x / c)) / T, the 1 / T folded
   } else {
-    z = x * p.inv_temperature;
-    dz_dx = p.inv_temperature;
+    v = fmaf(x, p.inv_temperature, -k.lse);
   }
-  // z - lse is exact where p_j matters (Sterbenz); the residual makes it z - m - log s.
-  const float log_p = (z - k.lse) - k.lse_residual;
-  const float prob = __expf(log_p);  // argument <= 0 (up to rounding): the approximation is ~2 ulp
-  // p_j = 0 (a -inf logit) has log p_j = -inf: its whole p-term is 0, selected, not multiplied.
-  const float q = prob > 0.f ? fmaf(k.d, log_p, fmaf(k.c, prob, k.b)) : 0.f;
-  float dz = fmaf(prob, q, k.a);
-  if (column == k.label) dz += k.g;
-  return dz * dz_dx;
+  // z - lse is exact where p_j matters (Sterbenz) and is scaled to log2 units after the
+  // subtraction, never before (a scaled z would round at the scale of |z|); the residual makes
+  // it z - m - log s. One ex2.approx: relative error ~2^-22, terms below 2^-126 are 0.
+  const float log2_p = fmaf(v, kLog2E, -k.residual2);
+  const float prob = fast_exp2(log2_p);
+  // A -inf logit has p_j = 0 and log p_j = -inf: clamped, its p-term is 0 * finite = 0.
+  const float q = fmaf(k.d, fmaxf(log2_p, -256.f), fmaf(k.c, prob, k.b));
+  float dx = fmaf(prob, q, k.a);
+  if (column == k.label) dx += k.g;
+  if constexpr (kSoftcap) dx *= dz_dx;
+  return dx;
 }
 
-template <typename T, bool kSoftcap>
-__global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_backward_kernel(const BackwardParams p) {
+// One row's chunk. kScored = false (an ignored row): nothing is read, zeros are written.
+template <typename T, bool kSoftcap, bool kScored>
+__device__ __forceinline__ void backward_chunk(const BackwardParams& p, const RowCoefficients& k, const T* x,
+                                               T* grad, int chunk) {
   constexpr int kVector = Element<T>::kVector;
   constexpr int kStep = kUnroll * kThreads;
-  const int64_t row = blockIdx.x;
-  const int chunk = blockIdx.y;
   const int tid = threadIdx.x;
   const bool last_chunk = chunk == p.chunks - 1;
-
-  RowCoefficients k = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -1};
-  const int64_t label = load_label(p.labels, p.labels_are_int64, row);
-  const bool scored = label != p.ignore_index;
-  if (scored) {
-    k.label = label - p.column_offset;  // outside [0, vocab_size) when another tile holds the label
-    k.lse = p.lse[row];
-    k.lse_residual = p.lse_residual ? p.lse_residual[row] : 0.f;
-    k.g = p.grad_logps[row];
-    k.b = -k.g;
-    if (p.grad_entropy != nullptr) {
-      const float g_entropy = p.grad_entropy[row];
-      k.b -= g_entropy * p.entropy[row];
-      k.d = -g_entropy;
-    }
-    if (p.grad_mean_logits != nullptr) k.a = p.grad_mean_logits[row] / p.softmax_size;
-    if (p.grad_log_sum_sq_probs != nullptr) {
-      const float g_sum_sq = p.grad_log_sum_sq_probs[row];
-      k.b -= 2.f * g_sum_sq;
-      k.c = 2.f * g_sum_sq / expf(p.log_sum_sq_probs[row]);
-    }
-  }
-  // Ignored rows: never read, gradient exactly 0 (also for a -inf or NaN logit).
   auto gradient = [&](const T* address, int column) -> float {
-    return scored ? logit_gradient<kSoftcap>(p, k, load_scalar(address), column) : 0.f;
+    if constexpr (kScored) return logit_gradient<kSoftcap>(p, k, load_scalar(address), column);
+    return 0.f;
   };
-
-  const T* x = row_address<T>(p.logits, row, p.inner, p.stride_outer, p.stride_inner);
-  T* grad = const_cast<T*>(row_address<T>(p.grad, row, p.inner, p.grad_stride_outer, p.grad_stride_inner));
   const bool same_alignment = ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(grad)) & 15u) == 0;
 
   if (!same_alignment) {
@@ -163,42 +154,85 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   const T* body = x + geometry.head;
   T* grad_body = grad + geometry.head;
 
+  auto vector_gradient = [&](const Vector<T>& in, int column) {
+    Vector<T> out;
+    float x_e[kVector];
+    if constexpr (kScored) vector_to_floats(in, x_e);
+#pragma unroll
+    for (int e = 0; e < kVector; ++e) {
+      float dx = 0.f;
+      if constexpr (kScored) dx = logit_gradient<kSoftcap>(p, k, x_e[e], column + e);
+      out.v[e] = Element<T>::from_float(dx);
+    }
+    return out;
+  };
+
   if (chunk == 0 && tid < geometry.head) grad[tid] = Element<T>::from_float(gradient(x + tid, tid));
   int v = begin;
+#pragma unroll 1
   for (; v + kStep <= end; v += kStep) {
-    Vector<T> in[kUnroll];
-    if (scored) {
+    Vector<T> x_u[kUnroll];
+    if constexpr (kScored) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) in[u] = load_vector(body + static_cast<int64_t>(v + u * kThreads + tid) * kVector);
+      for (int u = 0; u < kUnroll; ++u) x_u[u] = load_vector(body + static_cast<int64_t>(v + u * kThreads + tid) * kVector);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int column = geometry.head + (v + u * kThreads + tid) * kVector;
-      Vector<T> out;
-#pragma unroll
-      for (int e = 0; e < kVector; ++e) {
-        out.v[e] = Element<T>::from_float(
-            scored ? logit_gradient<kSoftcap>(p, k, Element<T>::to_float(in[u].v[e]), column + e) : 0.f);
-      }
-      store_vector(grad_body + static_cast<int64_t>(v + u * kThreads + tid) * kVector, out);
+      store_vector(grad_body + static_cast<int64_t>(v + u * kThreads + tid) * kVector, vector_gradient(x_u[u], column));
     }
   }
   for (int w = v + tid; w < end; w += kThreads) {
     Vector<T> in;
-    if (scored) in = load_vector(body + static_cast<int64_t>(w) * kVector);
-    const int column = geometry.head + w * kVector;
-    Vector<T> out;
-#pragma unroll
-    for (int e = 0; e < kVector; ++e) {
-      out.v[e] = Element<T>::from_float(
-          scored ? logit_gradient<kSoftcap>(p, k, Element<T>::to_float(in.v[e]), column + e) : 0.f);
-    }
-    store_vector(grad_body + static_cast<int64_t>(w) * kVector, out);
+    if constexpr (kScored) in = load_vector(body + static_cast<int64_t>(w) * kVector);
+    store_vector(grad_body + static_cast<int64_t>(w) * kVector, vector_gradient(in, geometry.head + w * kVector));
   }
-  if (last_chunk) {
+  if (chunk == p.chunks - 1) {
     const int column = geometry.head + vectors * kVector + tid;  // fewer than kVector remain
     if (column < p.vocab_size) grad[column] = Element<T>::from_float(gradient(x + column, column));
   }
+}
+
+template <typename T, bool kSoftcap>
+__global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_backward_kernel(const BackwardParams p) {
+  const int64_t row = blockIdx.x;
+  const int chunk = blockIdx.y;
+
+  const T* x = row_address<T>(p.logits, row, p.inner, p.stride_outer, p.stride_inner);
+  T* grad = const_cast<T*>(row_address<T>(p.grad, row, p.inner, p.grad_stride_outer, p.grad_stride_inner));
+  RowCoefficients k = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -1};
+  const int64_t label = load_label(p.labels, p.labels_are_int64, row);
+  if (label == p.ignore_index) {
+    // Ignored rows: never read, gradient exactly 0 (also for a -inf or NaN logit).
+    backward_chunk<T, kSoftcap, false>(p, k, x, grad, chunk);
+    return;
+  }
+  // Compared in 32 bits per element: the label's column in this tile, or -1, which no column is.
+  const int64_t local = label - p.column_offset;
+  k.label = local >= 0 && local < p.vocab_size ? static_cast<int>(local) : -1;
+  k.lse = p.lse[row];
+  k.residual2 = (p.lse_residual ? p.lse_residual[row] : 0.f) * kLog2E;
+  // dL/dz_j = 1[j = y] g + A + p_j (B + D log p_j + C p_j), times 1 / T here, log p_j = ln 2 log2 p_j.
+  const float g = p.grad_logps[row];
+  float b = -g, c = 0.f, d = 0.f, a = 0.f;
+  if (p.grad_entropy != nullptr) {
+    const float g_entropy = p.grad_entropy[row];
+    b -= g_entropy * p.entropy[row];
+    d = -g_entropy;
+  }
+  if (p.grad_mean_logits != nullptr) a = p.grad_mean_logits[row] / p.softmax_size;
+  if (p.grad_log_sum_sq_probs != nullptr) {
+    const float g_sum_sq = p.grad_log_sum_sq_probs[row];
+    b -= 2.f * g_sum_sq;
+    c = 2.f * g_sum_sq / expf(p.log_sum_sq_probs[row]);
+  }
+  const float inv_t = p.inv_temperature;
+  k.g = g * inv_t;
+  k.a = a * inv_t;
+  k.b = b * inv_t;
+  k.c = c * inv_t;
+  k.d = d * inv_t * kLn2;
+  backward_chunk<T, kSoftcap, true>(p, k, x, grad, chunk);
 }
 
 template <typename T>
@@ -289,7 +323,8 @@ extern "C" cudaError_t prefopt_token_stats_backward(
   p.chunk_vectors = static_cast<int>(chunk_vectors);
   p.inv_temperature = inv_temperature;
   p.softcap = softcap;
-  p.inv_softcap = softcap > 0.f ? 1.f / softcap : 0.f;
+  p.z_scale = softcap * inv_temperature;
+  p.tanh_scale = softcap > 0.f ? 2.f * kLog2E / softcap : 0.f;
   p.lse = lse;
   p.lse_residual = lse_residual;
   p.entropy = entropy;
