@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+# A jit function reads a global only as a constexpr (the interpreter does not enforce it).
+_TWO_LOG2_E = tl.constexpr(2.0 * LOG2_E)
 
 
 @triton.jit
@@ -38,22 +40,14 @@ def reciprocal(x, APPROX: tl.constexpr):
 def tanh_scaled(x, tanh_scale, APPROX: tl.constexpr):
     """tanh(x / c) = sign(x) (1 - e) / (1 + e), e = 2^(-2 log2(e) |x| / c) (tanh_scale = 2 log2(e) /
     c): two MUFU instructions and five others. e is in [0, 1], so nothing overflows and 1 - e is
-    exact for e >= 1/2: the error is that of e, an absolute ~3e-8 near 0, as for
-    ``_common.tanh``; a -inf logit gives -1, as in the backward."""
+    exact for e >= 1/2: the error is that of e, an absolute ~3e-8 near 0; a -inf logit gives -1.
+    Without APPROX (the interpreter, and the fused linear path's transform) it is exact exp2 and
+    division: libdevice's tanh is not available under TRITON_INTERPRET."""
     e = exp2(-(tl.abs(x) * tanh_scale), APPROX)
     magnitude = (1.0 - e) * reciprocal(1.0 + e, APPROX)
     # The sign of x put on the magnitude: one bitwise instruction.
     sign = x.to(tl.uint32, bitcast=True) & 0x80000000
     return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def tanh(y):
-    # libdevice's tanh is not available under TRITON_INTERPRET, so it is written from exp.
-    # exp(-2|y|) is in (0, 1], so this never overflows.
-    e = tl.exp(-2.0 * tl.abs(y))
-    magnitude = (1.0 - e) / (1.0 + e)
-    return tl.where(y >= 0, magnitude, -magnitude)
 
 
 @triton.jit
@@ -69,7 +63,7 @@ def log1p(x):
 def transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
     """z = softcap(x) / T, in float32."""
     if HAS_SOFTCAP:
-        x = softcap * tanh(x / softcap)
+        x = softcap * tanh_scaled(x, _TWO_LOG2_E / softcap, False)
     return x * inv_temperature
 
 
@@ -77,7 +71,7 @@ def transform_logits(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
 def transform_logits_derivative(x, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
     """dz/dx = (1 - tanh(x / c)^2) / T."""
     if HAS_SOFTCAP:
-        t = tanh(x / softcap)
+        t = tanh_scaled(x, _TWO_LOG2_E / softcap, False)
         return (1.0 - t * t) * inv_temperature
     return tl.zeros_like(x) + inv_temperature
 

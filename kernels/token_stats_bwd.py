@@ -129,16 +129,15 @@ def _token_stats_bwd_kernel(
         # Read before the block is written: the gradient may overwrite the logits (in place).
         label_x = tl.load(logits_row + label_column, mask=holds_label, other=0.0).to(tl.float32)
         x = tl.load(logits_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
-        # dz/dx = 1/T, times (1 - y^2) with a softcap, whose 1/T is folded into the row's coefficients.
-        k = inv_temperature
+        # dz/dx = 1/T, times (1 - y^2) with a softcap: the 1/T is folded into the row's coefficients.
         lse = tl.load(lse_ptr + row)
         residual = tl.load(lse_residual_ptr + row) if HAS_RESIDUAL else 0.0
-        g = tl.load(grad_logps_ptr + row) * k
+        g = tl.load(grad_logps_ptr + row) * inv_temperature
         entropy_minus_residual = tl.load(entropy_ptr + row) - residual if GRAD_ENTROPY else 0.0
-        g_entropy = tl.load(grad_entropy_ptr + row) * k if GRAD_ENTROPY else 0.0
-        g_mean = tl.load(grad_mean_ptr + row) * k / softmax_size if GRAD_MEAN else 0.0
+        g_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature if GRAD_ENTROPY else 0.0
+        g_mean = tl.load(grad_mean_ptr + row) * inv_temperature / softmax_size if GRAD_MEAN else 0.0
         two_over_sum_sq = 2.0 * tl.exp(-tl.load(log_sum_sq_ptr + row)) if GRAD_SUM_SQ else 0.0
-        g_sum_sq = tl.load(grad_log_sum_sq_ptr + row) * k if GRAD_SUM_SQ else 0.0
+        g_sum_sq = tl.load(grad_log_sum_sq_ptr + row) * inv_temperature if GRAD_SUM_SQ else 0.0
         # The block without the one-hot term d log p_y / dz_y = 1: no comparison per element.
         dx = _grad_x(x, lse, residual, entropy_minus_residual, two_over_sum_sq, 0.0, g, g_entropy, g_mean, g_sum_sq,
                      z_scale, tanh_scale, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_MEAN, GRAD_SUM_SQ, APPROX, log2_e)
@@ -179,9 +178,10 @@ def token_stats_backward(
     same program). labels: [outer * inner] int32/int64; lse, lse_residual (the forward's; None
     takes lse as exact), entropy, log_sum_sq_probs and the upstream gradients: [outer * inner]
     float32, contiguous. A gradient passed as None contributes nothing (entropy must be given with
-    grad_entropy, log_sum_sq_probs with grad_log_sum_sq_probs). The logits may be one tile of columns of each row: columns
-    [column_offset, column_offset + V) of a softmax over ``softmax_size`` columns (default V:
-    whole rows), with labels and per-row statistics of the whole rows.
+    grad_entropy, log_sum_sq_probs with grad_log_sum_sq_probs). The logits may be one tile of
+    columns of each row: columns [column_offset, column_offset + V) of a softmax over
+    ``softmax_size`` columns (default V: whole rows), with labels and per-row statistics of the
+    whole rows.
     """
     outer, inner, vocab_size = logits.shape
     rows = outer * inner
