@@ -28,8 +28,8 @@ entropy and all statistics.
 - Triton (backend ``triton``, and ``trl`` for TRL 1.16's forward kernel when TRL is importable):
   the project's launchers (``token_stats_forward`` / ``token_stats_backward``) are called on
   ``meta`` tensors laid out as ``prefopt.logprobs.op`` (through ``prefopt.logprobs.layout.row_blocks``) and
-  ``prefopt.logprobs.linear`` (``[1, rows, V]`` float32 tiles, the backward in place over vocabulary tiles
-  with ``column_offset`` / ``softmax_size``) pass them, with the kernel swapped for a recorder, so
+  ``prefopt.logprobs.linear`` (``[1, rows, V]`` float32 tiles; the backward over vocabulary tiles, with
+  ``column_offset`` / ``softmax_size``, into a bf16 gradient tile) pass them, with the kernel swapped for a recorder, so
   BLOCK_V, num_warps and every argument are the launcher's own choice. Each recorded launch is
   then specialised with the JIT's own code (``create_function_from_signature`` and
   ``JITFunction._pack_args``, as ``JITFunction.run`` does): integers equal to 1 become constexpr
@@ -501,8 +501,8 @@ def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: floa
         logits, rows = _meta(TOKENS, vocab, dtype=torch.bfloat16), TOKENS
         blocks = row_blocks(logits, 2)
     else:
-        # linear._tiled_forward: chunks of GEMM_TILE_BYTES // (4 V) scored rows, [1, rows, V].
-        rows = min(TOKENS, max(1, linear.GEMM_TILE_BYTES // (4 * vocab)))
+        # linear._tiled_forward: chunks of linear._gemm_tile_extent(V) scored rows, [1, rows, V].
+        rows = min(TOKENS, linear._gemm_tile_extent(vocab))
         blocks = [(_meta(rows, vocab, dtype=torch.float32).unsqueeze(0), 0)]
 
     def output(name: str):
@@ -525,7 +525,8 @@ def _record_forward(layout: str, vocab: int, stats: Sequence[str], softcap: floa
 
 def _record_backward(layout: str, vocab: int, stats: Sequence[str], softcap: float | None) -> list:
     """The launches of the Triton backward for one workload: prefopt.logprobs.op' fresh bf16 gradient,
-    or prefopt.logprobs.linear._tiled_backward's in-place float32 tiles of every row x a vocabulary tile."""
+    or prefopt.logprobs.linear._tiled_backward's float32 logits tiles of every row x a vocabulary tile, whose
+    gradient goes to a bf16 tile (the products' operand)."""
     import torch
 
     from prefopt.logprobs import linear
@@ -550,12 +551,12 @@ def _record_backward(layout: str, vocab: int, stats: Sequence[str], softcap: flo
                 sliced = {name: None if t is None else t[rows] for name, t in per_row.items()}
                 token_stats_bwd.token_stats_backward(block, grad_rows[rows].view(block.shape), **sliced, **options)
         else:
-            # linear._tiled_backward: tiles of GEMM_TILE_BYTES // (4 rows) columns, in place.
-            columns = max(1, linear.GEMM_TILE_BYTES // (4 * TOKENS))
+            # linear._tiled_backward: tiles of linear._gemm_tile_extent(rows) columns.
+            columns = linear._gemm_tile_extent(TOKENS)
             for start in range(0, vocab, columns):
                 tile = _meta(TOKENS, min(columns, vocab - start), dtype=torch.float32).unsqueeze(0)
-                token_stats_bwd.token_stats_backward(tile, tile, **per_row, **options, column_offset=start,
-                                                        softmax_size=vocab)
+                token_stats_bwd.token_stats_backward(tile, torch.empty_like(tile, dtype=torch.bfloat16), **per_row,
+                                                     **options, column_offset=start, softmax_size=vocab)
     return recorder.launches
 
 

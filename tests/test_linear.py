@@ -155,6 +155,7 @@ def test_many_row_chunks_and_vocabulary_tiles(backend, monkeypatch, ignored_frac
     monkeypatch.setattr(prefopt.logprobs.torch_backend, "MAX_CHUNK_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.logprobs.linear, "WEIGHT_TILE_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
+    monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_MULTIPLE", 1)
     hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.bfloat16, seed=9,
                                                   ignored_fraction=ignored_fraction)
     check(hidden, weight, bias, labels, backend, softcap=5.0, logit_scale=0.5)
@@ -176,6 +177,7 @@ def test_rows_are_not_counted_while_a_cuda_graph_is_captured(backend, monkeypatc
     monkeypatch.setattr(prefopt.logprobs.torch_backend, "MAX_CHUNK_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.logprobs.linear, "WEIGHT_TILE_BYTES", 4 * 301 * 5)
     monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 4 * 301 * 7)
+    monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_MULTIPLE", 1)
     hidden, weight, bias, labels = random_problem((3, 41), 17, 301, torch.float32, seed=10, ignored_fraction=0.5)
     out, (grad_hidden, _, _) = check(hidden, weight, bias, labels, backend, softcap=5.0)
     assert not out.logps[labels == -100].any() and not grad_hidden[labels == -100].any()

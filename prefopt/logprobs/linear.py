@@ -330,6 +330,17 @@ def _add_lse_label_gradient(hidden_2d: Tensor, weight: Tensor, bias: Tensor | No
 # vocabulary tile (backward). Large enough that each product keeps the tensor cores busy (at V
 # 262144, 512 rows), bounded whatever the number of tokens.
 GEMM_TILE_BYTES = 512 << 20
+# Chunks of rows (forward) and vocabulary tiles (backward) are multiples of cuBLAS's widest tile
+# edge, so that only the last one of a call ends in a partial GEMM tile.
+GEMM_TILE_MULTIPLE = 256
+
+
+def _gemm_tile_extent(other: int) -> int:
+    """Rows of a forward chunk (``other`` = V) or columns of a backward tile (``other`` = scored
+    rows): the most that keep an [extent, other] float32 tile within GEMM_TILE_BYTES, rounded down
+    to a multiple of GEMM_TILE_MULTIPLE, and at least one multiple (so a vocabulary above
+    GEMM_TILE_BYTES / 1 KiB, 524288, takes tiles over the budget rather than partial GEMM tiles)."""
+    return max(1, GEMM_TILE_BYTES // (4 * other) // GEMM_TILE_MULTIPLE) * GEMM_TILE_MULTIPLE
 
 
 def _float32_product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -342,6 +353,31 @@ def _float32_product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a.float(), b.float(), out=out)
+
+
+@functools.cache
+def _cublas_accumulates_in_float32(dtype: torch.dtype) -> bool:
+    """Whether this torch's addmm takes a float32 C with bf16/fp16 operands (``out_dtype``): newer
+    releases do, earlier ones ask C to be in the operands' dtype. Probed once per dtype on the
+    current GPU, with a 1 x 1 product."""
+    one = torch.ones(1, 1, dtype=dtype, device="cuda")
+    try:
+        torch.addmm(torch.zeros(1, 1, device="cuda"), one, one, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # TypeError: a torch without the out_dtype argument
+        return False
+    return True
+
+
+def _add_float32_product_(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
+    """accumulator += a @ b, for a float32 accumulator (see ``_float32_product``). On a GPU the
+    accumulator is cuBLAS's C (beta 1) where torch allows it: no product written to memory and
+    read back by a separate addition (12 bytes per element of the accumulator, per call)."""
+    if a.dtype == torch.float32:
+        accumulator.addmm_(a, b)
+    elif a.is_cuda and _cublas_accumulates_in_float32(a.dtype):
+        torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+    else:
+        accumulator += _float32_product(a, b)
 
 
 def _float32_logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -374,20 +410,27 @@ def _tiled_forward(token_stats_forward, hidden_2d, weight, bias, labels, outputs
         token_stats_forward(logits.unsqueeze(0), chunk_labels, *chunk_outputs, ignore_index=ignore_index,
                             temperature=kernel_temperature, softcap=kernel_softcap)
 
-    rows_per_chunk = max(1, GEMM_TILE_BYTES // (4 * weight.shape[0]))
-    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats)
+    _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, _gemm_tile_extent(weight.shape[0]), chunk_stats)
 
 
-def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs,
+def _tiled_backward(token_stats_backward, writes_other_dtype, hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs,
                     grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
                     temperature, softcap, logit_scale, need_hidden, need_weight, need_bias):
     """The backward of the "triton" and "cuda" backends: cuBLAS float32 logits tiles of every
     scored row x a vocabulary tile, which ``token_stats_backward`` (the logits path's launcher of
-    that backend, with its column_offset and softmax_size) turns into their gradient in place.
+    that backend, with its column_offset and softmax_size) turns into their gradient.
+
+    Bytes per logit of a bf16/fp16 tile: cuBLAS writes the float32 logits (4), the kernel reads
+    them (4) and writes the gradient once in the operands' dtype (2), which the two gradient
+    products read (2 + 2): 14, with no cast pass. The log-sum-exp's label term must be added to a
+    float32 gradient before it is rounded (it cancels against the kernel's value at the label),
+    so a call with ``grad_lse`` works the tile in place in float32 and casts it (+ 8 bytes).
 
     grad_weight is written in the weight's dtype: each of its rows is one product over every
     scored token, summed in float32 by cuBLAS and rounded once, so no float32 [V, H] copy is
-    needed. The log-sum-exp's label term goes into each tile's gradient before the products."""
+    needed. grad_hidden is summed over the tiles in float32 by the products themselves
+    (``_add_float32_product_``). ``writes_other_dtype``: whether ``token_stats_backward`` can write a
+    gradient of another dtype than its logits (Triton's can; the CUDA kernel writes in place)."""
     vocab_size = weight.shape[0]
 
     def float32_zeros(*shape: int) -> Tensor:
@@ -413,34 +456,35 @@ def _tiled_backward(token_stats_backward, hidden_2d, weight, bias, labels, lse, 
     row_labels = row_arguments[0].long()
     label_columns = torch.where(row_labels != ignore_index, row_labels, -1)  # -1: in no tile
     grad_lse_rows = gathered(grad_lse)
+    in_place = grad_lse_rows is not None or weight.dtype == torch.float32 or not writes_other_dtype
     grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden and not all_scored else grad_hidden
-    columns = max(1, GEMM_TILE_BYTES // (4 * rows.numel()))
+    columns = _gemm_tile_extent(rows.numel())
     for start in range(0, vocab_size, columns):
         tile = slice(start, start + columns)
-        grad_y = _float32_logits(hidden_rows, weight[tile], None if bias is None else bias[tile])
+        logits = _float32_logits(hidden_rows, weight[tile], None if bias is None else bias[tile])
         if grad_lse_rows is not None:
             # The label column of the rows whose label is in this tile, read before it becomes a
             # gradient (its logit is needed under a softcap).
             local = label_columns - start
-            in_tile = (local >= 0) & (local < grad_y.shape[1])
+            in_tile = (local >= 0) & (local < logits.shape[1])
             index = torch.where(in_tile, local, 0).unsqueeze(1)
-            label_logits = None if softcap is None else grad_y.gather(1, index).squeeze(1) * logit_scale
-        tile_view = grad_y.unsqueeze(0)
-        token_stats_backward(tile_view, tile_view, *row_arguments, ignore_index=ignore_index,
+            label_logits = None if softcap is None else logits.gather(1, index).squeeze(1) * logit_scale
+        # The products take the gradient in the operands' dtype (tensor cores).
+        operand = logits if in_place else torch.empty(logits.shape, dtype=weight.dtype, device=logits.device)
+        token_stats_backward(logits.unsqueeze(0), operand.unsqueeze(0), *row_arguments, ignore_index=ignore_index,
                              temperature=kernel_temperature, softcap=kernel_softcap, column_offset=start,
                              softmax_size=vocab_size)
         if grad_lse_rows is not None:
             # One column per row (no collisions): a gather and a scatter, deterministic.
             label_term = lse_label_gradient(grad_lse_rows, in_tile, label_logits, temperature, softcap) * logit_scale
-            grad_y.scatter_(1, index, grad_y.gather(1, index) + label_term.unsqueeze(1))
+            operand.scatter_(1, index, operand.gather(1, index) + label_term.unsqueeze(1))
         if grad_bias is not None:
-            grad_bias[tile] = grad_y.sum(0)
-        # The products take the gradient in the operands' dtype (tensor cores).
-        operand = grad_y.to(weight.dtype)
+            grad_bias[tile] = operand.sum(0, dtype=torch.float32)
+        operand = operand.to(weight.dtype)
         if grad_weight is not None:
             torch.mm(operand.T, hidden_rows, out=grad_weight[tile])
         if grad_hidden_rows is not None:
-            grad_hidden_rows += _float32_product(operand, weight[tile])
+            _add_float32_product_(grad_hidden_rows, operand, weight[tile])
     if grad_hidden is not None and not all_scored:
         grad_hidden.index_copy_(0, rows, grad_hidden_rows)
     return grad_hidden, grad_weight, grad_bias
@@ -552,7 +596,7 @@ def _implementation(backend: str, grad_filter_eps: float | None = None):
     if backend in backends.FUSED_BACKENDS:
         row_kernels = backends.row_kernels(backend)
         return (functools.partial(_tiled_forward, row_kernels.token_stats_forward),
-                functools.partial(_tiled_backward, row_kernels.token_stats_backward))
+                functools.partial(_tiled_backward, row_kernels.token_stats_backward, backend == "triton"))
     raise ValueError(f"backend: the fused linear operators run 'triton', '{FUSED}', 'cuda' or 'torch', "
                      f"got {backend!r}")
 
