@@ -1,9 +1,11 @@
 """Block-sparse grad_hidden of the fused linear path: for a block of rows r and of hidden columns,
 
-    grad_hidden[r, :] = sum over the vocabulary tiles t, in order, of dy[r, t] @ weight[t, :]
+    grad_hidden[r, :] += sum over the vocabulary tiles t, in order, of dy[r, t] @ weight[t, :]
 
 skipping every tile whose max |dy| is below the filter's threshold (its ``keep`` flag is 0). One
 program owns its output block and walks the tiles in a fixed order: deterministic, no atomics.
+The sum starts from the float32 accumulator it adds to (the earlier vocabulary chunks' share), so
+no [N, H] partial is written and read back per chunk.
 """
 
 import torch
@@ -17,14 +19,16 @@ BLOCK_H = 64
 
 @triton.jit
 def _linear_grad_hidden_kernel(
-    grad_ptr, weight_ptr, keep_ptr, out_ptr, n_rows, n_cols, col_start, hidden_size, n_tiles,
-    stride_grad, stride_weight, stride_out,
+    grad_ptr, weight_ptr, keep_ptr, acc_ptr, n_rows, n_cols, col_start, hidden_size, n_tiles,
+    stride_grad, stride_weight, stride_acc,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row_block = tl.program_id(0)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    acc_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_acc + hs[None, :]
+    acc_mask = (rows[:, None] < n_rows) & (hs[None, :] < hidden_size)
+    acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
     for tile in range(0, n_tiles):
         if tl.load(keep_ptr + row_block * n_tiles + tile) != 0:
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,20 +37,18 @@ def _linear_grad_hidden_kernel(
             w = tl.load(weight_ptr + (col_start + cols[:, None]).to(tl.int64) * stride_weight + hs[None, :],
                         mask=(cols[:, None] < n_cols) & (hs[None, :] < hidden_size), other=0.0)
             acc = tile_dot(g, w, acc, IEEE, UPCAST)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + hs[None, :], acc,
-             mask=(rows[:, None] < n_rows) & (hs[None, :] < hidden_size))
+    tl.store(acc_ptrs, acc, mask=acc_mask)
 
 
-def linear_grad_hidden(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, col_start: int) -> torch.Tensor:
-    """float32 [N, H] = grad [N, C] @ weight[col_start : col_start + C] over the kept
-    [BLOCK_M, BLOCK_N] tiles (``keep`` int32 [row blocks, tiles])."""
+def linear_grad_hidden(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, col_start: int, *,
+                       accumulator: torch.Tensor) -> None:
+    """accumulator (float32 [N, H], row-contiguous) += grad [N, C] @ weight[col_start : col_start + C]
+    over the kept [BLOCK_M, BLOCK_N] tiles (``keep`` int32 [row blocks, tiles])."""
     n_rows, n_cols = grad.shape
     hidden_size = weight.shape[1]
-    out = torch.empty(n_rows, hidden_size, dtype=torch.float32, device=grad.device)
     grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(hidden_size, BLOCK_H))
     _linear_grad_hidden_kernel[grid](
-        grad, weight, keep, out, n_rows, n_cols, col_start, hidden_size, keep.shape[1],
-        grad.stride(0), weight.stride(0), out.stride(0), **precision(grad.dtype),
+        grad, weight, keep, accumulator, n_rows, n_cols, col_start, hidden_size, keep.shape[1],
+        grad.stride(0), weight.stride(0), accumulator.stride(0), **precision(grad.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
     )
-    return out

@@ -101,7 +101,8 @@ def test_grad_filter_eps_above_every_entry_leaves_every_tile_out():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_sparse_products_sum_the_kept_tiles(dtype):
     """The two block-sparse kernels against float64 products of the logits gradient with the
-    left-out [BLOCK_M, BLOCK_N] tiles zeroed, ragged blocks at every edge, twice (deterministic)."""
+    left-out [BLOCK_M, BLOCK_N] tiles zeroed, ragged blocks at every edge, grad_hidden added to a
+    nonzero accumulator, twice (deterministic)."""
     from prefopt.kernels.linear_grad_hidden import linear_grad_hidden
     from prefopt.kernels.linear_grad_weight import linear_grad_weight
     from prefopt.kernels.linear_stats_fwd import BLOCK_M, BLOCK_N
@@ -111,19 +112,36 @@ def test_block_sparse_products_sum_the_kept_tiles(dtype):
     grad = torch.randn(rows, columns, generator=generator).to(dtype)
     hidden = torch.randn(rows, hidden_size, generator=generator).to(dtype)
     weight = torch.randn(col_start + columns + 5, hidden_size, generator=generator).to(dtype)
+    earlier_chunks = torch.randn(rows, hidden_size, generator=generator)
     keep = (torch.rand(-(-rows // BLOCK_M), -(-columns // BLOCK_N), generator=generator) > 0.4).to(torch.int32)
     keep[0, 0], keep[-1, -1] = 1, 0
     mask = keep.repeat_interleave(BLOCK_M, 0)[:rows].repeat_interleave(BLOCK_N, 1)[:, :columns]
     kept = grad.double() * mask
-    expected_hidden = kept @ weight[col_start: col_start + columns].double()
+    expected_hidden = earlier_chunks.double() + kept @ weight[col_start: col_start + columns].double()
     expected_weight = kept.T @ hidden.double()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    got = []
     for _ in range(2):
-        got_hidden = linear_grad_hidden(grad, weight, keep, col_start)
+        got_hidden = earlier_chunks.clone()
+        linear_grad_hidden(grad, weight, keep, col_start, accumulator=got_hidden)
         got_weight = linear_grad_weight(grad, hidden, keep)
         assert (got_hidden.double() - expected_hidden).abs().max() <= tolerance * expected_hidden.abs().max()
         assert (got_weight.double() - expected_weight).abs().max() <= tolerance * expected_weight.abs().max()
-    assert torch.equal(got_hidden, linear_grad_hidden(grad, weight, keep, col_start))
+        got.append((got_hidden, got_weight))
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_filter_eps_below_every_entry_keeps_every_tile(dtype, monkeypatch):
+    """A threshold above 0 sends every tile through the block-sparse kernels: below every entry,
+    they keep all of them and give the exact gradients (to rounding), here over vocabulary chunks
+    of one BLOCK_N each (grad_hidden accumulated across them)."""
+    monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 1)
+    hidden, weight, bias, labels = random_problem((2, 40), 12, 150, dtype, seed=11)
+    exact = _gradients(hidden, weight, bias, labels)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(exact, _gradients(hidden, weight, bias, labels, grad_filter_eps=1e-30)):
+        assert (a.double() - b.double()).norm() <= tolerance * a.double().norm()
 
 
 @pytest.mark.parametrize("eps,error", [(-1.0, ValueError), (float("nan"), ValueError), ("0", TypeError)])

@@ -525,14 +525,17 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
 
     ``grad_filter_eps``: a [BLOCK_M, BLOCK_N] tile of the logits gradient whose every |entry| is
     below it is left out of the two products (``kernels.linear_grad_hidden`` and
-    ``linear_grad_weight``: fixed order, no atomics). A vocabulary tile with nothing to leave out
-    takes the exact products, so 0.0 gives the exact gradients bit for bit. grad_bias is exact."""
+    ``linear_grad_weight``: fixed order, no atomics). With a threshold above 0 every tile goes
+    through those kernels, so which kernel runs never depends on values on the device (no host
+    synchronization: the step stays capturable in a CUDA graph); 0.0 leaves nothing out (|dy| >= 0)
+    and takes the exact products, bit for bit. grad_bias is exact."""
     from ..kernels.linear_grad_hidden import linear_grad_hidden
     from ..kernels.linear_grad_weight import linear_grad_weight
     from ..kernels.linear_stats_bwd import BLOCK_N, linear_stats_grad_logits
 
     vocab_size = weight.shape[0]
     weight = weight.contiguous()
+    filtering = grad_filter_eps is not None and grad_filter_eps > 0
 
     def float32_zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=torch.float32, device=weight.device)
@@ -562,17 +565,17 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                 logit_scale=logit_scale, temperature=temperature, softcap=softcap)
             if grad_bias is not None:
                 grad_bias[tile] = grad_y.float().sum(0)
-            keep = None if grad_filter_eps is None else (tile_max >= grad_filter_eps).to(torch.int32)
-            if keep is not None and bool((keep == 0).any()):
+            if filtering:
+                keep = (tile_max >= grad_filter_eps).to(torch.int32)
                 if grad_weight is not None:
                     grad_weight[tile] = linear_grad_weight(grad_y, hidden_rows, keep)
                 if grad_hidden_rows is not None:
-                    grad_hidden_rows += linear_grad_hidden(grad_y, weight, keep, start)
+                    linear_grad_hidden(grad_y, weight, keep, start, accumulator=grad_hidden_rows)
                 continue
             if grad_weight is not None:
                 grad_weight[tile] = _float32_product(grad_y.T, hidden_rows)
             if grad_hidden_rows is not None:
-                grad_hidden_rows += _float32_product(grad_y, weight[tile])
+                _add_float32_product_(grad_hidden_rows, grad_y, weight[tile])
         if grad_hidden is not None:
             if all_scored:
                 grad_hidden = grad_hidden_rows
