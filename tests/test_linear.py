@@ -184,17 +184,19 @@ def test_rows_are_not_counted_while_a_cuda_graph_is_captured(backend, monkeypatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("linear_backend", ["triton", "cuda"])
-def test_cuda_graph_capture_of_forward_and_backward(linear_backend):
+@pytest.mark.parametrize(("linear_backend", "grad_filter_eps"),
+                         [("triton", None), ("cuda", None), ("triton-fused", None), ("triton-fused", 2**-12)])
+def test_cuda_graph_capture_of_forward_and_backward(linear_backend, grad_filter_eps):
     if DEVICE.type != "cuda":
         pytest.skip("needs a CUDA GPU")
-    available_backend(linear_backend)
+    available_backend("triton" if linear_backend == "triton-fused" else linear_backend)
+    options = {"backend": linear_backend, "grad_filter_eps": grad_filter_eps}
     hidden, weight, bias, labels = random_problem((4, 64), 64, 1000, torch.bfloat16, seed=11, ignored_fraction=0.5)
     static_hidden = hidden.clone().requires_grad_(True)
     static_weight = weight.clone().requires_grad_(True)
 
     def step():
-        logps = linear_sequence_logprobs(static_hidden, static_weight, labels, bias=bias, backend=linear_backend)
+        logps = linear_sequence_logprobs(static_hidden, static_weight, labels, bias=bias, **options)
         logps.sum().backward()
         return logps
 
@@ -215,7 +217,7 @@ def test_cuda_graph_capture_of_forward_and_backward(linear_backend):
     graph.replay()
     eager_hidden = new_hidden.clone().requires_grad_(True)
     eager_weight = weight.clone().requires_grad_(True)
-    eager = linear_sequence_logprobs(eager_hidden, eager_weight, labels, bias=bias, backend=linear_backend)
+    eager = linear_sequence_logprobs(eager_hidden, eager_weight, labels, bias=bias, **options)
     eager.sum().backward()
     torch.testing.assert_close(logps, eager)
     torch.testing.assert_close(static_hidden.grad, eager_hidden.grad)

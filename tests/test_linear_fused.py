@@ -98,6 +98,14 @@ def test_grad_filter_eps_above_every_entry_leaves_every_tile_out():
     assert grad_bias.any()  # grad_bias is never filtered
 
 
+@pytest.mark.parametrize("function", [prefopt.linear_token_logprobs, prefopt.linear_sequence_logprobs])
+def test_grad_filter_eps_reaches_the_backward_of_every_linear_function(function):
+    hidden, weight, bias, labels = random_problem((2, 40), 12, 150, torch.float32, seed=12)
+    hidden.requires_grad_(True)
+    function(hidden, weight, labels, bias=bias, backend=FUSED, grad_filter_eps=1e9).sum().backward()
+    assert hidden.grad is not None and not hidden.grad.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_sparse_products_sum_the_kept_tiles(dtype):
     """The two block-sparse kernels against float64 products of the logits gradient with the

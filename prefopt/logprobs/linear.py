@@ -847,6 +847,7 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     process_group: "ProcessGroup | None" = None,
+    grad_filter_eps: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(z)[label] per position, z = softcap(logit_scale * (hidden @ weight.T + bias)) /
     temperature (see ``linear_token_stats`` for the arguments, ``process_group`` included).
@@ -858,7 +859,7 @@ def linear_token_logprobs(
     result = linear_token_stats(
         hidden, weight, labels, bias=bias, stats=("entropy",) if return_entropy else (),
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        backend=backend, process_group=process_group,
+        backend=backend, process_group=process_group, grad_filter_eps=grad_filter_eps,
     )
     return (result.logps, result.entropy) if return_entropy else result.logps
 
@@ -877,6 +878,7 @@ def linear_sequence_logprobs(
     logit_scale: float = 1.0,
     backend: str = "auto",
     process_group: "ProcessGroup | None" = None,
+    grad_filter_eps: float | None = None,
 ) -> Tensor:
     """Per-sequence sum (``average=True``: mean over scored tokens) of the label log-probs, from
     hidden states (see ``linear_token_stats`` for the arguments, ``process_group`` included).
@@ -900,6 +902,6 @@ def linear_sequence_logprobs(
             raise ValueError(f"hidden: expected shape [..., T, H], got {tuple(hidden.shape)}")
     logps = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        logit_scale=logit_scale, backend=backend, process_group=process_group,
+        logit_scale=logit_scale, backend=backend, process_group=process_group, grad_filter_eps=grad_filter_eps,
     )
     return reduce_sequences(logps, labels, ignore_index, average, cu_seqlens)
