@@ -32,8 +32,8 @@
 # interpreter on tiny problems, the test parts only collect their selection, every headline row is
 # skipped with its reason, and the report is written. It then exits 1 if any command failed.
 #
-# Before any part: an offline editable install of prefopt (prefopt.kernels maps to kernels/, so a
-# bare checkout does not import) and, when .peer-wheels/ is there, the peers' wheels (see
+# Before any part: an offline editable install of prefopt (prefopt.csrc maps to csrc/, so a bare
+# checkout does not find it as installed) and, when .peer-wheels/ is there, the peers' wheels (see
 # benches/fetch_peer_wheels.sh; carry it with the call) into /tmp/prefopt-peers on PYTHONPATH.
 #
 # Output in $OUT (./gpu-session-out when unset), at most 6 files, as the device tool returns at
@@ -129,7 +129,7 @@ pytest_flags=(-p no:cacheprovider -rfE)
 timeout_flag() { python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=$1"; }
 
 log "parts: ${PARTS[*]}; budget ${BUDGET_S}s; output in $OUT"
-if ! python3 -c "import prefopt.kernels" 2>/dev/null; then
+if ! python3 -c "import prefopt.csrc" 2>/dev/null; then
     capped TERM 120 python3 -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
 fi
 ON_GPU=0

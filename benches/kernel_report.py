@@ -49,7 +49,7 @@ entropy and all statistics.
   templates' instances for bf16 and float are reported; their statistics are template levels
   (forward: log-prob only, + entropy, all) and, in the backward, run-time null pointers (one
   kernel serves every combination). V is a run-time argument: one kernel serves every V.
-- Not reported: kernels/preference_loss.py's and csrc/preference_loss.cu's loss reductions. They
+- Not reported: prefopt/kernels/preference_loss.py's and csrc/preference_loss.cu's loss reductions. They
   run once per batch on [B] vectors, off the per-token path, and their launchers specialise on
   many loss-type constants, so their variants are not worth compiling here.
 

@@ -1,4 +1,4 @@
-"""The fused linear path's statistics inside the GEMM ("triton-fused": kernels/linear_stats_fwd.py
+"""The fused linear path's statistics inside the GEMM ("triton-fused": prefopt/kernels/linear_stats_fwd.py
 and linear_stats_bwd.py) against explicit float64 logits, under Triton's interpreter on a CPU.
 
 Shapes stay tiny and odd (rows, hidden size and vocabulary that no block divides): every kernel

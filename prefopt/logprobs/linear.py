@@ -61,12 +61,12 @@ Backends:
     shared memory, so it would travel to and from global memory once per tile, about a terabyte
     at 16384 x 4096 x 128256, where cuBLAS reads each operand a few times.
 - "triton-fused" (bf16/fp16/fp32; chosen by name while GPU measurements are pending): the
-  statistics inside the GEMM. ``kernels/linear_stats_fwd.py`` turns each tl.dot [64, 64] logits
+  statistics inside the GEMM. ``prefopt/kernels/linear_stats_fwd.py`` turns each tl.dot [64, 64] logits
   tile into per-(row, vocabulary tile) partials in registers, merged over the tiles in a fixed
-  order, so the logits never reach memory; ``kernels/linear_stats_bwd.py`` recomputes each tile
+  order, so the logits never reach memory; ``prefopt/kernels/linear_stats_bwd.py`` recomputes each tile
   the same way and writes its gradient once in the operands' dtype for the two gradient products
   (cuBLAS, or with ``grad_filter_eps`` the deterministic block-sparse kernels
-  ``kernels/linear_grad_hidden.py`` and ``linear_grad_weight.py``). The block sizes are fixed,
+  ``prefopt/kernels/linear_grad_hidden.py`` and ``linear_grad_weight.py``). The block sizes are fixed,
   not yet tuned on a GPU.
 - "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path, "cuda" included),
   "torch" elsewhere and for float64.
@@ -95,7 +95,7 @@ if torch.distributed.is_available():
 
 Tensor = torch.Tensor
 
-# The statistics inside the GEMM (kernels/linear_stats_fwd.py, linear_stats_bwd.py): selectable
+# The statistics inside the GEMM (prefopt/kernels/linear_stats_fwd.py, linear_stats_bwd.py): selectable
 # by this name next to "triton" (cuBLAS tiles), until GPU measurements decide between them.
 FUSED = backends.LINEAR_FUSED
 

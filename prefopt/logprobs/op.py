@@ -6,7 +6,7 @@
   [N] float32 log-probs, the float32 log-sum-exp kept for backward, the optional statistics
   (empty tensors when not asked for) and last the log-sum-exp's rounding residual, which only the
   backward reads (p = exp((z - lse) - residual) stays precise at large |z|; see
-  kernels/token_stats_fwd.py).
+  prefopt/kernels/token_stats_fwd.py).
 - ``prefopt::token_stats_backward``: writes the logits gradient into a fresh tensor.
 - ``prefopt::token_stats_backward_``: writes it over the logits (``inplace_backward=True``).
 

@@ -40,7 +40,7 @@ def rows_per_chunk(rows: int, vocab_size: int, fraction: int = LOGITS_PATH_FRACT
 def rounding_residual(m: Tensor, log_s: Tensor, lse: Tensor) -> Tensor:
     """(m + log_s) - lse, exact, for lse = m + log_s rounded (Fast2Sum, the larger magnitude
     first); 0 where lse is not finite. The backward's p = exp((z - lse) - residual) then keeps
-    float32 rounding of z - m at large |z| (see kernels/token_stats_fwd.py)."""
+    float32 rounding of z - m at large |z| (see prefopt/kernels/token_stats_fwd.py)."""
     m_larger = m.abs() >= log_s.abs()
     larger = torch.where(m_larger, m, log_s)
     smaller = torch.where(m_larger, log_s, m)

@@ -1,7 +1,7 @@
 """The reference formula of every preference loss, in plain PyTorch on per-sequence ``[B]`` vectors.
 
 Every loss of the package is written here once, each with its derivation or its source beside
-it; the fused kernels (``kernels/preference_loss.py``, ``csrc/preference_loss.cu``) are checked
+it; the fused kernels (``prefopt/kernels/preference_loss.py``, ``csrc/preference_loss.cu``) are checked
 against these functions, derive their gradients from their own one copy of each formula (dual
 numbers), and point here for the reasoning. Inputs are validated by :mod:`prefopt.losses.api`.
 
