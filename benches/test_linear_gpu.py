@@ -2,13 +2,17 @@
 
 Workloads (bf16), in the order a run cut short needs them: the two target problems (16384 tokens
 x H 4096 x V 128256 and 16384 x 2048 x 248320) forward+backward with every row scored and with
-half of them ignored; H 2048 and 4096 x V 32000-262144 at 16384 tokens; 4096-16384 tokens at V
+half of them ignored, then on peaked logits (mean entropy PEAKED_ENTROPY nats, a trained model's:
+prefopt.bench.workloads.peaked_head), where a gradient filter has tiles to leave out; H 2048 and 4096 x V 32000-262144 at 16384 tokens; 4096-16384 tokens at V
 128256; then the forward alone (with the autograd graph, a policy's) and under torch.no_grad (a
 reference model's), and the remaining half-ignored shapes. Implementations: prefopt's triton and
 torch backends, the explicit-logits reference (bf16 matmul, float32 log-softmax, gather) and
 torch.compile of it, TRL's chunked log-prob function, Liger-Kernel's fused linear cross entropy
 and Cut Cross-Entropy (default and without gradient filtering), each skipped with the reason when
-it cannot run (prefopt.bench.linear_implementations).
+it cannot run (prefopt.bench.linear_implementations). prefopt-triton-fused-filtered
+(grad_filter_eps = 2^-12) runs on the peaked workloads only: on random logits it has nothing to
+leave out. A peaked row also records its inputs' measured mean entropy and the fraction of the
+filter's [64, 64] gradient tiles below 2^-12 (``peaked_profile``).
 
 Each row: median of CUDA events over rotating input sets, max_memory_allocated above the inputs,
 the floor (cuBLAS time of the products the direction needs on the scored rows, measured in the
@@ -30,6 +34,12 @@ TOKENS = (4096, 8192, 16384)
 HIDDEN_SIZES = (4096, 2048)
 VOCABS = (32000, 128256, 151936, 262144)
 PIVOT_TOKENS, PIVOT_VOCAB = 16384, 128256
+# Mean entropy (nats) of the peaked workloads: a trained language model's is 1.5-3.
+PEAKED_ENTROPY = 2.0
+# What runs on peaked logits: the filtered backend, the unfiltered ones and the peers it is
+# measured against.
+PEAKED_IMPLEMENTATIONS = (bench.FUSED_FILTERED, "prefopt-triton-fused", "prefopt-triton", bench.CCE, bench.CCE_EXACT,
+                          bench.TRL_CHUNKED)
 CALLS, WARMUP = timed_calls(default=5), 2
 DEVICE = torch.device("cuda")
 # The rows benches/gpu_session.sh measures first (-m headline): the two target shapes,
@@ -52,6 +62,8 @@ def workloads() -> list[bench.LinearWorkload]:
         return bench.LinearWorkload(*shape, dtype=torch.bfloat16, ignored_fraction=ignored, direction=direction)
 
     ordered = [at(shape, ignored, "fwd+bwd") for shape in bench.LINEAR_TARGET_SHAPES for ignored in (0.0, 0.5)]
+    ordered += [bench.LinearWorkload(*shape, dtype=torch.bfloat16, mean_entropy=PEAKED_ENTROPY)
+                for shape in bench.LINEAR_TARGET_SHAPES]
     ordered += [at(shape, 0.0, "fwd+bwd") for shape in shapes()]
     ordered += [at(shape, 0.0, direction) for direction in ("fwd", "fwd-nograd") for shape in shapes()]
     ordered += [at(shape, 0.5, "fwd+bwd") for shape in shapes()]
@@ -59,20 +71,28 @@ def workloads() -> list[bench.LinearWorkload]:
 
 
 def row_id(workload: bench.LinearWorkload, name: str) -> str:
+    peaked = "" if workload.mean_entropy is None else f"-entropy{workload.mean_entropy:g}"
     return (f"{workload.direction}-{workload.tokens}x{workload.hidden}x{workload.vocab}"
-            f"-ignored{round(workload.ignored_fraction * 100)}-{name}")
+            f"-ignored{round(workload.ignored_fraction * 100)}{peaked}-{name}")
+
+
+def runs_on(workload: bench.LinearWorkload, name: str) -> bool:
+    return (name in PEAKED_IMPLEMENTATIONS) if workload.mean_entropy is not None else name != bench.FUSED_FILTERED
 
 
 # Workload-major: every implementation of a workload before the next workload, so a run cut
 # short has complete comparisons for the workloads it reached.
 def is_headline(workload: bench.LinearWorkload, name: str) -> bool:
     shape = (workload.tokens, workload.hidden, workload.vocab)
-    return (shape in bench.LINEAR_TARGET_SHAPES and workload.direction == "fwd+bwd"
-            and workload.ignored_fraction == 0.0 and name in HEADLINE_IMPLEMENTATIONS)
+    if shape not in bench.LINEAR_TARGET_SHAPES or workload.direction != "fwd+bwd" or workload.ignored_fraction:
+        return False
+    if workload.mean_entropy is not None:  # the filter's target: against CCE's default
+        return name in (bench.FUSED_FILTERED, bench.CCE)
+    return name in HEADLINE_IMPLEMENTATIONS
 
 
 ROWS = [pytest.param(w, name, id=row_id(w, name), marks=[pytest.mark.headline] if is_headline(w, name) else [])
-        for w in workloads() for name in bench.LINEAR_IMPLEMENTATION_NAMES]
+        for w in workloads() for name in bench.LINEAR_IMPLEMENTATION_NAMES if runs_on(w, name)]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +118,14 @@ def gemm_times() -> dict[tuple, dict[str, float]]:
     return {}
 
 
+@pytest.fixture(scope="module")
+def peaked_profiles() -> dict[bench.LinearWorkload, dict[str, float]]:
+    """``bench.peaked_profile`` of each peaked workload's first input set, computed once."""
+    return {}
+
+
 @pytest.mark.parametrize(("workload", "name"), ROWS)
-def test_fused_linear_path(benchmark, workload, name, candidates, gemm_times):
+def test_fused_linear_path(benchmark, workload, name, candidates, gemm_times, peaked_profiles):
     implementation, candidate, reason = candidates[name]
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
@@ -117,6 +143,20 @@ def test_fused_linear_path(benchmark, workload, name, candidates, gemm_times):
         pytest.skip(f"{name}: {result.skipped}")
     benchmark.extra_info.update({**result.to_json(), "gpu": torch.cuda.get_device_name(),
                                  "gemm_seconds": gemms})
+    if workload.mean_entropy is not None:
+        if workload not in peaked_profiles:
+            from prefopt.kernels.linear_stats_fwd import BLOCK_M, BLOCK_N
+
+            hidden, weight, labels = bench.make_inputs(workload, DEVICE)
+            with torch.no_grad():
+                peaked_profiles[workload] = bench.peaked_profile(hidden, weight, labels, bench.FILTER_EPS,
+                                                                 (BLOCK_M, BLOCK_N))
+            del hidden, weight, labels
+            torch.cuda.empty_cache()
+        benchmark.extra_info.update(peaked_profiles[workload])
     method = "" if result.method_gemm_s is None else f"  {result.median_s / result.method_gemm_s:5.2f}x its GEMMs"
+    profile = benchmark.extra_info.get("skipped_tile_fraction")
+    filtered = "" if profile is None else (f"  entropy {benchmark.extra_info['mean_entropy']:.2f} nats,"
+                                           f" {profile:.1%} of tiles below 2^-12")
     print(f"\n{name:<34} {workload.name():<44} {result.median_s * 1e3:9.2f} ms  {result.fraction_of_floor:6.1%} of"
-          f" floor{method}  peak extra {result.peak_extra_bytes / 2**30:6.2f} GiB")
+          f" floor{method}  peak extra {result.peak_extra_bytes / 2**30:6.2f} GiB{filtered}")

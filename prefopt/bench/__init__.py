@@ -36,14 +36,15 @@ How each figure is measured:
   hidden gradient and the weight gradient for forward+backward), measured in the same run by
   :func:`gemm_seconds`. prefopt's own backends declare the products they actually perform (the
   backward recomputes the logits once, tile by tile, before the two gradient products), and are
-  held to 1.25x their cuBLAS time (:func:`linear_checks`).
+  held to 1.10x their cuBLAS time forward+backward and 1.05x forward alone (:func:`linear_checks`).
 """
 
 
 # One module per job; every name the callers use (tests/, benches/, prefopt/__main__.py) is here.
 # prefopt.bench.memory is not imported: it is also the fresh process's `python -m` entry.
 from .floors import CHECKED, LINEAR_TARGET_SHAPES, fill_floor, fill_speedups, linear_checks
-from .implementations import (ALL_IMPLEMENTATION_NAMES, CCE, CCE_COMPILE, CCE_EXACT, IMPLEMENTATION_NAMES, LIGER_DPO,
+from .implementations import (ALL_IMPLEMENTATION_NAMES, CCE, CCE_COMPILE, CCE_EXACT, FILTER_EPS, FUSED_FILTERED,
+                              IMPLEMENTATION_NAMES, LIGER_DPO,
                               LIGER_LINEAR,
                               LINEAR_IMPLEMENTATION_NAMES, LINEAR_PEERS, PREFOPT_LINEAR_PRODUCTS, REFERENCE,
                               TRL_CHUNKED, Candidate, Implementation, implementations, linear_implementations,
@@ -53,16 +54,16 @@ from .report import PATH_TITLES, environment, format_table, results_stem, write_
 from .runner import CPU_CALLS, CPU_QUICK_CALLS, DEFAULT_RUN_LEAVES_OUT, CallBudget, chosen_implementations, run
 from .timing import Measurement, copy_bandwidth, gemm_seconds, measure, measure_interleaved, rotation_count, time_calls
 from .workloads import (DIRECTIONS, GEMM_PRODUCTS, IGNORE_INDEX, LINEAR_DIRECTIONS, LinearWorkload, Workload,
-                        default_workloads, make_inputs, sweep)
+                        default_workloads, make_inputs, peaked_profile, sweep)
 
 __all__ = [
-    "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_COMPILE", "CCE_EXACT", "CHECKED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
+    "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_COMPILE", "CCE_EXACT", "CHECKED", "FILTER_EPS", "FUSED_FILTERED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
     "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "LIGER_DPO", "LIGER_LINEAR",
     "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "LINEAR_TARGET_SHAPES", "PATH_TITLES",
     "PREFOPT_LINEAR_PRODUCTS", "REFERENCE", "TRL_CHUNKED", "CallBudget", "Candidate", "Implementation",
     "LinearWorkload", "Measurement", "MissingExtraError", "Workload", "chosen_implementations", "copy_bandwidth",
     "default_workloads", "environment", "fill_floor", "fill_speedups", "format_table",
     "gemm_seconds", "implementations", "linear_checks", "linear_implementations", "load_trl_logprob_module",
-    "make_inputs", "measure", "measure_interleaved", "results_stem", "rotation_count", "run",
+    "make_inputs", "measure", "peaked_profile", "measure_interleaved", "results_stem", "rotation_count", "run",
     "sweep", "time_calls", "write_json", "write_plots",
 ]

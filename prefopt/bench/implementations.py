@@ -188,12 +188,12 @@ def _explicit_logits_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels
     return _reference_logprobs(hidden @ weight.T, labels)
 
 
-def _prefopt_linear(backend: str) -> Callable[[], Candidate]:
+def _prefopt_linear(backend: str, grad_filter_eps: float | None = None) -> Callable[[], Candidate]:
     def build() -> Candidate:
         from ..logprobs.linear import linear_token_logprobs
 
         def candidate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return linear_token_logprobs(hidden, weight, labels, backend=backend)
+            return linear_token_logprobs(hidden, weight, labels, backend=backend, grad_filter_eps=grad_filter_eps)
 
         return candidate
 
@@ -264,6 +264,9 @@ _FORWARD_PRODUCTS = dict.fromkeys(("fwd", "fwd-nograd"), ("logits",))
 # prefopt's backward recomputes the logits once, tile by tile, for its two gradient products.
 PREFOPT_LINEAR_PRODUCTS = {**_FORWARD_PRODUCTS, "fwd+bwd": ("logits", "logits", "grad_hidden", "grad_weight")}
 CCE = "cce-linear_cross_entropy"
+# prefopt's filtered fused backward: the threshold CCE's default filter uses in bf16 (2^-12).
+FILTER_EPS = 2.0**-12
+FUSED_FILTERED = "prefopt-triton-fused-filtered"
 CCE_EXACT = "cce-linear_cross_entropy-exact"
 TRL_CHUNKED = "trl-chunked_logprob"
 LIGER_LINEAR = "liger-fused_linear_cross_entropy"
@@ -312,6 +315,11 @@ def linear_implementations(device: torch.device) -> list[Implementation]:
         # The statistics inside the GEMM: its forward is one tl.dot product, its backward one more
         # (recomputing the tiles) and the two gradient products.
         Implementation("prefopt-triton-fused", _prefopt_linear("triton-fused"), unavailable=triton,
+                       gemm_products=PREFOPT_LINEAR_PRODUCTS),
+        # Its backward with grad_filter_eps = FILTER_EPS: the gradient tiles below it are left out
+        # of the two gradient products (what it gains depends on the logits: see
+        # workloads.peaked_profile).
+        Implementation(FUSED_FILTERED, _prefopt_linear("triton-fused", FILTER_EPS), unavailable=triton,
                        gemm_products=PREFOPT_LINEAR_PRODUCTS),
         # The memory process's "reference" backend computes the same explicit logits (float32 on
         # a CPU, the only dtype CPU memory is measured in).

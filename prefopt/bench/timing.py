@@ -53,7 +53,8 @@ class Measurement:
         """The measurement a :meth:`to_json` dict describes (keys it does not know are ignored)."""
         workload_type = {"logits": Workload, "linear": LinearWorkload}[str(row["path"])]
         workload_fields = {f.name for f in dataclasses.fields(workload_type)}
-        workload = workload_type(**{k: row[k] for k in workload_fields if k != "dtype"},
+        # A field a record predates (e.g. mean_entropy) takes its default.
+        workload = workload_type(**{k: row[k] for k in workload_fields if k != "dtype" and k in row},
                                  dtype=getattr(torch, str(row["dtype"])))
         own_fields = {f.name for f in dataclasses.fields(cls)} - {"workload"}
         return cls(workload=workload, **{k: row[k] for k in own_fields if k in row})
