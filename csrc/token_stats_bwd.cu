@@ -14,18 +14,22 @@
 //     dL/dz_j = 1[j = y] g + A + p_j (B + D log p_j + C p_j)
 //     A = g_mu / V,   B = -g - g_H H - 2 g_S,   C = 2 g_S / S,   D = -g_H
 //
-// so one formula serves every combination of statistics (an absent gradient is a zero
-// coefficient). Then dx_j = dz_j * dz/dx with dz/dx = (1 - tanh^2(x / c)) / T under a softcap,
-// 1 / T without; the 1 / T is folded into the coefficients once per row. Per element:
+// A term whose gradient is absent is compiled out rather than multiplied by a zero coefficient
+// per element: the launcher picks a template level from the gradients given (A + B p_j for the
+// log-prob and the mean logit; + D p_j log p_j with the entropy; + C p_j^2 with log S, D then
+// zero unless the entropy is given too). Then dx_j = dz_j * dz/dx with
+// dz/dx = (1 - tanh^2(x / c)) / T under a softcap, 1 / T without; the 1 / T is folded into the
+// coefficients once per row. Per element:
 //
 //     v = fma(x, 1 / T, -lse)  (z - lse: exact where p_j matters, Sterbenz)
 //     u = fma(v, log2 e, -residual log2 e) = log2 p_j      p_j = 2^u (one ex2.approx)
 //     dx = fma(p_j, fma(D ln 2, max(u, -256), fma(C, p_j, B)), A)
 //
-// five FMAs, one MUFU and one clamp (a -inf logit: p_j = 0 times a finite term); with the
-// element's unpacking (one instruction for bf16, a shift or a mask) and its share of the pack,
-// the loads, the stores and one pointer step, the hot loop is 9 SASS instructions per bf16
-// element (sm_90, nvcc 13.0). The label's 1[j = y] g is not tested per element: the thread that
+// three FMAs and one MUFU for the log-prob alone, up to five FMAs, one MUFU and one clamp (a
+// -inf logit: p_j = 0 times a finite term) with every statistic; with the element's unpacking
+// (one instruction for bf16, a shift or a mask) and its share of the pack, the loads, the stores
+// and one pointer step, the hot loop is 6 / 8 / 9 SASS instructions per bf16 element at the three
+// levels (sm_90, nvcc 13.0). The label's 1[j = y] g is not tested per element: the thread that
 // writes the label's column computes that element with A + g in place of A before its loops
 // and rewrites it after them. log2(e) multiplies z - lse, never z itself: a scaled z would round
 // at the scale of |z|. Under a softcap tanh is kernels/token_stats_fwd.py's exp2 + rcp.approx
@@ -85,6 +89,12 @@ struct BackwardParams {
   const float* grad_log_sum_sq_probs;
 };
 
+// Which terms of dx_j an instance computes (see the top of the file): a term whose gradient is
+// absent is compiled out rather than multiplied by a zero coefficient per element.
+//   kLogpTerms: A + B p_j (log-prob, mean logit); kEntropyTerms: + D p_j log p_j;
+//   kAllTerms: + C p_j^2 as well (log sum p^2, with or without the entropy's D).
+enum GradientTerms { kLogpTerms = 0, kEntropyTerms = 1, kAllTerms = 2 };
+
 // The per-row constants of dx_j, the factor 1 / T folded in (see the top of the file).
 struct RowCoefficients {
   float lse, residual2, g, a, b, c, d;
@@ -92,7 +102,7 @@ struct RowCoefficients {
 };
 
 // dx_j without the label term; `a` is A, or A + g for the label's column.
-template <bool kSoftcap>
+template <int kTerms, bool kSoftcap>
 __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const RowCoefficients& k, float x,
                                                 float a) {
   float v, dz_dx = 1.f;
@@ -108,8 +118,10 @@ __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const R
   // it z - m - log s. One ex2.approx: relative error ~2^-22, terms below 2^-126 are 0.
   const float log2_p = fmaf(v, kLog2E, -k.residual2);
   const float prob = fast_exp2(log2_p);
+  float q = k.b;
+  if constexpr (kTerms == kAllTerms) q = fmaf(k.c, prob, q);
   // A -inf logit has p_j = 0 and log p_j = -inf: clamped, its p-term is 0 * finite = 0.
-  const float q = fmaf(k.d, fmaxf(log2_p, -256.f), fmaf(k.c, prob, k.b));
+  if constexpr (kTerms != kLogpTerms) q = fmaf(k.d, fmaxf(log2_p, -256.f), q);
   float dx = fmaf(prob, q, a);
   if constexpr (kSoftcap) dx *= dz_dx;
   return dx;
@@ -121,7 +133,7 @@ __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const R
 // that writes the label's column also computes its gradient with A + g, from the logit it reads
 // before any of its own writes (in place, no other thread writes that element), and rewrites
 // the element after its loops.
-template <typename T, bool kSoftcap, bool kScored>
+template <typename T, int kTerms, bool kSoftcap, bool kScored>
 __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const RowCoefficients& k, const T* x,
                                                T* grad, int chunk) {
   constexpr int kVector = Element<T>::kVector;
@@ -129,7 +141,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
   const int tid = threadIdx.x;
   const bool last_chunk = chunk == p.chunks - 1;
   auto gradient = [&](const T* address) -> float {
-    if constexpr (kScored) return logit_gradient<kSoftcap>(p, k, load_scalar(address), k.a);
+    if constexpr (kScored) return logit_gradient<kTerms, kSoftcap>(p, k, load_scalar(address), k.a);
     return 0.f;
   };
   const bool same_alignment = ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(grad)) & 15u) == 0;
@@ -138,7 +150,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
   auto own_label = [&](bool owner) {
     if constexpr (kScored) {
       label_owner = owner;
-      if (owner) label_gradient = logit_gradient<kSoftcap>(p, k, load_scalar(x + k.label), k.a + k.g);
+      if (owner) label_gradient = logit_gradient<kTerms, kSoftcap>(p, k, load_scalar(x + k.label), k.a + k.g);
     }
   };
   auto write_label = [&]() {
@@ -194,7 +206,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       float dx = 0.f;
-      if constexpr (kScored) dx = logit_gradient<kSoftcap>(p, k, x_e[e], k.a);
+      if constexpr (kScored) dx = logit_gradient<kTerms, kSoftcap>(p, k, x_e[e], k.a);
       out.v[e] = Element<T>::from_float(dx);
     }
     return out;
@@ -229,7 +241,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
   write_label();
 }
 
-template <typename T, bool kSoftcap>
+template <typename T, int kTerms, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_backward_kernel(const BackwardParams p) {
   const int64_t row = blockIdx.x;
   const int chunk = blockIdx.y;
@@ -240,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   const int64_t label = load_label(p.labels, p.labels_are_int64, row);
   if (label == p.ignore_index) {
     // Ignored rows: never read, gradient exactly 0 (also for a -inf or NaN logit).
-    backward_chunk<T, kSoftcap, false>(p, k, x, grad, chunk);
+    backward_chunk<T, kTerms, kSoftcap, false>(p, k, x, grad, chunk);
     return;
   }
   const int64_t local = label - p.column_offset;
@@ -267,14 +279,24 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   k.b = b * inv_t;
   k.c = c * inv_t;
   k.d = d * inv_t * kLn2;
-  backward_chunk<T, kSoftcap, true>(p, k, x, grad, chunk);
+  backward_chunk<T, kTerms, kSoftcap, true>(p, k, x, grad, chunk);
+}
+
+template <typename T, int kTerms>
+void launch_backward(const BackwardParams& p, int64_t rows, bool softcap, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
+  const auto kernel =
+      softcap ? &token_stats_backward_kernel<T, kTerms, true> : &token_stats_backward_kernel<T, kTerms, false>;
+  PREFOPT_LAUNCH(kernel, grid, kThreads, stream, p);
 }
 
 template <typename T>
-void launch_backward(const BackwardParams& p, int64_t rows, bool softcap, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
-  const auto kernel = softcap ? &token_stats_backward_kernel<T, true> : &token_stats_backward_kernel<T, false>;
-  PREFOPT_LAUNCH(kernel, grid, kThreads, stream, p);
+void launch_backward(const BackwardParams& p, int64_t rows, int terms, bool softcap, cudaStream_t stream) {
+  switch (terms) {
+    case kLogpTerms: launch_backward<T, kLogpTerms>(p, rows, softcap, stream); break;
+    case kEntropyTerms: launch_backward<T, kEntropyTerms>(p, rows, softcap, stream); break;
+    default: launch_backward<T, kAllTerms>(p, rows, softcap, stream); break;
+  }
 }
 
 int vector_width(int dtype) {
@@ -370,11 +392,14 @@ extern "C" cudaError_t prefopt_token_stats_backward(
   p.grad_log_sum_sq_probs = grad_log_sum_sq_probs;
 
   const bool with_softcap = softcap > 0.f;
+  const int terms = grad_log_sum_sq_probs != nullptr ? kAllTerms
+                    : grad_entropy != nullptr        ? kEntropyTerms
+                                                     : kLogpTerms;
   switch (dtype) {
-    case PREFOPT_FLOAT32: launch_backward<float>(p, rows, with_softcap, stream); break;
-    case PREFOPT_FLOAT16: launch_backward<__half>(p, rows, with_softcap, stream); break;
-    case PREFOPT_BFLOAT16: launch_backward<__nv_bfloat16>(p, rows, with_softcap, stream); break;
-    default: launch_backward<double>(p, rows, with_softcap, stream); break;
+    case PREFOPT_FLOAT32: launch_backward<float>(p, rows, terms, with_softcap, stream); break;
+    case PREFOPT_FLOAT16: launch_backward<__half>(p, rows, terms, with_softcap, stream); break;
+    case PREFOPT_BFLOAT16: launch_backward<__nv_bfloat16>(p, rows, terms, with_softcap, stream); break;
+    default: launch_backward<double>(p, rows, terms, with_softcap, stream); break;
   }
   return cudaGetLastError();
 }
