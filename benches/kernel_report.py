@@ -47,8 +47,9 @@ entropy and all statistics.
   csrc/token_stats_fwd.cu and csrc/token_stats_bwd.cu (the toolkit only, no torch; the
   extension's own flags add torch's -D defines, which gave the same SASS with nvcc 13.0). The
   templates' instances for bf16 and float are reported; their statistics are template levels
-  (forward: log-prob only, + entropy, all) and, in the backward, run-time null pointers (one
-  kernel serves every combination). V is a run-time argument: one kernel serves every V.
+  (forward: log-prob only, + entropy, all; backward: the log-prob's and mean's terms only, + the
+  entropy's, all, chosen from the gradients given). V is a run-time argument: one kernel serves
+  every V.
 - Not reported: prefopt/kernels/preference_loss.py's and csrc/preference_loss.cu's loss reductions. They
   run once per batch on [B] vectors, off the per-token path, and their launchers specialise on
   many loss-type constants, so their variants are not worth compiling here.
@@ -734,6 +735,7 @@ class CudaKernel:
 # Itanium-mangled template arguments: the element type, then the statistics level / softcap flag.
 _MANGLED_TYPE = {"bf16": ("13__nv_bfloat16", 2), "fp32tile": ("f", 4)}
 _CUDA_STATS_LEVEL = {"logps": 0, "entropy": 1, "all": 2}  # token_stats_fwd.cu's StatsLevel
+_CUDA_GRADIENT_TERMS = {"logps": 0, "entropy": 1, "all": 2}  # token_stats_bwd.cu's GradientTerms
 
 
 def cuda_kernels() -> list[CudaKernel]:
@@ -751,11 +753,13 @@ def cuda_kernels() -> list[CudaKernel]:
                               re.compile(r"token_stats_combine_kernel"), None, None,
                               "merges split-V partial states, one thread per row: no per-element work"))
     for layout, (mangled, size) in _MANGLED_TYPE.items():
-        for softcap in (False, True):
-            kernels.append(CudaKernel(
-                "token_stats_bwd.cu", "token_stats_backward_kernel", layout + (",softcap" if softcap else ""),
-                re.compile(rf"token_stats_backward_kernelI{mangled}Lb{int(softcap)}EE"), size, 2 * size,
-                "any V (run-time); statistics chosen at run time: one kernel for every combination"))
+        for terms, level in _CUDA_GRADIENT_TERMS.items():
+            for softcap in (False, True):
+                kernels.append(CudaKernel(
+                    "token_stats_bwd.cu", "token_stats_backward_kernel",
+                    f"{layout},{terms}" + (",softcap" if softcap else ""),
+                    re.compile(rf"token_stats_backward_kernelI{mangled}Li{level}ELb{int(softcap)}EE"), size, 2 * size,
+                    "any V (run-time); 'logps': log-prob and mean gradients, 'all': any with log sum p^2"))
     return kernels
 
 

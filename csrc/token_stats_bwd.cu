@@ -14,17 +14,26 @@
 //     dL/dz_j = 1[j = y] g + A + p_j (B + D log p_j + C p_j)
 //     A = g_mu / V,   B = -g - g_H H - 2 g_S,   C = 2 g_S / S,   D = -g_H
 //
-// so one formula serves every combination of statistics (an absent gradient is a zero
-// coefficient). Then dx_j = dz_j * dz/dx with dz/dx = (1 - tanh^2(x / c)) / T under a softcap,
-// 1 / T without; the 1 / T is folded into the coefficients once per row. Per element:
+// A term whose gradient is absent is compiled out rather than multiplied by a zero coefficient
+// per element: the launcher picks a template level from the gradients given (A + B p_j for the
+// log-prob and the mean logit; + D p_j log p_j with the entropy; + C p_j^2 with log S, D then
+// zero unless the entropy is given too). Then dx_j = dz_j * dz/dx with
+// dz/dx = (1 - tanh^2(x / c)) / T under a softcap, 1 / T without; the 1 / T is folded into the
+// coefficients once per row. Per element:
 //
 //     v = fma(x, 1 / T, -lse)  (z - lse: exact where p_j matters, Sterbenz)
 //     u = fma(v, log2 e, -residual log2 e) = log2 p_j      p_j = 2^u (one ex2.approx)
-//     dx = fma(p_j, fma(D ln 2, max(u, -256), fma(C, p_j, B)), A) (+ g at the label)
+//     dx = fma(p_j, fma(D ln 2, max(u, -256), fma(C, p_j, B)), A)
 //
-// five FMAs, one MUFU, one clamp (a -inf logit: p_j = 0 times a finite term) and one 32-bit
-// compare for the label. log2(e) multiplies z - lse, never z itself: a scaled z would round at
-// the scale of |z|. Under a softcap tanh is kernels/token_stats_fwd.py's exp2 + rcp.approx form.
+// three FMAs and one MUFU for the log-prob alone, up to five FMAs, one MUFU and one clamp (a
+// -inf logit: p_j = 0 times a finite term) with every statistic; with the element's unpacking
+// (one instruction for bf16, a shift or a mask) and its share of the pack, the loads, the stores
+// and one pointer step, the hot loop is 6 / 8 / 9 SASS instructions per bf16 element at the three
+// levels (sm_90, nvcc 13.0). The label's 1[j = y] g is not tested per element: the thread that
+// writes the label's column computes that element with A + g in place of A before its loops
+// and rewrites it after them. log2(e) multiplies z - lse, never z itself: a scaled z would round
+// at the scale of |z|. Under a softcap tanh is kernels/token_stats_fwd.py's exp2 + rcp.approx
+// form: seven instructions, with 1 - tanh^2 and the product by dz/dx nine more per element.
 //
 // A launch may cover one tile of columns of each row, [column_offset, column_offset + vocab_size)
 // of a softmax over softmax_size columns (the fused linear path, which builds its logits a
@@ -80,16 +89,22 @@ struct BackwardParams {
   const float* grad_log_sum_sq_probs;
 };
 
-// The per-row constants of dx_j, the factor 1 / T folded in (see the top of the file); all
-// zero for an ignored row, whose gradient is exactly 0.
+// Which terms of dx_j an instance computes (see the top of the file): a term whose gradient is
+// absent is compiled out rather than multiplied by a zero coefficient per element.
+//   kLogpTerms: A + B p_j (log-prob, mean logit); kEntropyTerms: + D p_j log p_j;
+//   kAllTerms: + C p_j^2 as well (log sum p^2, with or without the entropy's D).
+enum GradientTerms { kLogpTerms = 0, kEntropyTerms = 1, kAllTerms = 2 };
+
+// The per-row constants of dx_j, the factor 1 / T folded in (see the top of the file).
 struct RowCoefficients {
   float lse, residual2, g, a, b, c, d;
   int label;  // the label's column in this launch's tile, -1 when another tile (or none) holds it
 };
 
-template <bool kSoftcap>
+// dx_j without the label term; `a` is A, or A + g for the label's column.
+template <int kTerms, bool kSoftcap>
 __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const RowCoefficients& k, float x,
-                                                int column) {
+                                                float a) {
   float v, dz_dx = 1.f;
   if constexpr (kSoftcap) {
     const float th = softcap_tanh(x, p.tanh_scale);
@@ -103,27 +118,46 @@ __device__ __forceinline__ float logit_gradient(const BackwardParams& p, const R
   // it z - m - log s. One ex2.approx: relative error ~2^-22, terms below 2^-126 are 0.
   const float log2_p = fmaf(v, kLog2E, -k.residual2);
   const float prob = fast_exp2(log2_p);
+  float q = k.b;
+  if constexpr (kTerms == kAllTerms) q = fmaf(k.c, prob, q);
   // A -inf logit has p_j = 0 and log p_j = -inf: clamped, its p-term is 0 * finite = 0.
-  const float q = fmaf(k.d, fmaxf(log2_p, -256.f), fmaf(k.c, prob, k.b));
-  float dx = fmaf(prob, q, k.a);
-  if (column == k.label) dx += k.g;
+  if constexpr (kTerms != kLogpTerms) q = fmaf(k.d, fmaxf(log2_p, -256.f), q);
+  float dx = fmaf(prob, q, a);
   if constexpr (kSoftcap) dx *= dz_dx;
   return dx;
 }
 
 // One row's chunk. kScored = false (an ignored row): nothing is read, zeros are written.
-template <typename T, bool kSoftcap, bool kScored>
+//
+// The label term is not tested per element: every element gets A + p_j (...), and the thread
+// that writes the label's column also computes its gradient with A + g, from the logit it reads
+// before any of its own writes (in place, no other thread writes that element), and rewrites
+// the element after its loops.
+template <typename T, int kTerms, bool kSoftcap, bool kScored>
 __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const RowCoefficients& k, const T* x,
                                                T* grad, int chunk) {
   constexpr int kVector = Element<T>::kVector;
   constexpr int kStep = kUnroll * kThreads;
   const int tid = threadIdx.x;
   const bool last_chunk = chunk == p.chunks - 1;
-  auto gradient = [&](const T* address, int column) -> float {
-    if constexpr (kScored) return logit_gradient<kSoftcap>(p, k, load_scalar(address), column);
+  auto gradient = [&](const T* address) -> float {
+    if constexpr (kScored) return logit_gradient<kTerms, kSoftcap>(p, k, load_scalar(address), k.a);
     return 0.f;
   };
   const bool same_alignment = ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(grad)) & 15u) == 0;
+  float label_gradient = 0.f;
+  bool label_owner = false;
+  auto own_label = [&](bool owner) {
+    if constexpr (kScored) {
+      label_owner = owner;
+      if (owner) label_gradient = logit_gradient<kTerms, kSoftcap>(p, k, load_scalar(x + k.label), k.a + k.g);
+    }
+  };
+  auto write_label = [&]() {
+    if constexpr (kScored) {
+      if (label_owner) grad[k.label] = Element<T>::from_float(label_gradient);
+    }
+  };
 
   if (!same_alignment) {
     // Scalar path over this chunk's element range, kUnroll elements per thread per step.
@@ -131,12 +165,13 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
     const int64_t vocab_size = p.vocab_size;
     const int begin = static_cast<int>(min(vocab_size, chunk * chunk_elements));
     const int end = last_chunk ? p.vocab_size : static_cast<int>(min(vocab_size, begin + chunk_elements));
+    own_label(k.label >= begin && k.label < end && (k.label - begin) % kThreads == tid);
     for (int base = begin + tid; base < end; base += kStep) {
       float out[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int column = base + u * kThreads;
-        out[u] = column < end ? gradient(x + column, column) : 0.f;
+        out[u] = column < end ? gradient(x + column) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -144,6 +179,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
         if (column < end) grad[column] = Element<T>::from_float(out[u]);
       }
     }
+    write_label();
     return;
   }
 
@@ -151,49 +187,61 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams& p, const Ro
   const int vectors = static_cast<int>(geometry.vectors);
   const int begin = min(vectors, chunk * p.chunk_vectors);
   const int end = min(vectors, begin + p.chunk_vectors);
-  const T* body = x + geometry.head;
-  T* grad_body = grad + geometry.head;
+  const int tail = geometry.head + vectors * kVector;
+  // Who writes the label's column: in the head thread `column` of chunk 0, in the body thread
+  // (w - begin) mod kThreads of the chunk holding vector w, in the tail the last chunk's.
+  if (k.label >= tail) {
+    own_label(last_chunk && k.label - tail == tid);
+  } else if (k.label >= geometry.head) {
+    const int w = (k.label - geometry.head) / kVector;
+    own_label(w >= begin && w < end && (w - begin) % kThreads == tid);
+  } else {
+    own_label(chunk == 0 && k.label == tid);  // also k.label = -1: nobody
+  }
 
-  auto vector_gradient = [&](const Vector<T>& in, int column) {
+  auto vector_gradient = [&](const Vector<T>& in) {
     Vector<T> out;
     float x_e[kVector];
     if constexpr (kScored) vector_to_floats(in, x_e);
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       float dx = 0.f;
-      if constexpr (kScored) dx = logit_gradient<kSoftcap>(p, k, x_e[e], column + e);
+      if constexpr (kScored) dx = logit_gradient<kTerms, kSoftcap>(p, k, x_e[e], k.a);
       out.v[e] = Element<T>::from_float(dx);
     }
     return out;
   };
 
-  if (chunk == 0 && tid < geometry.head) grad[tid] = Element<T>::from_float(gradient(x + tid, tid));
+  // The scalar head and tail before the vector loops: only the label's gradient and address stay
+  // live across them (with the tail after them, sm_80 spills for half with a softcap).
+  if (chunk == 0 && tid < geometry.head) grad[tid] = Element<T>::from_float(gradient(x + tid));
+  if (last_chunk && tail + tid < p.vocab_size) grad[tail + tid] = Element<T>::from_float(gradient(x + tail + tid));
+  // One running pointer: the kUnroll vectors of a step are at constant offsets from it, and the
+  // gradient at a constant distance in bytes (one 64-bit add per step, not an index to scale).
+  const T* in = x + geometry.head + static_cast<int64_t>(begin + tid) * kVector;
+  const intptr_t to_grad = reinterpret_cast<intptr_t>(grad) - reinterpret_cast<intptr_t>(x);
+  auto grad_at = [to_grad](const T* logit) { return reinterpret_cast<T*>(reinterpret_cast<intptr_t>(logit) + to_grad); };
   int v = begin;
 #pragma unroll 1
-  for (; v + kStep <= end; v += kStep) {
+  for (; v + kStep <= end; v += kStep, in += kStep * kVector) {
     Vector<T> x_u[kUnroll];
     if constexpr (kScored) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) x_u[u] = load_vector(body + static_cast<int64_t>(v + u * kThreads + tid) * kVector);
+      for (int u = 0; u < kUnroll; ++u) x_u[u] = load_vector(in + u * kThreads * kVector);
     }
+    T* out = grad_at(in);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int column = geometry.head + (v + u * kThreads + tid) * kVector;
-      store_vector(grad_body + static_cast<int64_t>(v + u * kThreads + tid) * kVector, vector_gradient(x_u[u], column));
-    }
+    for (int u = 0; u < kUnroll; ++u) store_vector(out + u * kThreads * kVector, vector_gradient(x_u[u]));
   }
-  for (int w = v + tid; w < end; w += kThreads) {
-    Vector<T> in;
-    if constexpr (kScored) in = load_vector(body + static_cast<int64_t>(w) * kVector);
-    store_vector(grad_body + static_cast<int64_t>(w) * kVector, vector_gradient(in, geometry.head + w * kVector));
+  for (int w = v + tid; w < end; w += kThreads, in += kThreads * kVector) {
+    Vector<T> x_w;
+    if constexpr (kScored) x_w = load_vector(in);
+    store_vector(grad_at(in), vector_gradient(x_w));
   }
-  if (chunk == p.chunks - 1) {
-    const int column = geometry.head + vectors * kVector + tid;  // fewer than kVector remain
-    if (column < p.vocab_size) grad[column] = Element<T>::from_float(gradient(x + column, column));
-  }
+  write_label();
 }
 
-template <typename T, bool kSoftcap>
+template <typename T, int kTerms, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_backward_kernel(const BackwardParams p) {
   const int64_t row = blockIdx.x;
   const int chunk = blockIdx.y;
@@ -204,10 +252,9 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   const int64_t label = load_label(p.labels, p.labels_are_int64, row);
   if (label == p.ignore_index) {
     // Ignored rows: never read, gradient exactly 0 (also for a -inf or NaN logit).
-    backward_chunk<T, kSoftcap, false>(p, k, x, grad, chunk);
+    backward_chunk<T, kTerms, kSoftcap, false>(p, k, x, grad, chunk);
     return;
   }
-  // Compared in 32 bits per element: the label's column in this tile, or -1, which no column is.
   const int64_t local = label - p.column_offset;
   k.label = local >= 0 && local < p.vocab_size ? static_cast<int>(local) : -1;
   k.lse = p.lse[row];
@@ -232,14 +279,24 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocksPerSm) token_stats_ba
   k.b = b * inv_t;
   k.c = c * inv_t;
   k.d = d * inv_t * kLn2;
-  backward_chunk<T, kSoftcap, true>(p, k, x, grad, chunk);
+  backward_chunk<T, kTerms, kSoftcap, true>(p, k, x, grad, chunk);
+}
+
+template <typename T, int kTerms>
+void launch_backward(const BackwardParams& p, int64_t rows, bool softcap, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
+  const auto kernel =
+      softcap ? &token_stats_backward_kernel<T, kTerms, true> : &token_stats_backward_kernel<T, kTerms, false>;
+  PREFOPT_LAUNCH(kernel, grid, kThreads, stream, p);
 }
 
 template <typename T>
-void launch_backward(const BackwardParams& p, int64_t rows, bool softcap, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
-  const auto kernel = softcap ? &token_stats_backward_kernel<T, true> : &token_stats_backward_kernel<T, false>;
-  PREFOPT_LAUNCH(kernel, grid, kThreads, stream, p);
+void launch_backward(const BackwardParams& p, int64_t rows, int terms, bool softcap, cudaStream_t stream) {
+  switch (terms) {
+    case kLogpTerms: launch_backward<T, kLogpTerms>(p, rows, softcap, stream); break;
+    case kEntropyTerms: launch_backward<T, kEntropyTerms>(p, rows, softcap, stream); break;
+    default: launch_backward<T, kAllTerms>(p, rows, softcap, stream); break;
+  }
 }
 
 int vector_width(int dtype) {
@@ -335,11 +392,14 @@ extern "C" cudaError_t prefopt_token_stats_backward(
   p.grad_log_sum_sq_probs = grad_log_sum_sq_probs;
 
   const bool with_softcap = softcap > 0.f;
+  const int terms = grad_log_sum_sq_probs != nullptr ? kAllTerms
+                    : grad_entropy != nullptr        ? kEntropyTerms
+                                                     : kLogpTerms;
   switch (dtype) {
-    case PREFOPT_FLOAT32: launch_backward<float>(p, rows, with_softcap, stream); break;
-    case PREFOPT_FLOAT16: launch_backward<__half>(p, rows, with_softcap, stream); break;
-    case PREFOPT_BFLOAT16: launch_backward<__nv_bfloat16>(p, rows, with_softcap, stream); break;
-    default: launch_backward<double>(p, rows, with_softcap, stream); break;
+    case PREFOPT_FLOAT32: launch_backward<float>(p, rows, terms, with_softcap, stream); break;
+    case PREFOPT_FLOAT16: launch_backward<__half>(p, rows, terms, with_softcap, stream); break;
+    case PREFOPT_BFLOAT16: launch_backward<__nv_bfloat16>(p, rows, terms, with_softcap, stream); break;
+    default: launch_backward<double>(p, rows, terms, with_softcap, stream); break;
   }
   return cudaGetLastError();
 }
