@@ -7,7 +7,7 @@
 //   prefopt::cuda_preference_loss_forward   (fills the loss, losses, rewards and metrics)
 //   prefopt::cuda_preference_loss_backward  (writes the gradients of the log-prob inputs)
 //
-// They have the contract of the Triton launchers in kernels/ (see prefopt/cuda_ext.py, which calls
+// They have the contract of the Triton launchers in prefopt/kernels/ (see prefopt/cuda_ext.py, which calls
 // them from the Python custom operators of prefopt/ops.py and prefopt/losses/fused.py): logits is
 // a [outer, inner, V] view with a contiguous last dimension, the per-row tensors are flat
 // [outer * inner] and contiguous; the loss inputs are contiguous [B] vectors of one dtype, the

@@ -1,5 +1,5 @@
 // Fused preference-loss reductions on per-sequence log-probs: one launch per direction for a whole
-// batch (the twin of kernels/preference_loss.py, function for function; both are tested against
+// batch (the twin of prefopt/kernels/preference_loss.py, function for function; both are tested against
 // prefopt/losses/formulas.py, which carries the derivations).
 //
 // Each loss type is one device function, written as its paper writes it and generic over the

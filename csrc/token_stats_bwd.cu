@@ -1,5 +1,5 @@
 // Backward: the gradient of the per-token outputs with respect to the raw logits, written once
-// (the CUDA twin of kernels/token_stats_bwd.py; the results must agree).
+// (the CUDA twin of prefopt/kernels/token_stats_bwd.py; the results must agree).
 //
 // With p = softmax(z), the saved lse (so log p_j = z_j - lse), and the upstream gradients
 // g (log p_y), g_H (entropy H), g_mu (mean logit), g_S (log S, S = sum p^2):
@@ -32,7 +32,7 @@
 // levels (sm_90, nvcc 13.0). The label's 1[j = y] g is not tested per element: the thread that
 // writes the label's column computes that element with A + g in place of A before its loops
 // and rewrites it after them. log2(e) multiplies z - lse, never z itself: a scaled z would round
-// at the scale of |z|. Under a softcap tanh is kernels/token_stats_fwd.py's exp2 + rcp.approx
+// at the scale of |z|. Under a softcap tanh is prefopt/kernels/token_stats_fwd.py's exp2 + rcp.approx
 // form: seven instructions, with 1 - tanh^2 and the product by dz/dx nine more per element.
 //
 // A launch may cover one tile of columns of each row, [column_offset, column_offset + vocab_size)

@@ -2,7 +2,7 @@
 // the one-MUFU 2^x and 1/x and the softcap's tanh, the row geometry (where the 16-byte aligned part of a
 // row starts), and the block shape.
 //
-// The math mirrors kernels/_common.py (the Triton kernels); the two backends must agree.
+// The math mirrors prefopt/kernels/_common.py (the Triton kernels); the two backends must agree.
 #ifndef PREFOPT_TOKEN_STATS_COMMON_CUH_
 #define PREFOPT_TOKEN_STATS_COMMON_CUH_
 
@@ -36,7 +36,7 @@ constexpr int kResidentBlocksPerSm = 4;
 // (lse, residual) of lse = m + log s rounded to float32: residual = (m + log s) - lse, exact
 // (Fast2Sum, the larger magnitude first; IEEE arithmetic, no fast-math). The backward takes
 // p_j = exp((z_j - lse) - residual), at float32 rounding of z_j - m however large |m| is; a
-// non-finite lse gets residual 0 (kernels/_common.py's lse_and_residual).
+// non-finite lse gets residual 0 (prefopt/kernels/_common.py's lse_and_residual).
 __device__ __forceinline__ float2 lse_and_residual(float m, float log_s) {
   const float lse = m + log_s;
   const bool m_larger = fabsf(m) >= fabsf(log_s);
@@ -163,7 +163,7 @@ __device__ __forceinline__ float fast_reciprocal(float x) {
 }
 
 // tanh(x / c) = sign(x) (1 - e) / (1 + e), e = 2^(-2 log2(e) |x| / c) (tanh_scale = 2 log2(e) / c):
-// two MUFU instructions and five others (kernels/token_stats_fwd.py's _tanh). e is in [0, 1], so
+// two MUFU instructions and five others (prefopt/kernels/token_stats_fwd.py's _tanh). e is in [0, 1], so
 // nothing overflows and 1 - e is exact for e >= 1/2: the error is that of e, an absolute ~3e-8
 // near 0; -inf gives -1 and NaN stays NaN.
 __device__ __forceinline__ float softcap_tanh(float x, float tanh_scale) {

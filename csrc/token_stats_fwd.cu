@@ -1,5 +1,5 @@
 // Forward: per-token log-probability of the label, and optional softmax statistics, in one pass
-// over the logits (the CUDA twin of kernels/token_stats_fwd.py; the results must agree).
+// over the logits (the CUDA twin of prefopt/kernels/token_stats_fwd.py; the results must agree).
 //
 // For a row of transformed logits z = k y (y = x without a softcap, y = tanh(x / c) with one;
 // k = 1 / T or c / T) and its label l, with the row maximum m of y and s = k log2(e) (so that
