@@ -24,18 +24,23 @@ their sign bit, ones = #{a_j >= +0}. The sums r_step = sum e_j, t_step = sum e_j
 sum e_j^2 are plain additions and FMAs; the state moves to M once per step, with c = 2^((m - M)
 k log2(e)) (1 if M = m):
 
-    raised (M > m):  r <- c (1 + r) + r_step + (ones - 1)    t <- c (t + (m - M) k log2(e) (1 + r)) + t_step
+    raised (M > m):  r <- c (1 + r) + r_step + (ones - 1)    t <- c (t + sh (1 + r)) + t_step
     else:            r <- r + r_step + ones                   t <- t + t_step
 
-(r2 as r, with c^2 and e^2). The maximum's own term 2^0 = 1 never enters r or r2 (a state starts
-empty, r = -1): on a peaked row (p_max ~ 1) r is tiny, and 1 + r in float32 would lose it, and
-with it the relative precision of log p, the entropy and log sum p^2; ties each add their exact
-1. The step's maximum propagates NaN, so that a NaN logit makes c, and every sum, NaN. y - M is
-exact wherever 2^a is not negligible (Sterbenz), so the sums keep float32 rounding of z - m
-however large |z| is (scaling y by k log2(e) first would round it at the scale of |z|). Ignored rows are never read
-and get 0; a scored row with no finite logit (all -inf) has no distribution: its log-prob, lse,
-entropy and log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes every statistic of
-its row NaN, as on every backend.
+with sh = (m - M) k log2(e) (r2 as r, with c^2 and e^2). Per element that is, for bf16 logits: the
+conversion 1, the maximum 1, a 2, the minimum 1, e 1, r 1, the count ~1.25 (shift-and-adds), t 1,
+r2 1, sum y 1, the first column of the maximum 2 (a's bits OR'd with the column, a maximum); the
+state update, the loop and the 4 loads are ~1 per element at 32 elements a thread. Products are
+summed as an FMA chain across the sub-tiles (Triton 3.9 reduces a thread's elements as a tree of
+pairs, which would leave half of them an FMUL and an FADD). The maximum's own term 2^0 = 1 never
+enters r or r2 (a state starts empty, r = -1): on a peaked row (p_max ~ 1) r is tiny, and 1 + r in
+float32 would lose it, and with it the relative precision of log p, the entropy and log sum p^2;
+ties each add their exact 1. The step's maximum propagates NaN, so that a NaN logit makes c, and
+every sum, NaN. y - M is exact wherever 2^a is not negligible (Sterbenz), so the sums keep float32
+rounding of z - m however large |z| is (scaling y by k log2(e) first would round it at the scale of
+|z|). Ignored rows are never read and get 0; a scored row with no finite logit (all -inf) has no
+distribution: its log-prob, lse, entropy and log sum p^2 are NaN (its mean logit is -inf), and a
+NaN logit makes every statistic of its row NaN, as on every backend.
 
 The main loop reads whole tiles unmasked and one masked tail follows. A vocabulary that fills less
 than a tile puts several rows in one program. Few rows of a large vocabulary (fewer than
@@ -46,7 +51,9 @@ which program finishes first. Compiled, 2^x is ``ex2.approx.ftz.f32``, the
 softcap's reciprocal ``rcp.approx.ftz.f32`` (one MUFU instruction each, no denormal fix-up: terms
 below 2^-126 are 0; relative errors ~2^-22 and 1 ulp, inside the float32 tolerance of 1e-5 of the
 tests), and a bf16 pair's conversion a shift and a mask; under the interpreter, which cannot run
-inline PTX, they are ``tl.exp2``, a division and ``.to(tl.float32)`` (``APPROX`` is off). The CPU tests therefore check the formulas, not the instructions: the
+inline PTX, they are ``tl.exp2``, a division and ``.to(tl.float32)`` (``APPROX`` is off; with a
+softcap the conversion stays ``.to(tl.float32)``, whose float result lets ptxas take tanh's |x| as
+an operand modifier). The CPU tests therefore check the formulas, not the instructions: the
 instructions' accuracy is for the GPU run of the same tests.
 
 The backward pass keeps lse and its rounding residual lse_residual = (m + log s) - lse, exact
@@ -99,16 +106,30 @@ def _sum(x):
 
 
 @triton.jit
+def _sum_products(x, w):
+    """sum x w over each thread's elements: an FMA chain across the 4 sub-tiles, then the
+    vector's sum (a tree over all of them would leave half of the products unfused)."""
+    x_low, x_high = tl.split(x)
+    x0, x1 = tl.split(x_low)
+    x2, x3 = tl.split(x_high)
+    w_low, w_high = tl.split(w)
+    w0, w1 = tl.split(w_low)
+    w2, w3 = tl.split(w_high)
+    return tl.sum(((x0 * w0 + x1 * w1) + x2 * w2) + x3 * w3, 2)
+
+
+@triton.jit
 def _step_max(x):
     """The maximum of each thread's elements, NaN if one is NaN."""
     return tl.reduce(tl.reduce(tl.reduce(x, 2, _max_nan), 2, _max_nan), 2, _max_nan)
 
 
 @triton.jit
-def _absorb(y, rev_column, tile_start, m, r, t, r2, best, scale2, WITH_ENTROPY: tl.constexpr,
+def _absorb(y, rev_column, first_column, m, r, t, r2, best, scale2, WITH_ENTROPY: tl.constexpr,
             WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, APPROX: tl.constexpr, BLOCK_V: tl.constexpr):
     """A step y [ROWS, LANES, VEC, 2, 2] folded into the [ROWS, LANES] states (see the module
-    docstring). rev_column: BLOCK_V minus each element's column in the tile."""
+    docstring). rev_column: BLOCK_V minus each element's column relative to its thread's first
+    column in the step, first_column [ROWS, LANES]."""
     top = _max_nan(m, _step_max(y))
     # + 0.0 (inside the FMA) makes a tie of -0 with a maximum of +0 give +0 too.
     a = (y - top[:, :, None, None, None]) * scale2 + 0.0
@@ -130,14 +151,14 @@ def _absorb(y, rev_column, tile_start, m, r, t, r2, best, scale2, WITH_ENTROPY: 
     r_new = (r * c + tl.where(raised, c, 0.0)) + _sum(e) + extra
     if WITH_ENTROPY:
         # shift is clamped for an empty state (1 + r = 0, shift = -inf).
-        t = c * (t + tl.maximum(shift, -1.0e20) * (1.0 + r)) + _sum(kept * e)
+        t = c * (t + tl.maximum(shift, -1.0e20) * (1.0 + r)) + _sum_products(kept, e)
     if WITH_SUM_SQ:
         c2 = c * c
-        r2 = (r2 * c2 + tl.where(raised, c2, 0.0)) + _sum(e * e) + extra
+        r2 = (r2 * c2 + tl.where(raised, c2, 0.0)) + _sum_products(e, e) + extra
     if WITH_TOP1:
         # a's bits | BLOCK_V - column is >= 0 at a maximum only, and largest at its first column.
         key = tl.max(tl.max(tl.max(a_bits | rev_column, 2), 2), 2)
-        best = tl.where(raised, tile_start + (BLOCK_V - key), best)
+        best = tl.where(raised, first_column + (BLOCK_V - key), best)
     return top, r_new, t, r2, best
 
 
@@ -288,39 +309,43 @@ def _token_stats_fwd_kernel(
     # A tile is 4 sub-tiles [ROWS, LANES, VEC] of BLOCK_V / 4 columns: every thread holds one
     # vector of VEC columns of each, and one state per row (LANES states a row).
     STRIDE: tl.constexpr = BLOCK_V // 4
+    # bf16 pairs split by a shift and a mask, but with a softcap (see the module docstring).
+    SPLIT_BF16: tl.constexpr = APPROX and not HAS_SOFTCAP
     column3 = tl.arange(0, LANES)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
     column = tl.join(tl.join(column3, column3 + STRIDE), tl.join(column3 + 2 * STRIDE, column3 + 3 * STRIDE))
-    rev_column = BLOCK_V - column
+    # Relative to a thread's first column, the same in every thread: constants in the code.
+    vector = tl.arange(0, VEC)[None, None, :]
+    rev_column = BLOCK_V - tl.join(tl.join(vector, vector + STRIDE), tl.join(vector + 2 * STRIDE, vector + 3 * STRIDE))
+    lane_column = tl.arange(0, LANES)[None, :] * VEC
     m = tl.full((ROWS, LANES), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
     r = tl.full((ROWS, LANES), -1.0, tl.float32)  # s = 1 + r = 0: empty
     t = tl.zeros((ROWS, LANES), tl.float32)
     r2 = tl.full((ROWS, LANES), -1.0, tl.float32)
     z_sum = tl.zeros((ROWS, LANES), tl.float32)
     best = tl.full((ROWS, LANES), 2**31 - 1, tl.int32)  # no column
-    tile_ptr = row_ptr[:, None, None] + column_start + column3
+    row_tile_ptr = row_ptr[:, None, None] + column3
     # The columns a program reads: its slice for a scored row, none for an ignored one.
     read_limit = tl.where(tl.max(scored.to(tl.int32), 0) > 0, column_end, column_start)
     tail_start = column_start
     if ROWS == 1:
         # The main loop: whole tiles, unmasked (an ignored row runs none).
         for tile_start in range(column_start, read_limit - BLOCK_V + 1, BLOCK_V):
-            y = _load_tile(tile_ptr, column3, 0, scored, False, APPROX, STRIDE)
+            y = _load_tile(row_tile_ptr + tile_start, column3, 0, scored, False, SPLIT_BF16, STRIDE)
             if HAS_SOFTCAP:
                 y = tanh_scaled(y, tanh_scale, APPROX)
-            m, r, t, r2, best = _absorb(y, rev_column, tile_start, m, r, t, r2, best, scale2, WITH_ENTROPY,
-                                        WITH_SUM_SQ, WITH_TOP1, APPROX, BLOCK_V)
+            m, r, t, r2, best = _absorb(y, rev_column, tile_start + lane_column, m, r, t, r2, best, scale2,
+                                        WITH_ENTROPY, WITH_SUM_SQ, WITH_TOP1, APPROX, BLOCK_V)
             if WITH_MEAN:
                 z_sum += _sum(y)
-            tile_ptr += BLOCK_V
         tail_start = column_start + ((read_limit - column_start) // BLOCK_V) * BLOCK_V
     if tail_start < read_limit:
-        y = _load_tile(tile_ptr, column3, column_end - tail_start, scored, True, APPROX, STRIDE)
+        y = _load_tile(row_tile_ptr + tail_start, column3, column_end - tail_start, scored, True, SPLIT_BF16, STRIDE)
         if HAS_SOFTCAP:
             y = tanh_scaled(y, tanh_scale, APPROX)
         tail = scored[:, None, None, None, None] & (column < column_end - tail_start)
         y = tl.where(tail, y, float("-inf"))  # after the cap, which would map -inf to -1
-        m, r, t, r2, best = _absorb(y, rev_column, tail_start, m, r, t, r2, best, scale2, WITH_ENTROPY, WITH_SUM_SQ,
-                                    WITH_TOP1, APPROX, BLOCK_V)
+        m, r, t, r2, best = _absorb(y, rev_column, tail_start + lane_column, m, r, t, r2, best, scale2,
+                                    WITH_ENTROPY, WITH_SUM_SQ, WITH_TOP1, APPROX, BLOCK_V)
         if WITH_MEAN:
             z_sum += _sum(tl.where(tail, y, 0.0))
 
