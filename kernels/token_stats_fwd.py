@@ -88,10 +88,10 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _to_float(x, APPROX: tl.constexpr):
-    """Logits as float32. A bf16 pair is one 32-bit word, whose halves are a shift and a mask
-    (the conversion instructions take three for a pair)."""
-    if APPROX and x.dtype == tl.bfloat16:
+def _to_float(x, SPLIT_BF16: tl.constexpr):
+    """Logits as float32. With SPLIT_BF16 (compiled only: inline PTX), a bf16 pair is one 32-bit
+    word whose halves are a shift and a mask (the conversion instructions take three for a pair)."""
+    if SPLIT_BF16 and x.dtype == tl.bfloat16:
         return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
                                          dtype=tl.float32, is_pure=True, pack=2)
     return x.to(tl.float32)
@@ -99,9 +99,7 @@ def _to_float(x, APPROX: tl.constexpr):
 
 @triton.jit
 def _sum(x):
-    """[ROWS, LANES, VEC, 2, 2] -> [ROWS, LANES]: a thread's own elements, no exchange. The
-    vector first: a chain along it fuses a product or a shift into each addition (FFMA, LEA.HI),
-    which a tree of pairs does only for half of them."""
+    """[ROWS, LANES, VEC, 2, 2] -> [ROWS, LANES]: a thread's own elements, no exchange."""
     return tl.sum(tl.sum(tl.sum(x, 2), 2), 2)
 
 
@@ -163,25 +161,25 @@ def _absorb(y, rev_column, first_column, m, r, t, r2, best, scale2, WITH_ENTROPY
 
 
 @triton.jit
-def _load(ptr, column, limit, scored, MASKED: tl.constexpr, APPROX: tl.constexpr):
+def _load(ptr, column, limit, scored, MASKED: tl.constexpr, SPLIT_BF16: tl.constexpr):
     """A sub-tile [ROWS, LANES, VEC] as float32 (masked: the columns below limit of scored rows)."""
     if MASKED:
         x = tl.load(ptr, mask=scored[:, None, None] & (column < limit), other=0.0)
     else:
         x = tl.load(ptr)
-    return _to_float(x, APPROX)
+    return _to_float(x, SPLIT_BF16)
 
 
 @triton.jit
-def _load_tile(ptr, column, limit, scored, MASKED: tl.constexpr, APPROX: tl.constexpr, STRIDE: tl.constexpr):
+def _load_tile(ptr, column, limit, scored, MASKED: tl.constexpr, SPLIT_BF16: tl.constexpr, STRIDE: tl.constexpr):
     """Four sub-tiles STRIDE columns apart, joined into [ROWS, LANES, VEC, 2, 2]: element
     (.., p, q) is sub-tile 2 q + p. Joined in registers, each thread keeps its own 4 VEC columns
     (one load of 4 sub-tiles as a tensor would let Triton's coalescing order, which versions
     break differently on ties, spread them over threads)."""
-    y0 = _load(ptr, column, limit, scored, MASKED, APPROX)
-    y1 = _load(ptr + STRIDE, column + STRIDE, limit, scored, MASKED, APPROX)
-    y2 = _load(ptr + 2 * STRIDE, column + 2 * STRIDE, limit, scored, MASKED, APPROX)
-    y3 = _load(ptr + 3 * STRIDE, column + 3 * STRIDE, limit, scored, MASKED, APPROX)
+    y0 = _load(ptr, column, limit, scored, MASKED, SPLIT_BF16)
+    y1 = _load(ptr + STRIDE, column + STRIDE, limit, scored, MASKED, SPLIT_BF16)
+    y2 = _load(ptr + 2 * STRIDE, column + 2 * STRIDE, limit, scored, MASKED, SPLIT_BF16)
+    y3 = _load(ptr + 3 * STRIDE, column + 3 * STRIDE, limit, scored, MASKED, SPLIT_BF16)
     return tl.join(tl.join(y0, y1), tl.join(y2, y3))
 
 
@@ -309,7 +307,7 @@ def _token_stats_fwd_kernel(
     # A tile is 4 sub-tiles [ROWS, LANES, VEC] of BLOCK_V / 4 columns: every thread holds one
     # vector of VEC columns of each, and one state per row (LANES states a row).
     STRIDE: tl.constexpr = BLOCK_V // 4
-    # bf16 pairs split by a shift and a mask, but with a softcap (see the module docstring).
+    # bf16 pairs split by a shift and a mask, except with a softcap (see the module docstring).
     SPLIT_BF16: tl.constexpr = APPROX and not HAS_SOFTCAP
     column3 = tl.arange(0, LANES)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
     column = tl.join(tl.join(column3, column3 + STRIDE), tl.join(column3 + 2 * STRIDE, column3 + 3 * STRIDE))
