@@ -72,8 +72,8 @@ What is counted
   program handling one block of one row: its whole body (up to the trailing branch-to-self)
   counts, once per program, prologue included (``counted: "whole kernel"``).
 - elements_per_loop_iteration: per thread (per program for Triton's backward). Triton:
-  BLOCK_V / (32 num_warps): 4096 / 256 = 16 forward (4096 / 512 = 8 with the mean, log sum p^2
-  or top-1), 4096 / 256 = 16 backward, TRL 1024 / 128 = 8. CUDA: kUnroll x kVector, read from
+  BLOCK_V / (32 num_warps): forward 4096 / 128 = 32 bf16 (4 vectors of 8) or 4096 / 256 = 16
+  float (4 vectors of 4), for every statistic; 4096 / 256 = 16 backward, TRL 1024 / 128 = 8. CUDA: kUnroll x kVector, read from
   csrc/token_stats_common.cuh: every thread issues
   kUnroll (4) independent 16-byte vector loads per step, kVector = 16 / sizeof(T) elements each
   (8 bf16, 4 float), so 32 bf16 or 16 float elements per iteration; the report checks that the

@@ -10,34 +10,50 @@ the row maximum m and d_j = (y_j - y_max) k log2(e) <= 0 (log2 units):
     log p_l = (z_l - m) - log1p(r)                 mean logit = sum_j z_j / V
     is_top1 = (first argmax_j z_j) == l
 
-Each element of a [ROWS, BLOCK_V] tile keeps its own online state (maximum, r, t, r2, ...) over
-the tiles that stream through it, so the loop has no reduction and no barrier; the states of a
-row are merged once, at the end. An element y updates a state (m, r) with d = (y - m) k log2(e)
-and a single exponential e = 2^-|d|:
+Each thread keeps one online state (maximum m, r, t, r2, sum y, first column of m) per row over
+the columns it reads, so the loop has no exchange between threads and no barrier; the states of
+a row are merged once, at the end. A tile is 4 sub-tiles [ROWS, LANES, VEC] of 16-byte vectors
+(VEC = 8 bf16 or 4 float columns), and a thread folds its 4 vectors, a step of 4 VEC elements
+y_j, at once: the step's maximum M = max(m, y_j) (one FMNMX per element), then per element
 
-    d <= 0:  r <- r + e                 t <- t + e d           r2 <- r2 + e^2
-    d >  0:  r <- e (1 + r)             t <- e (t - d (1 + r)) r2 <- e^2 (1 + r2)   m <- y
+    a_j = (y_j - M) k log2(e)       e_j = 2^a_j   (one FADD, one FMA, one ex2)
 
-i.e. r <- c r + e with c = (d > 0 ? e : 1), and t <- c t - |d| (d > 0 ? r_new : e). The
-maximum's own term 2^0 = 1 never enters r or r2 (a state starts empty, r = -1): on a peaked row
-(p_max ~ 1) r is tiny, and 1 + r in float32 would lose it, and with it the relative precision of
-log p, the entropy and log sum p^2; ties each add their exact 1. y - m is exact wherever 2^d is
-not negligible (Sterbenz), so the sums keep float32 rounding of z - m however large |z| is
-(scaling y by k log2(e) first would round it at the scale of |z|). Ignored rows are never read
-and get 0; a scored row with no finite logit (all -inf) has no distribution: its log-prob, lse,
-entropy and log sum p^2 are NaN (its mean logit is -inf), and a NaN logit makes every statistic of
-its row NaN, as on every backend.
+with the maxima (a_j = +0 exactly) and the -inf logits (a_j = -inf) taken out by one integer
+minimum on the bits of a_j (-FLT_MAX: e_j = 0 and e_j a_j = 0), and the maxima counted by
+their sign bit, ones = #{a_j >= +0}. The sums r_step = sum e_j, t_step = sum e_j a_j, r2_step =
+sum e_j^2 are plain additions and FMAs; the state moves to M once per step, with c = 2^((m - M)
+k log2(e)) (1 if M = m):
+
+    raised (M > m):  r <- c (1 + r) + r_step + (ones - 1)    t <- c (t + sh (1 + r)) + t_step
+    else:            r <- r + r_step + ones                   t <- t + t_step
+
+with sh = (m - M) k log2(e) (r2 as r, with c^2 and e^2). Per element that is, for bf16 logits: the
+conversion 1, the maximum 1, a 2, the minimum 1, e 1, r 1, the count ~1.25 (shift-and-adds), t 1,
+r2 1, sum y 1, the first column of the maximum 2 (a's bits OR'd with the column, a maximum); the
+state update, the loop and the 4 loads are ~1 per element at 32 elements a thread. Products are
+summed as an FMA chain across the sub-tiles (Triton 3.9 reduces a thread's elements as a tree of
+pairs, which would leave half of them an FMUL and an FADD). The maximum's own term 2^0 = 1 never
+enters r or r2 (a state starts empty, r = -1): on a peaked row (p_max ~ 1) r is tiny, and 1 + r in
+float32 would lose it, and with it the relative precision of log p, the entropy and log sum p^2;
+ties each add their exact 1. The step's maximum propagates NaN, so that a NaN logit makes c, and
+every sum, NaN. y - M is exact wherever 2^a is not negligible (Sterbenz), so the sums keep float32
+rounding of z - m however large |z| is (scaling y by k log2(e) first would round it at the scale of
+|z|). Ignored rows are never read and get 0; a scored row with no finite logit (all -inf) has no
+distribution: its log-prob, lse, entropy and log sum p^2 are NaN (its mean logit is -inf), and a
+NaN logit makes every statistic of its row NaN, as on every backend.
 
 The main loop reads whole tiles unmasked and one masked tail follows. A vocabulary that fills less
 than a tile puts several rows in one program. Few rows of a large vocabulary (fewer than
 _SPLIT_PROGRAMS programs, e.g. 512 tokens or less) are cut into slices of whole tiles, one
 program each (split-V): each writes its slice's merged state, and a second kernel merges a row's
 slices in slice order with the same ``_merge`` as a row's lanes, so the result does not depend on
-which program finishes first. Compiled, 2^x is ``ex2.approx.ftz.f32`` and the
+which program finishes first. Compiled, 2^x is ``ex2.approx.ftz.f32``, the
 softcap's reciprocal ``rcp.approx.ftz.f32`` (one MUFU instruction each, no denormal fix-up: terms
 below 2^-126 are 0; relative errors ~2^-22 and 1 ulp, inside the float32 tolerance of 1e-5 of the
-tests); under the interpreter, which cannot run inline PTX, they are ``tl.exp2`` and a division
-(``APPROX`` is off). The CPU tests therefore check the formulas, not the instructions: the
+tests), and a bf16 pair's conversion a shift and a mask; under the interpreter, which cannot run
+inline PTX, they are ``tl.exp2``, a division and ``.to(tl.float32)`` (``APPROX`` is off; with a
+softcap the conversion stays ``.to(tl.float32)``, whose float result lets ptxas take tanh's |x| as
+an operand modifier). The CPU tests therefore check the formulas, not the instructions: the
 instructions' accuracy is for the GPU run of the same tests.
 
 The backward pass keeps lse and its rounding residual lse_residual = (m + log s) - lse, exact
@@ -66,30 +82,105 @@ _COMBINE_ROWS = 16
 
 
 @triton.jit
-def _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr,
-            WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, APPROX: tl.constexpr):
-    """One element of every state (see the module docstring)."""
-    difference = y - m
-    raises = difference > 0.0
-    # -|d| with |.| and - as operand modifiers of the multiply and the exponential.
-    neg_abs = -(tl.abs(difference) * scale2)
-    e = exp2(neg_abs, APPROX)
-    c = tl.where(raises, e, 1.0)
-    r_new = r * c + e
+def _max_nan(a, b):
+    """max(a, b), NaN if either is NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _to_float(x, SPLIT_BF16: tl.constexpr):
+    """Logits as float32. With SPLIT_BF16 (compiled only: inline PTX), a bf16 pair is one 32-bit
+    word whose halves are a shift and a mask (the conversion instructions take three for a pair)."""
+    if SPLIT_BF16 and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _sum(x):
+    """[ROWS, LANES, VEC, 2, 2] -> [ROWS, LANES]: a thread's own elements, no exchange."""
+    return tl.sum(tl.sum(tl.sum(x, 2), 2), 2)
+
+
+@triton.jit
+def _sum_products(x, w):
+    """sum x w over each thread's elements: an FMA chain across the 4 sub-tiles, then the
+    vector's sum (a tree over all of them would leave half of the products unfused)."""
+    x_low, x_high = tl.split(x)
+    x0, x1 = tl.split(x_low)
+    x2, x3 = tl.split(x_high)
+    w_low, w_high = tl.split(w)
+    w0, w1 = tl.split(w_low)
+    w2, w3 = tl.split(w_high)
+    return tl.sum(((x0 * w0 + x1 * w1) + x2 * w2) + x3 * w3, 2)
+
+
+@triton.jit
+def _step_max(x):
+    """The maximum of each thread's elements, NaN if one is NaN."""
+    return tl.reduce(tl.reduce(tl.reduce(x, 2, _max_nan), 2, _max_nan), 2, _max_nan)
+
+
+@triton.jit
+def _absorb(y, rev_column, first_column, m, r, t, r2, best, scale2, WITH_ENTROPY: tl.constexpr,
+            WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, APPROX: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A step y [ROWS, LANES, VEC, 2, 2] folded into the [ROWS, LANES] states (see the module
+    docstring). rev_column: BLOCK_V minus each element's column relative to its thread's first
+    column in the step, first_column [ROWS, LANES]."""
+    top = _max_nan(m, _step_max(y))
+    # + 0.0 (inside the FMA) makes a tie of -0 with a maximum of +0 give +0 too.
+    a = (y - top[:, :, None, None, None]) * scale2 + 0.0
+    a_bits = a.to(tl.int32, bitcast=True)
+    # The maxima (a = +0: bits 0) and the -inf logits become -FLT_MAX (bits 0xff7fffff), so that
+    # e = 0 and e a = 0; every other a is negative, below -FLT_MAX as an integer, and stays.
+    kept = tl.minimum(a_bits, -8388609).to(tl.float32, bitcast=True)
+    e = exp2(kept, APPROX)
+    # The maxima are the elements whose a has a sign bit of 0.
+    negative = _sum(a_bits.to(tl.uint32, bitcast=True) >> 31)
+    ones = (y.shape[2] * y.shape[3] * y.shape[4]) - negative.to(tl.float32)
+    raised = top > m
+    # c = 1 where the maximum stays, and NaN where top is (a NaN logit): it poisons every sum.
+    shift = (m - top) * scale2
+    c = exp2(shift, APPROX)
+    # Raised: c (1 + r), else r; then the step's sum and its ties' exact 1s, the maximum's own 1
+    # left out.
+    extra = tl.where(raised, ones - 1.0, ones)
+    r_new = (r * c + tl.where(raised, c, 0.0)) + _sum(e) + extra
     if WITH_ENTROPY:
-        # |d| is clamped so that a -inf logit (e = 0) or the state's first element (r_new = 0)
-        # adds 0, not inf * 0.
-        t = t * c + tl.maximum(neg_abs, -3.0e38) * tl.where(raises, r_new, e)
+        # shift is clamped for an empty state (1 + r = 0, shift = -inf).
+        t = c * (t + tl.maximum(shift, -1.0e20) * (1.0 + r)) + _sum_products(kept, e)
     if WITH_SUM_SQ:
-        r2 = r2 * (c * c) + e * e
-    if WITH_MEAN:
-        z_sum += y
+        c2 = c * c
+        r2 = (r2 * c2 + tl.where(raised, c2, 0.0)) + _sum_products(e, e) + extra
     if WITH_TOP1:
-        # The tile that raised the state's maximum (the column is that plus the lane); strictly
-        # greater: ties keep the earlier column.
-        best = tl.where(raises, tile_start, best)
-    m = tl.where(raises, y, m)
-    return m, r_new, t, r2, z_sum, best
+        # a's bits | BLOCK_V - column is >= 0 at a maximum only, and largest at its first column.
+        key = tl.max(tl.max(tl.max(a_bits | rev_column, 2), 2), 2)
+        best = tl.where(raised, first_column + (BLOCK_V - key), best)
+    return top, r_new, t, r2, best
+
+
+@triton.jit
+def _load(ptr, column, limit, scored, MASKED: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    """A sub-tile [ROWS, LANES, VEC] as float32 (masked: the columns below limit of scored rows)."""
+    if MASKED:
+        x = tl.load(ptr, mask=scored[:, None, None] & (column < limit), other=0.0)
+    else:
+        x = tl.load(ptr)
+    return _to_float(x, SPLIT_BF16)
+
+
+@triton.jit
+def _load_tile(ptr, column, limit, scored, MASKED: tl.constexpr, SPLIT_BF16: tl.constexpr, STRIDE: tl.constexpr):
+    """Four sub-tiles STRIDE columns apart, joined into [ROWS, LANES, VEC, 2, 2]: element
+    (.., p, q) is sub-tile 2 q + p. Joined in registers, each thread keeps its own 4 VEC columns
+    (one load of 4 sub-tiles as a tensor would let Triton's coalescing order, which versions
+    break differently on ties, spread them over threads)."""
+    y0 = _load(ptr, column, limit, scored, MASKED, SPLIT_BF16)
+    y1 = _load(ptr + STRIDE, column + STRIDE, limit, scored, MASKED, SPLIT_BF16)
+    y2 = _load(ptr + 2 * STRIDE, column + 2 * STRIDE, limit, scored, MASKED, SPLIT_BF16)
+    y3 = _load(ptr + 3 * STRIDE, column + 3 * STRIDE, limit, scored, MASKED, SPLIT_BF16)
+    return tl.join(tl.join(y0, y1), tl.join(y2, y3))
 
 
 @triton.jit
@@ -200,6 +291,8 @@ def _token_stats_fwd_kernel(
     SPLIT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANES: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row, row_ok, row_ptr, label, scored = _rows(tl.program_id(0), labels_ptr, rows, inner_size, stride_outer,
                                                 stride_inner, logits_ptr, vocab_size, ignore_index, ROWS)
@@ -211,40 +304,50 @@ def _token_stats_fwd_kernel(
         column_start = 0
         column_end = vocab_size
 
-    lanes = tl.arange(0, BLOCK_V)
-    m = tl.full((ROWS, BLOCK_V), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
-    r = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)  # s = 1 + r = 0: empty
-    t = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    r2 = tl.full((ROWS, BLOCK_V), -1.0, tl.float32)
-    z_sum = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    best = tl.full((ROWS, BLOCK_V), 2**31 - 1 - BLOCK_V, tl.int32)  # no column
-    tile_ptr = row_ptr[:, None] + column_start + lanes[None, :]
+    # A tile is 4 sub-tiles [ROWS, LANES, VEC] of BLOCK_V / 4 columns: every thread holds one
+    # vector of VEC columns of each, and one state per row (LANES states a row).
+    STRIDE: tl.constexpr = BLOCK_V // 4
+    # bf16 pairs split by a shift and a mask, except with a softcap (see the module docstring).
+    SPLIT_BF16: tl.constexpr = APPROX and not HAS_SOFTCAP
+    column3 = tl.arange(0, LANES)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
+    column = tl.join(tl.join(column3, column3 + STRIDE), tl.join(column3 + 2 * STRIDE, column3 + 3 * STRIDE))
+    # Relative to a thread's first column, the same in every thread: constants in the code.
+    vector = tl.arange(0, VEC)[None, None, :]
+    rev_column = BLOCK_V - tl.join(tl.join(vector, vector + STRIDE), tl.join(vector + 2 * STRIDE, vector + 3 * STRIDE))
+    lane_column = tl.arange(0, LANES)[None, :] * VEC
+    m = tl.full((ROWS, LANES), -3.4028234663852886e38, tl.float32)  # -FLT_MAX: no element yet
+    r = tl.full((ROWS, LANES), -1.0, tl.float32)  # s = 1 + r = 0: empty
+    t = tl.zeros((ROWS, LANES), tl.float32)
+    r2 = tl.full((ROWS, LANES), -1.0, tl.float32)
+    z_sum = tl.zeros((ROWS, LANES), tl.float32)
+    best = tl.full((ROWS, LANES), 2**31 - 1, tl.int32)  # no column
+    row_tile_ptr = row_ptr[:, None, None] + column3
     # The columns a program reads: its slice for a scored row, none for an ignored one.
     read_limit = tl.where(tl.max(scored.to(tl.int32), 0) > 0, column_end, column_start)
     tail_start = column_start
     if ROWS == 1:
         # The main loop: whole tiles, unmasked (an ignored row runs none).
         for tile_start in range(column_start, read_limit - BLOCK_V + 1, BLOCK_V):
-            y = tl.load(tile_ptr).to(tl.float32)
+            y = _load_tile(row_tile_ptr + tile_start, column3, 0, scored, False, SPLIT_BF16, STRIDE)
             if HAS_SOFTCAP:
                 y = tanh_scaled(y, tanh_scale, APPROX)
-            m, r, t, r2, z_sum, best = _absorb(y, tile_start, m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY,
-                                               WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
-            tile_ptr += BLOCK_V
+            m, r, t, r2, best = _absorb(y, rev_column, tile_start + lane_column, m, r, t, r2, best, scale2,
+                                        WITH_ENTROPY, WITH_SUM_SQ, WITH_TOP1, APPROX, BLOCK_V)
+            if WITH_MEAN:
+                z_sum += _sum(y)
         tail_start = column_start + ((read_limit - column_start) // BLOCK_V) * BLOCK_V
-    tail = scored[:, None] & (tail_start + lanes[None, :] < column_end)
     if tail_start < read_limit:
-        y = tl.load(tile_ptr, mask=tail, other=0.0).to(tl.float32)
+        y = _load_tile(row_tile_ptr + tail_start, column3, column_end - tail_start, scored, True, SPLIT_BF16, STRIDE)
         if HAS_SOFTCAP:
             y = tanh_scaled(y, tanh_scale, APPROX)
+        tail = scored[:, None, None, None, None] & (column < column_end - tail_start)
         y = tl.where(tail, y, float("-inf"))  # after the cap, which would map -inf to -1
-        m, r, t, r2, z_sum_tail, best = _absorb(y, tail_start, m, r, t, r2, tl.zeros_like(z_sum), best, scale2,
-                                                WITH_ENTROPY, WITH_MEAN, WITH_SUM_SQ, WITH_TOP1, APPROX)
+        m, r, t, r2, best = _absorb(y, rev_column, tail_start + lane_column, m, r, t, r2, best, scale2,
+                                    WITH_ENTROPY, WITH_SUM_SQ, WITH_TOP1, APPROX, BLOCK_V)
         if WITH_MEAN:
-            z_sum += tl.where(tail, z_sum_tail, 0.0)
+            z_sum += _sum(tl.where(tail, y, 0.0))
 
-    y_max, r_row, t_row, r2_row, z_row, first = _merge(m, r, t, r2, z_sum, best + lanes[None, :], scale2,
-                                                       WITH_ENTROPY, WITH_SUM_SQ)
+    y_max, r_row, t_row, r2_row, z_row, first = _merge(m, r, t, r2, z_sum, best, scale2, WITH_ENTROPY, WITH_SUM_SQ)
     if SPLIT:
         # The slice's merged state, for _token_stats_combine_kernel: planes m, r, t, r2, sum z of
         # [rows, slices] each, and the first column of the maximum.
@@ -342,7 +445,11 @@ def token_stats_forward(
     rows = outer * inner
     if rows == 0:
         return
-    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    block_v = min(_MAX_BLOCK_V, max(4, triton.next_power_of_2(vocab_size)))
+    # A thread reads one 16-byte vector of each of a tile's 4 sub-tiles (32 bf16 or 16 float
+    # columns at BLOCK_V 4096) and folds them into one state.
+    vector = max(1, min(16 // logits.element_size(), block_v // 4))
+    lanes = block_v // (4 * vector)
     rows_per_program = max(1, min(_TILE // block_v, triton.next_power_of_2(rows)))
     # Split-V when the rows alone would leave the GPU idle: enough slices for _SPLIT_PROGRAMS
     # programs, none shorter than _MIN_SLICE_TILES tiles (its loop would be mostly prologue).
@@ -353,7 +460,6 @@ def token_stats_forward(
     slices = triton.cdiv(vocab_size, slice_columns)
     # z = k y: y = x, k = 1/T without a softcap; y = tanh(x / c), k = c / T with one.
     z_scale = (1.0 if softcap is None else softcap) / temperature
-    all_stats = mean_logits is not None or log_sum_sq_probs is not None or is_top1 is not None
     outputs = (logps, lse, lse if lse_residual is None else lse_residual, lse if entropy is None else entropy,
                lse if mean_logits is None else mean_logits, lse if log_sum_sq_probs is None else log_sum_sq_probs,
                lse if is_top1 is None else is_top1)
@@ -390,8 +496,9 @@ def token_stats_forward(
         SPLIT=slices > 1,
         ROWS=rows_per_program,
         BLOCK_V=block_v,
-        # 16 elements per thread, 8 with the states of the other statistics.
-        num_warps=(16 if all_stats else 8) if block_v >= 4096 else 4,
+        LANES=lanes,
+        VEC=vector,
+        num_warps=max(1, min(8, lanes // 32)),
     )
     if slices > 1:
         _token_stats_combine_kernel[(triton.cdiv(rows, _COMBINE_ROWS),)](
