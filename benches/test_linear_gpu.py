@@ -11,8 +11,8 @@ torch.compile of it, TRL's chunked log-prob function, Liger-Kernel's fused linea
 and Cut Cross-Entropy (default and without gradient filtering), each skipped with the reason when
 it cannot run (prefopt.bench.linear_implementations). prefopt-triton-fused-filtered
 (grad_filter_eps = 2^-12) runs on the peaked workloads only: on random logits it has nothing to
-leave out. A peaked row also records its inputs' measured mean entropy and the fraction of the
-filter's [64, 64] gradient tiles below 2^-12 (``peaked_profile``).
+leave out. A peaked row also records its inputs' measured mean entropy, the fused kernels' tiles
+for the shape and the fraction of those gradient tiles below 2^-12 (``peaked_profile``).
 
 Each row: median of CUDA events over rotating input sets, max_memory_allocated above the inputs,
 the floor (cuBLAS time of the products the direction needs on the scored rows, measured in the
@@ -145,12 +145,15 @@ def test_fused_linear_path(benchmark, workload, name, candidates, gemm_times, pe
                                  "gemm_seconds": gemms})
     if workload.mean_entropy is not None:
         if workload not in peaked_profiles:
-            from prefopt.kernels.linear_stats_fwd import BLOCK_M, BLOCK_N
+            from prefopt.kernels.linear_stats_fwd import tile_config
 
             hidden, weight, labels = bench.make_inputs(workload, DEVICE)
             with torch.no_grad():
-                peaked_profiles[workload] = bench.peaked_profile(hidden, weight, labels, bench.FILTER_EPS,
-                                                                 (BLOCK_M, BLOCK_N))
+                # The tiles the filtered backend chose for this shape (timed once, then kept).
+                tiles = tile_config(hidden, weight, None, labels, logit_scale=1.0, temperature=1.0, softcap=None)
+                peaked_profiles[workload] = {**bench.peaked_profile(hidden, weight, labels, bench.FILTER_EPS,
+                                                                    (tiles.block_m, tiles.block_n)),
+                                             "tiles": list(tiles)}
             del hidden, weight, labels
             torch.cuda.empty_cache()
         benchmark.extra_info.update(peaked_profiles[workload])

@@ -11,7 +11,12 @@ from conftest import ALL_STATS, available_backend
 from test_linear import check, random_problem
 
 import prefopt
+from prefopt.kernels.linear_stats_fwd import DEFAULT_TILES, GPU_TILES, TileConfig, fastest, tile_config
 from prefopt.logprobs.linear import FUSED, linear_token_stats
+
+# Tiles other than the interpreter's default, not square, so that a launcher or a mask that took
+# the wrong side or the default would show.
+OTHER_TILES = TileConfig(32, 64, 16, 4, 3)
 
 
 @pytest.fixture(autouse=True)
@@ -106,14 +111,16 @@ def test_grad_filter_eps_reaches_the_backward_of_every_linear_function(function)
     assert hidden.grad is not None and not hidden.grad.any()
 
 
+@pytest.mark.parametrize("tiles", [DEFAULT_TILES, OTHER_TILES], ids=["default-tiles", "other-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_sparse_products_sum_the_kept_tiles(dtype):
+def test_block_sparse_products_sum_the_kept_tiles(dtype, tiles):
     """The two block-sparse kernels against float64 products of the logits gradient with the
-    left-out [BLOCK_M, BLOCK_N] tiles zeroed, ragged blocks at every edge, grad_hidden added to a
+    left-out [block_m, block_n] tiles zeroed, ragged blocks at every edge, grad_hidden added to a
     nonzero accumulator, twice (deterministic)."""
     from prefopt.kernels.linear_grad_hidden import linear_grad_hidden
     from prefopt.kernels.linear_grad_weight import linear_grad_weight
-    from prefopt.kernels.linear_stats_fwd import BLOCK_M, BLOCK_N
+
+    BLOCK_M, BLOCK_N = tiles.block_m, tiles.block_n
 
     generator = torch.Generator().manual_seed(10)
     rows, columns, hidden_size, col_start = 150, 140, 70, 64
@@ -131,8 +138,8 @@ def test_block_sparse_products_sum_the_kept_tiles(dtype):
     got = []
     for _ in range(2):
         got_hidden = earlier_chunks.clone()
-        linear_grad_hidden(grad, weight, keep, col_start, accumulator=got_hidden)
-        got_weight = linear_grad_weight(grad, hidden, keep)
+        linear_grad_hidden(grad, weight, keep, col_start, accumulator=got_hidden, tiles=tiles)
+        got_weight = linear_grad_weight(grad, hidden, keep, tiles=tiles)
         assert (got_hidden.double() - expected_hidden).abs().max() <= tolerance * expected_hidden.abs().max()
         assert (got_weight.double() - expected_weight).abs().max() <= tolerance * expected_weight.abs().max()
         got.append((got_hidden, got_weight))
@@ -163,3 +170,30 @@ def test_grad_filter_eps_needs_the_fused_backend():
     hidden, weight, bias, labels = random_problem((1, 4), 4, 9, torch.float32)
     with pytest.raises(ValueError, match="grad_filter_eps"):
         linear_token_stats(hidden, weight, labels, bias=bias, backend="torch", grad_filter_eps=1e-3)
+
+
+def test_every_kernel_follows_the_tiles_chosen(monkeypatch):
+    """With tiles other than the default (as a GPU's timing may choose), the forward, the
+    backward's recomputation and the filter's block-sparse products agree on them: every
+    statistic and gradient against float64, and a filter below every entry exact to rounding."""
+    monkeypatch.setattr(prefopt.kernels.linear_stats_fwd, "DEFAULT_TILES", OTHER_TILES)
+    monkeypatch.setattr(prefopt.logprobs.linear, "GEMM_TILE_BYTES", 1)  # vocabulary chunks of one tile
+    hidden, weight, bias, labels = random_problem((2, 41), 17, 150, torch.float32, seed=13)
+    check(hidden, weight, bias, labels, FUSED, softcap=5.0)
+    exact = _gradients(hidden, weight, bias, labels)
+    for a, b in zip(exact, _gradients(hidden, weight, bias, labels, grad_filter_eps=1e-30)):
+        assert (a.double() - b.double()).norm() <= 1e-5 * a.double().norm()
+
+
+def test_tiles_are_the_default_off_a_gpu():
+    hidden, weight, bias, labels = random_problem((1, 8), 16, 70, torch.float32)
+    assert tile_config(hidden, weight, bias, labels, logit_scale=1.0, temperature=1.0, softcap=None) == DEFAULT_TILES
+    assert DEFAULT_TILES in GPU_TILES
+
+
+def test_fastest_tiles_skip_what_cannot_run_and_keep_the_earlier_on_a_tie():
+    a, b, c = GPU_TILES[:3]
+    assert fastest((a, b, c), {a: 2.0, b: None, c: 1.0}.get) == c
+    assert fastest((a, b, c), {a: 1.0, b: 1.0, c: 3.0}.get) == a
+    with pytest.raises(RuntimeError, match="no tile configuration"):
+        fastest((a, b), lambda tiles: None)

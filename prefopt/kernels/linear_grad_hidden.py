@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_stats_fwd import BLOCK_M, BLOCK_N, precision, tile_dot
+from .linear_stats_fwd import TileConfig, precision, tile_dot
 
 BLOCK_H = 64
 
@@ -41,14 +41,14 @@ def _linear_grad_hidden_kernel(
 
 
 def linear_grad_hidden(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, col_start: int, *,
-                       accumulator: torch.Tensor) -> None:
+                       accumulator: torch.Tensor, tiles: TileConfig) -> None:
     """accumulator (float32 [N, H], row-contiguous) += grad [N, C] @ weight[col_start : col_start + C]
-    over the kept [BLOCK_M, BLOCK_N] tiles (``keep`` int32 [row blocks, tiles])."""
+    over the kept [tiles.block_m, tiles.block_n] tiles (``keep`` int32 [row blocks, tiles])."""
     n_rows, n_cols = grad.shape
     hidden_size = weight.shape[1]
-    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(hidden_size, BLOCK_H))
+    grid = (triton.cdiv(n_rows, tiles.block_m), triton.cdiv(hidden_size, BLOCK_H))
     _linear_grad_hidden_kernel[grid](
         grad, weight, keep, accumulator, n_rows, n_cols, col_start, hidden_size, keep.shape[1],
         grad.stride(0), weight.stride(0), accumulator.stride(0), **precision(grad.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_H=BLOCK_H,
     )

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .linear_grad_hidden import BLOCK_H
-from .linear_stats_fwd import BLOCK_M, BLOCK_N, precision, tile_dot
+from .linear_stats_fwd import TileConfig, precision, tile_dot
 
 
 @triton.jit
@@ -37,16 +37,17 @@ def _linear_grad_weight_kernel(
              mask=(cols[:, None] < n_cols) & (hs[None, :] < hidden_size))
 
 
-def linear_grad_weight(grad: torch.Tensor, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """float32 [C, H] = grad [N, C].T @ hidden [N, H] over the kept [BLOCK_M, BLOCK_N] tiles
-    (``keep`` int32 [row blocks, tiles])."""
+def linear_grad_weight(grad: torch.Tensor, hidden: torch.Tensor, keep: torch.Tensor, *, tiles: TileConfig
+                       ) -> torch.Tensor:
+    """float32 [C, H] = grad [N, C].T @ hidden [N, H] over the kept [tiles.block_m, tiles.block_n]
+    tiles (``keep`` int32 [row blocks, tiles])."""
     n_rows, n_cols = grad.shape
     hidden_size = hidden.shape[1]
     out = torch.empty(n_cols, hidden_size, dtype=torch.float32, device=grad.device)
-    grid = (triton.cdiv(n_cols, BLOCK_N), triton.cdiv(hidden_size, BLOCK_H))
+    grid = (triton.cdiv(n_cols, tiles.block_n), triton.cdiv(hidden_size, BLOCK_H))
     _linear_grad_weight_kernel[grid](
         grad, hidden, keep, out, n_rows, n_cols, hidden_size, keep.shape[1], keep.shape[0],
         grad.stride(0), hidden.stride(0), out.stride(0), **precision(grad.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_H=BLOCK_H,
     )
     return out

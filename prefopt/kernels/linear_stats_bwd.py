@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import transform_logits_derivative
-from .linear_stats_fwd import BLOCK_K, BLOCK_M, BLOCK_N, logits_tile, precision
+from .linear_stats_fwd import TileConfig, logits_tile, precision
 
 
 @triton.jit
@@ -60,18 +60,19 @@ def _linear_stats_bwd_kernel(
 
 def linear_stats_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, lse: torch.Tensor, coefficients, columns: slice, *,
-                             ignore_index: int, logit_scale: float, temperature: float, softcap: float | None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             ignore_index: int, logit_scale: float, temperature: float, softcap: float | None,
+                             tiles: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy [N, columns] in hidden's dtype, the gradient of y = hidden @ weight.T + bias at the
-    vocabulary ``columns``, whose start is a multiple of BLOCK_N so that its tiles are the
-    forward's; tile maxima of |dy| float32 [row blocks, its vocabulary tiles]).
+    vocabulary ``columns``, whose start is a multiple of tiles.block_n so that its tiles are the
+    forward's (``tiles``: the forward's); tile maxima of |dy| float32 [row blocks, its vocabulary
+    tiles]).
     ``coefficients``: ``prefopt.logprobs.torch_backend.GradientCoefficients`` of the rows, float32 [N]."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     start, stop = columns.start, min(columns.stop, vocab_size)
-    if start % BLOCK_N:
-        raise ValueError(f"columns: expected a start that is a multiple of {BLOCK_N}, got {start}")
-    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(stop - start, BLOCK_N))
+    if start % tiles.block_n:
+        raise ValueError(f"columns: expected a start that is a multiple of {tiles.block_n}, got {start}")
+    grid = (triton.cdiv(n_rows, tiles.block_m), triton.cdiv(stop - start, tiles.block_n))
     grad = torch.empty(n_rows, stop - start, dtype=hidden.dtype, device=hidden.device)
     tile_max = torch.empty(grid, dtype=torch.float32, device=hidden.device)
     g, a, b, c, d = coefficients
@@ -82,6 +83,7 @@ def linear_stats_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         n_rows, vocab_size, start, stop, hidden_size, hidden.stride(0), weight.stride(0), grad.stride(0),
         ignore_index, float(logit_scale), 1.0 / temperature, 1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision(hidden.dtype),
-        WITH_LOG_P=b is not None, WITH_P2=c is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        WITH_LOG_P=b is not None, WITH_P2=c is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return grad, tile_max

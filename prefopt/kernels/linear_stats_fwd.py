@@ -14,18 +14,94 @@ For the rows i of the tile and its columns j (vocabulary tile t),
 written at [t, i]. ``combine_partials`` merges them over t in a fixed order (deterministic). The
 tile's own maximum term exp(0) = 1 stays out of r_t and q_t, as in the logits path's kernel, so
 that a peaked row keeps the relative precision of log1p. ``logits_tile`` is the one tile product
-of forward and backward: the backward recomputes each tile with it, bit for bit.
+of forward and backward: the backward recomputes each tile with it, bit for bit, with the same
+``TileConfig`` (``tile_config``: one per shape class, the fastest of GPU_TILES timed once on a GPU).
 """
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from prefopt.backends import triton_interpreting
 
 from ._common import transform_logits
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+
+class TileConfig(NamedTuple):
+    """The fused linear kernels' tile: [block_m rows, block_n vocabulary columns] of logits,
+    block_k of the hidden size a step, and the launch's warps and pipeline stages. The forward,
+    the backward's recomputation of each tile and the gradient filter's tiles all take the same
+    one: a tile is recomputed bit for bit, and a left-out tile is a forward tile."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Triton's interpreter and every device without its own choice; on CUDA Triton's default warps
+# and stages.
+DEFAULT_TILES = TileConfig(64, 64, 32, 4, 3)
+# Timed once per shape class on a GPU: tiles sized for Hopper's warpgroup products (rows in
+# multiples of 64, 64 of the hidden size a step) and the default.
+GPU_TILES = (DEFAULT_TILES, TileConfig(128, 64, 64, 4, 3), TileConfig(64, 128, 64, 4, 3),
+             TileConfig(128, 128, 64, 8, 3))
+# Rows of hidden the candidates are timed on: enough row blocks to fill the GPU at every tile.
+TUNE_ROWS = 4096
+_chosen: dict[tuple, TileConfig] = {}
+
+
+def tile_config(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, *,
+                logit_scale: float, temperature: float, softcap: float | None) -> TileConfig:
+    """The tiles of every fused linear kernel for hidden [N, H] and weight [V, H]: DEFAULT_TILES
+    under the interpreter and off CUDA; on a GPU the fastest forward of GPU_TILES on the first
+    TUNE_ROWS rows, timed once per shape class (H, V, dtype, bias, softcap, device) and kept for
+    the process, so the backward finds the forward's choice. A first call inside a CUDA graph
+    capture, which cannot wait for timings, keeps DEFAULT_TILES."""
+    if not hidden.is_cuda or triton_interpreting():
+        return DEFAULT_TILES
+    key = (hidden.shape[1], weight.shape[0], hidden.dtype, bias is not None, softcap is not None, hidden.device)
+    if key not in _chosen:
+        if torch.cuda.is_current_stream_capturing():
+            _chosen[key] = DEFAULT_TILES
+        else:
+            rows, row_labels = hidden[:TUNE_ROWS].contiguous(), labels[:TUNE_ROWS]
+
+            def forward(tiles: TileConfig) -> None:
+                linear_stats_partials(rows, weight, bias, row_labels, logit_scale=logit_scale,
+                                      temperature=temperature, softcap=softcap, tiles=tiles)
+
+            _chosen[key] = fastest(GPU_TILES, lambda tiles: _cuda_seconds(forward, tiles))
+    return _chosen[key]
+
+
+def fastest(candidates: tuple[TileConfig, ...], seconds: Callable[[TileConfig], float | None]) -> TileConfig:
+    """The candidate of least ``seconds`` (None: it cannot run here), the earlier one on a tie."""
+    timed = [(time, k, tiles) for k, tiles in enumerate(candidates) if (time := seconds(tiles)) is not None]
+    if not timed:
+        raise RuntimeError(f"no tile configuration of {candidates} runs here")
+    return min(timed)[2]
+
+
+def _cuda_seconds(run: Callable[[TileConfig], None], tiles: TileConfig, repeats: int = 3) -> float | None:
+    """Seconds of one ``run(tiles)`` after a first call (its compilation), from CUDA events; None
+    when the tiles need more shared memory or registers than the GPU has."""
+    try:
+        run(tiles)
+    except OutOfResources:
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run(tiles)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def precision(dtype: torch.dtype) -> dict[str, bool]:
@@ -108,30 +184,31 @@ def _linear_stats_fwd_kernel(
 
 
 def linear_stats_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          labels: torch.Tensor, *, logit_scale: float, temperature: float, softcap: float | None
-                          ) -> dict[str, torch.Tensor]:
+                          labels: torch.Tensor, *, logit_scale: float, temperature: float, softcap: float | None,
+                          tiles: TileConfig) -> dict[str, torch.Tensor]:
     """The per-tile partials of hidden [N, H] (contiguous rows) and weight [V, H] with labels [N]
-    (a label outside [0, V), e.g. the ignore index, lies in no tile): float32 [tiles, N] "max",
-    "rest", "shifted", "rest_sq", "sum", int64 [tiles, N] "argmax" (a global column), float32
-    [N] "label_z" (0 where the label lies in no tile)."""
+    (a label outside [0, V), e.g. the ignore index, lies in no tile), in ``tiles``: float32
+    [vocabulary tiles, N] "max", "rest", "shifted", "rest_sq", "sum", int64 [vocabulary tiles, N]
+    "argmax" (a global column), float32 [N] "label_z" (0 where the label lies in no tile)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    tiles = triton.cdiv(vocab_size, BLOCK_N)
+    vocab_tiles = triton.cdiv(vocab_size, tiles.block_n)
 
     def partial(dtype=torch.float32):
-        return torch.empty(tiles, n_rows, dtype=dtype, device=hidden.device)
+        return torch.empty(vocab_tiles, n_rows, dtype=dtype, device=hidden.device)
 
     out = {"max": partial(), "argmax": partial(torch.int64), "rest": partial(), "shifted": partial(),
            "rest_sq": partial(), "sum": partial(),
            "label_z": torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)}
-    grid = (triton.cdiv(n_rows, BLOCK_M), tiles)
+    grid = (triton.cdiv(n_rows, tiles.block_m), vocab_tiles)
     _linear_stats_fwd_kernel[grid](
         hidden, weight, hidden if bias is None else bias, labels,
         out["max"], out["argmax"], out["rest"], out["shifted"], out["rest_sq"], out["sum"], out["label_z"],
         n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
         float(logit_scale), 1.0 / temperature, 1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision(hidden.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     return out
 

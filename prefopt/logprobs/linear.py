@@ -61,13 +61,14 @@ Backends:
     shared memory, so it would travel to and from global memory once per tile, about a terabyte
     at 16384 x 4096 x 128256, where cuBLAS reads each operand a few times.
 - "triton-fused" (bf16/fp16/fp32; chosen by name while GPU measurements are pending): the
-  statistics inside the GEMM. ``prefopt/kernels/linear_stats_fwd.py`` turns each tl.dot [64, 64] logits
+  statistics inside the GEMM. ``prefopt/kernels/linear_stats_fwd.py`` turns each tl.dot logits
   tile into per-(row, vocabulary tile) partials in registers, merged over the tiles in a fixed
   order, so the logits never reach memory; ``prefopt/kernels/linear_stats_bwd.py`` recomputes each tile
   the same way and writes its gradient once in the operands' dtype for the two gradient products
   (cuBLAS, or with ``grad_filter_eps`` the deterministic block-sparse kernels
-  ``prefopt/kernels/linear_grad_hidden.py`` and ``linear_grad_weight.py``). The block sizes are fixed,
-  not yet tuned on a GPU.
+  ``prefopt/kernels/linear_grad_hidden.py`` and ``linear_grad_weight.py``). The tiles are the
+  fastest of a small Hopper-sized set, timed once per shape class on a GPU and kept for the
+  process (``tile_config``), the same for a forward and its backward; [64, 64] elsewhere.
 - "auto": "triton" on CUDA tensors (PREFOPT_BACKEND as for the logits path, "cuda" included),
   "torch" elsewhere and for float64.
 """
@@ -494,22 +495,24 @@ def _fused_forward(hidden_2d, weight, bias, labels, outputs, ignore_index, tempe
     """The forward of "triton-fused": per-(row, vocabulary tile) partials from the tl.dot tiles of
     ``kernels.linear_stats_fwd``, combined in a fixed order. The partials of a chunk of rows
     ([tiles, rows], seven numbers each) hold at most GEMM_TILE_BYTES."""
-    from ..kernels.linear_stats_fwd import BLOCK_M, BLOCK_N, combine_partials, linear_stats_partials
+    from ..kernels.linear_stats_fwd import combine_partials, linear_stats_partials, tile_config
 
     vocab_size = weight.shape[0]
     names = ("logps", "lse", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
     weight = weight.contiguous()
+    transform = {"logit_scale": logit_scale, "temperature": temperature, "softcap": softcap}
+    tiles = tile_config(hidden_2d, weight, bias, labels, **transform)
 
     def chunk_stats(hidden_rows, chunk_labels, chunk_outputs):
-        partials = linear_stats_partials(hidden_rows.contiguous(), weight, bias, chunk_labels,
-                                         logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+        partials = linear_stats_partials(hidden_rows.contiguous(), weight, bias, chunk_labels, **transform,
+                                         tiles=tiles)
         stats = combine_partials(partials, chunk_labels, ignore_index, vocab_size)
         for output, name in zip(chunk_outputs, names):
             if output is not None:
                 output.copy_(stats[name])
 
-    tiles = -(-vocab_size // BLOCK_N)
-    rows_per_chunk = max(BLOCK_M, GEMM_TILE_BYTES // (7 * 4 * tiles))
+    vocab_tiles = -(-vocab_size // tiles.block_n)
+    rows_per_chunk = max(tiles.block_m, GEMM_TILE_BYTES // (7 * 4 * vocab_tiles))
     _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, rows_per_chunk, chunk_stats)
 
 
@@ -517,13 +520,13 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                     grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index, temperature, softcap,
                     logit_scale, need_hidden, need_weight, need_bias, grad_filter_eps=None):
     """The backward of "triton-fused": every scored row x a vocabulary tile (a multiple of the
-    kernel's BLOCK_N wide, so its tiles are the forward's, recomputed bit for bit), whose
+    tiles' block_n wide, so its tiles are the forward's, recomputed bit for bit), whose
     gradient ``kernels.linear_stats_bwd`` writes once in the operands' dtype; then the two
     gradient products, summed in float32 (grad_weight per tile by one product over every row,
     grad_hidden over the tiles in a fixed order). The log-sum-exp's label term is added as in
     the torch backend.
 
-    ``grad_filter_eps``: a [BLOCK_M, BLOCK_N] tile of the logits gradient whose every |entry| is
+    ``grad_filter_eps``: a [block_m, block_n] tile of the logits gradient whose every |entry| is
     below it is left out of the two products (``kernels.linear_grad_hidden`` and
     ``linear_grad_weight``: fixed order, no atomics). With a threshold above 0 every tile goes
     through those kernels, so which kernel runs never depends on values on the device (no host
@@ -531,7 +534,8 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
     and takes the exact products, bit for bit. grad_bias is exact."""
     from ..kernels.linear_grad_hidden import linear_grad_hidden
     from ..kernels.linear_grad_weight import linear_grad_weight
-    from ..kernels.linear_stats_bwd import BLOCK_N, linear_stats_grad_logits
+    from ..kernels.linear_stats_bwd import linear_stats_grad_logits
+    from ..kernels.linear_stats_fwd import tile_config
 
     vocab_size = weight.shape[0]
     weight = weight.contiguous()
@@ -557,20 +561,23 @@ def _fused_backward(hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_pr
                                                  grad_mean_logits, grad_log_sum_sq_probs)),
             ignore_index=ignore_index, vocab_size=vocab_size)
         grad_hidden_rows = float32_zeros(*hidden_rows.shape) if need_hidden else None
-        columns = max(BLOCK_N, GEMM_TILE_BYTES // (hidden_rows.element_size() * rows.numel()) // BLOCK_N * BLOCK_N)
+        transform = {"logit_scale": logit_scale, "temperature": temperature, "softcap": softcap}
+        tiles = tile_config(hidden_rows, weight, bias, row_labels, **transform)
+        block_n = tiles.block_n
+        columns = max(block_n, GEMM_TILE_BYTES // (hidden_rows.element_size() * rows.numel()) // block_n * block_n)
         for start in range(0, vocab_size, columns):
             tile = slice(start, start + columns)
             grad_y, tile_max = linear_stats_grad_logits(
                 hidden_rows, weight, bias, row_labels, row_lse, coefficients, tile, ignore_index=ignore_index,
-                logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+                **transform, tiles=tiles)
             if grad_bias is not None:
                 grad_bias[tile] = grad_y.float().sum(0)
             if filtering:
                 keep = (tile_max >= grad_filter_eps).to(torch.int32)
                 if grad_weight is not None:
-                    grad_weight[tile] = linear_grad_weight(grad_y, hidden_rows, keep)
+                    grad_weight[tile] = linear_grad_weight(grad_y, hidden_rows, keep, tiles=tiles)
                 if grad_hidden_rows is not None:
-                    linear_grad_hidden(grad_y, weight, keep, start, accumulator=grad_hidden_rows)
+                    linear_grad_hidden(grad_y, weight, keep, start, accumulator=grad_hidden_rows, tiles=tiles)
                 continue
             if grad_weight is not None:
                 grad_weight[tile] = _float32_product(grad_y.T, hidden_rows)
@@ -778,8 +785,9 @@ def linear_token_stats(
             all-reduce backward, as Megatron's tensor-parallel input). "is_top1" is not
             available (see ``prefopt.logprobs.distributed``).
         grad_filter_eps: None (exact), or a threshold >= 0 with backend="triton-fused": the
-            backward leaves out of the hidden and weight gradient products every [64, 64] tile of
-            the logits gradient whose entries are all below it in magnitude (deterministic; 0.0
+            backward leaves out of the hidden and weight gradient products every tile of the
+            logits gradient (the kernels' tiles, 64 to 128 on a side) whose entries are all below
+            it in magnitude (deterministic; 0.0
             is exact bit for bit). Opt-in: it changes the gradients by up to eps per entry left out.
 
     Returns:
