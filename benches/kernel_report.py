@@ -73,12 +73,12 @@ What is counted
   counts, once per program, prologue included (``counted: "whole kernel"``).
 - elements_per_loop_iteration: per thread (per program for Triton's backward). Triton:
   BLOCK_V / (32 num_warps): forward 4096 / 128 = 32 bf16 (4 vectors of 8) or 4096 / 256 = 16
-  float (4 vectors of 4), for every statistic; 4096 / 256 = 16 backward, TRL 1024 / 128 = 8. CUDA: kUnroll x kVector, read from
-  csrc/token_stats_common.cuh: every thread issues
-  kUnroll (4) independent 16-byte vector loads per step, kVector = 16 / sizeof(T) elements each
-  (8 bf16, 4 float), so 32 bf16 or 16 float elements per iteration; the report checks that the
-  hot loop has exactly kUnroll 128-bit loads. ``loop_load_bytes`` is what the counted range
-  loads from global memory per thread (for a loop: elements x element size).
+  float (4 vectors of 4), for every statistic; 4096 / 256 = 16 backward, TRL 1024 / 128 = 8.
+  CUDA: kUnroll x kVector, read from csrc/token_stats_common.cuh: every thread issues kUnroll (4)
+  independent 16-byte vector loads per step, kVector = 16 / sizeof(T) elements each (8 bf16, 4
+  float), so 32 bf16 or 16 float elements per iteration; the report checks that the hot loop has
+  exactly kUnroll 128-bit loads. ``loop_load_bytes`` is what the counted range loads from global
+  memory per thread (for a loop: elements x element size).
 - budget_instructions_per_element: what 132 SMs x 4 schedulers x 1.98 GHz = 1.045e12 warp
   instructions/s = 3.35e13 thread instructions/s can issue while HBM (4.3 TB/s) moves one
   element: 15.6 per bf16 element read (forward), 31.1 per bf16 element read and written

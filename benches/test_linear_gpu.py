@@ -3,10 +3,11 @@
 Workloads (bf16), in the order a run cut short needs them: the two target problems (16384 tokens
 x H 4096 x V 128256 and 16384 x 2048 x 248320) forward+backward with every row scored and with
 half of them ignored, then on peaked logits (mean entropy PEAKED_ENTROPY nats, a trained model's:
-prefopt.bench.workloads.peaked_head), where a gradient filter has tiles to leave out; H 2048 and 4096 x V 32000-262144 at 16384 tokens; 4096-16384 tokens at V
-128256; then the forward alone (with the autograd graph, a policy's) and under torch.no_grad (a
-reference model's), and the remaining half-ignored shapes. Implementations: prefopt's triton and
-torch backends, the explicit-logits reference (bf16 matmul, float32 log-softmax, gather) and
+prefopt.bench.workloads.peaked_head), where a gradient filter has tiles to leave out; H 2048 and
+4096 x V 32000-262144 at 16384 tokens; 4096-16384 tokens at V 128256; then the forward alone
+(with the autograd graph, a policy's) and under torch.no_grad (a reference model's), and the
+remaining half-ignored shapes. Implementations: prefopt's triton and torch backends, the
+explicit-logits reference (bf16 matmul, float32 log-softmax, gather) and
 torch.compile of it, TRL's chunked log-prob function, Liger-Kernel's fused linear cross entropy
 and Cut Cross-Entropy (default and without gradient filtering), each skipped with the reason when
 it cannot run (prefopt.bench.linear_implementations). prefopt-triton-fused-filtered

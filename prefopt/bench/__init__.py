@@ -57,13 +57,14 @@ from .workloads import (DIRECTIONS, GEMM_PRODUCTS, IGNORE_INDEX, LINEAR_DIRECTIO
                         default_workloads, make_inputs, peaked_profile, sweep)
 
 __all__ = [
-    "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_COMPILE", "CCE_EXACT", "CHECKED", "FILTER_EPS", "FUSED_FILTERED", "CPU_CALLS", "CPU_QUICK_CALLS", "DEFAULT_RUN_LEAVES_OUT",
-    "DIRECTIONS", "GEMM_PRODUCTS", "IGNORE_INDEX", "IMPLEMENTATION_NAMES", "LIGER_DPO", "LIGER_LINEAR",
+    "ALL_IMPLEMENTATION_NAMES", "CCE", "CCE_COMPILE", "CCE_EXACT", "CHECKED", "CPU_CALLS", "CPU_QUICK_CALLS",
+    "DEFAULT_RUN_LEAVES_OUT", "DIRECTIONS", "FILTER_EPS", "FUSED_FILTERED", "GEMM_PRODUCTS", "IGNORE_INDEX",
+    "IMPLEMENTATION_NAMES", "LIGER_DPO", "LIGER_LINEAR",
     "LINEAR_DIRECTIONS", "LINEAR_IMPLEMENTATION_NAMES", "LINEAR_PEERS", "LINEAR_TARGET_SHAPES", "PATH_TITLES",
     "PREFOPT_LINEAR_PRODUCTS", "REFERENCE", "TRL_CHUNKED", "CallBudget", "Candidate", "Implementation",
     "LinearWorkload", "Measurement", "MissingExtraError", "Workload", "chosen_implementations", "copy_bandwidth",
     "default_workloads", "environment", "fill_floor", "fill_speedups", "format_table",
     "gemm_seconds", "implementations", "linear_checks", "linear_implementations", "load_trl_logprob_module",
-    "make_inputs", "measure", "peaked_profile", "measure_interleaved", "results_stem", "rotation_count", "run",
+    "make_inputs", "measure", "measure_interleaved", "peaked_profile", "results_stem", "rotation_count", "run",
     "sweep", "time_calls", "write_json", "write_plots",
 ]

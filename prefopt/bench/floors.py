@@ -44,8 +44,9 @@ def fill_speedups(results: Sequence[Measurement]) -> None:
 # The fused linear path's two target problems, measured first and shown first: (tokens, hidden,
 # vocab), bf16.
 LINEAR_TARGET_SHAPES = ((16384, 4096, 128256), (16384, 2048, 248320))
-# prefopt's GPU backends of the fused linear path, each held to the targets of linear_checks
-# (the filtered one only where the filter has something to leave out: peaked logits).
+# prefopt's GPU backends of the fused linear path, each held to the targets of linear_checks on
+# random logits; FUSED_FILTERED is checked on peaked logits only, where the filter has tiles to
+# leave out.
 CHECKED = ("prefopt-triton", "prefopt-cuda", "prefopt-triton-fused")
 # Time over the cuBLAS time of the products a backend performs: forward+backward (4 products),
 # forward alone (1).
@@ -99,8 +100,8 @@ def linear_checks(results: Sequence[Measurement]) -> list[dict[str, object]]:
         if workload.direction != "fwd+bwd":
             continue
         if peaked:
-            against(CCE, FILTERED_VS_CCE,
-                    f"time with grad_filter_eps=2^-12 <= {FILTERED_VS_CCE} x Cut Cross-Entropy's default (peaked logits)")
+            against(CCE, FILTERED_VS_CCE, f"time with grad_filter_eps=2^-12 <= {FILTERED_VS_CCE} x Cut "
+                                          "Cross-Entropy's default (peaked logits)")
             continue
         for peer, peer_factor, check in (
                 (CCE, 1.0, "time <= Cut Cross-Entropy's (default: filters small gradients)"),

@@ -228,7 +228,8 @@ def peaked_head(workload: LinearWorkload, device: torch.device, generator: torch
     from the prior) raised by the one ``boost`` that gives the mean entropy asked for, fitted by
     bisection on the first rows. Built in coordinates: hidden's column 0 is 1 and weight's is the
     prior; the other columns are a CONTEXT_SPREAD-scaled normal in hidden, a normal / sqrt(H) in
-    weight, plus boost times the label's weight row in hidden.
+    weight, plus in hidden boost times the label's weight row over its squared norm (which adds
+    exactly boost to the label's logit).
     """
     tokens, hidden_size, vocab = workload.tokens, workload.hidden, workload.vocab
     if hidden_size < 2:

@@ -414,9 +414,9 @@ def _tiled_forward(token_stats_forward, hidden_2d, weight, bias, labels, outputs
     _forward_by_row_chunks(hidden_2d, labels, outputs, ignore_index, _gemm_tile_extent(weight.shape[0]), chunk_stats)
 
 
-def _tiled_backward(token_stats_backward, writes_other_dtype, hidden_2d, weight, bias, labels, lse, entropy, log_sum_sq_probs,
-                    grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs, ignore_index,
-                    temperature, softcap, logit_scale, need_hidden, need_weight, need_bias):
+def _tiled_backward(token_stats_backward, writes_other_dtype, hidden_2d, weight, bias, labels, lse, entropy,
+                    log_sum_sq_probs, grad_logps, grad_lse, grad_entropy, grad_mean_logits, grad_log_sum_sq_probs,
+                    ignore_index, temperature, softcap, logit_scale, need_hidden, need_weight, need_bias):
     """The backward of the "triton" and "cuda" backends: cuBLAS float32 logits tiles of every
     scored row x a vocabulary tile, which ``token_stats_backward`` (the logits path's launcher of
     that backend, with its column_offset and softmax_size) turns into their gradient.
@@ -787,8 +787,8 @@ def linear_token_stats(
         grad_filter_eps: None (exact), or a threshold >= 0 with backend="triton-fused": the
             backward leaves out of the hidden and weight gradient products every tile of the
             logits gradient (the kernels' tiles, 64 to 128 on a side) whose entries are all below
-            it in magnitude (deterministic; 0.0
-            is exact bit for bit). Opt-in: it changes the gradients by up to eps per entry left out.
+            it in magnitude (deterministic; 0.0 is exact bit for bit). Opt-in: it changes the
+            gradients by up to eps per entry left out.
 
     Returns:
         ``TokenStats(logps, entropy, mean_logits, log_sum_sq_probs, is_top1)``, each of the labels'
